@@ -1,0 +1,335 @@
+//! `compile(pool, policies, region)`: the pure function that turns what users wrote into
+//! the [`GatewayConfig`] of one region.
+//!
+//! A problem with the pool itself (an unknown region) fails the whole compilation. A
+//! problem with one policy rejects only that policy, with errors that name the field, so
+//! one team's typo never takes down another team's routes. Two policies claiming the same
+//! model: the older one (by creation time, then name) keeps it and the conflict is
+//! reported for the newer one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::ResourceExt;
+
+use crate::gateway_config::{GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig, TargetConfig};
+use crate::policy::{RegionalMode, Route, RoutingPolicy};
+use crate::pool::{Provider, ProviderPool, ProviderType};
+
+/// A problem that makes a region's configuration impossible to build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// The region asked for is not one of the pool's regions.
+    #[error("region {region:?} is not in spec.regions of ProviderPool {pool:?} (regions: {available})")]
+    UnknownRegion {
+        /// ProviderPool name.
+        pool: String,
+        /// The region asked for.
+        region: String,
+        /// The pool's regions, comma-separated.
+        available: String,
+    },
+}
+
+/// One problem in a policy, located by the field path a user would edit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct PolicyError {
+    /// Path of the offending field, such as `spec.routes[0].targets[1].provider`.
+    pub field: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Why a policy contributes no routes to a region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRejection {
+    /// RoutingPolicy name.
+    pub policy: String,
+    /// Every problem found.
+    pub errors: Vec<PolicyError>,
+}
+
+/// A route claimed by two policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConflict {
+    /// The model both policies route.
+    pub model: String,
+    /// The older policy, which serves the model.
+    pub winner: String,
+    /// The newer policy, whose route is ignored.
+    pub loser: String,
+}
+
+/// The outcome of compiling one region.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Compiled {
+    /// The configuration, built from every policy that was not rejected.
+    pub config: GatewayConfig,
+    /// Policies left out, with their errors.
+    pub rejected: Vec<PolicyRejection>,
+    /// Routes left out because an older policy claims the same model.
+    pub conflicts: Vec<RouteConflict>,
+}
+
+/// Compiles the pool and the policies that reference it into `region`'s GatewayConfig.
+///
+/// Policies from another namespace or referencing another pool are ignored.
+pub fn compile(pool: &ProviderPool, policies: &[RoutingPolicy], region: &str) -> Result<Compiled, CompileError> {
+    let pool_name = pool.name_any();
+    let namespace = pool.namespace().unwrap_or_default();
+    if !pool.spec.regions.iter().any(|r| r.name == region) {
+        return Err(CompileError::UnknownRegion {
+            pool: pool_name,
+            region: region.to_owned(),
+            available: pool.spec.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+        });
+    }
+
+    let mut providers: Vec<ProviderConfig> = pool.spec.providers.iter().map(|p| provider_config(p, region)).collect();
+    providers.sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
+
+    // Oldest first: the order decides who wins a contested model.
+    let mut ours: Vec<&RoutingPolicy> = policies
+        .iter()
+        .filter(|p| p.spec.pool_ref.name == pool_name && p.namespace().unwrap_or_default() == namespace)
+        .collect();
+    ours.sort_by(|a, b| {
+        a.metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+
+    let mut rejected = Vec::new();
+    let mut accepted: Vec<(&RoutingPolicy, Vec<RouteConfig>)> = Vec::new();
+    for policy in ours {
+        match compile_policy(pool, policy, region) {
+            Ok(routes) => accepted.push((policy, routes)),
+            Err(errors) => rejected.push(PolicyRejection {
+                policy: policy.name_any(),
+                errors,
+            }),
+        }
+    }
+
+    // Cross-route references (fallbacks, redirects) must resolve against the merged set.
+    // Rejecting a policy can break another's references, so repeat until nothing changes.
+    loop {
+        let (routes, conflicts) = merge(&accepted);
+        let exact: BTreeSet<&str> = routes.iter().filter(|r| !r.model.ends_with('*')).map(|r| r.model.as_str()).collect();
+        let mut dangling: BTreeMap<String, Vec<PolicyError>> = BTreeMap::new();
+        for (policy, _) in &accepted {
+            let errors = check_references(policy, &exact);
+            if !errors.is_empty() {
+                dangling.insert(policy.name_any(), errors);
+            }
+        }
+        if dangling.is_empty() {
+            let mut routes = routes;
+            routes.sort_by(|a, b| route_order(&a.model).cmp(&route_order(&b.model)));
+            return Ok(Compiled {
+                config: GatewayConfig {
+                    version: GATEWAY_CONFIG_VERSION,
+                    namespace,
+                    pool: pool_name,
+                    region: region.to_owned(),
+                    providers,
+                    routes,
+                },
+                rejected,
+                conflicts,
+            });
+        }
+        accepted.retain(|(p, _)| !dangling.contains_key(&p.name_any()));
+        rejected.extend(dangling.into_iter().map(|(policy, errors)| PolicyRejection { policy, errors }));
+    }
+}
+
+/// Sort key: exact names first by name, then patterns by longest prefix.
+fn route_order(model: &str) -> (bool, std::cmp::Reverse<usize>, &str) {
+    match model.strip_suffix('*') {
+        Some(prefix) => (true, std::cmp::Reverse(prefix.len()), model),
+        None => (false, std::cmp::Reverse(0), model),
+    }
+}
+
+/// Unions the routes of accepted policies; an older policy keeps a contested model.
+fn merge(accepted: &[(&RoutingPolicy, Vec<RouteConfig>)]) -> (Vec<RouteConfig>, Vec<RouteConflict>) {
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let mut routes = Vec::new();
+    let mut conflicts = Vec::new();
+    for (policy, policy_routes) in accepted {
+        for route in policy_routes {
+            match owner.get(&route.model) {
+                Some(winner) => conflicts.push(RouteConflict {
+                    model: route.model.clone(),
+                    winner: winner.clone(),
+                    loser: policy.name_any(),
+                }),
+                None => {
+                    owner.insert(route.model.clone(), policy.name_any());
+                    routes.push(route.clone());
+                }
+            }
+        }
+    }
+    (routes, conflicts)
+}
+
+fn check_references(policy: &RoutingPolicy, exact: &BTreeSet<&str>) -> Vec<PolicyError> {
+    let mut errors = Vec::new();
+    let known = || exact.iter().copied().collect::<Vec<_>>().join(", ");
+    for (i, route) in policy.spec.routes.iter().enumerate() {
+        let mut check = |field: String, model: &str| {
+            if !exact.contains(model) {
+                errors.push(PolicyError {
+                    field,
+                    message: format!("model {model:?} has no route in this pool (routed models: {})", known()),
+                });
+            }
+        };
+        for (j, fallback) in route.fallbacks.iter().enumerate() {
+            check(format!("spec.routes[{i}].fallbacks[{j}]"), fallback);
+        }
+        if let Some(redirect) = &route.on_context_length_exceeded {
+            check(format!("spec.routes[{i}].onContextLengthExceeded.model"), &redirect.model);
+        }
+        if let Some(model) = route.on_content_policy.as_ref().and_then(|a| a.model.as_deref()) {
+            check(format!("spec.routes[{i}].onContentPolicy.model"), model);
+        }
+    }
+    errors
+}
+
+fn provider_config(p: &Provider, region: &str) -> ProviderConfig {
+    ProviderConfig {
+        name: p.name.clone(),
+        provider_type: p.provider_type,
+        endpoint: p.endpoint.trim_end_matches('/').to_owned(),
+        region: p.region.clone(),
+        local: p.region == region,
+        enabled: p.enabled,
+        credentials: p.credentials.as_ref().map(|c| c.secret_ref.clone()),
+        azure_api_version: p.azure.as_ref().map(|a| a.api_version.clone()),
+        anthropic: match p.provider_type {
+            ProviderType::Anthropic => Some(p.anthropic.clone().unwrap_or_default()),
+            _ => None,
+        },
+        limits: p.limits.clone().unwrap_or_default(),
+        health: p.health.clone(),
+    }
+}
+
+/// Compiles one policy's routes, or every error it has.
+fn compile_policy(pool: &ProviderPool, policy: &RoutingPolicy, region: &str) -> Result<Vec<RouteConfig>, Vec<PolicyError>> {
+    let spec = &policy.spec;
+    let mut errors = Vec::new();
+    let mut routes = Vec::new();
+    for (i, route) in spec.routes.iter().enumerate() {
+        match compile_route(pool, route, i, spec.regional, region) {
+            Ok(targets) => routes.push(RouteConfig {
+                model: route.model.clone(),
+                policy: policy.name_any(),
+                strategy: route.strategy,
+                regional: spec.regional,
+                targets,
+                fallbacks: route.fallbacks.clone(),
+                on_context_length_exceeded: route.on_context_length_exceeded.as_ref().map(|r| r.model.clone()),
+                on_content_policy: route.on_content_policy.clone(),
+                retry: spec.retry.clone(),
+                timeouts: spec.timeouts.clone(),
+                circuit_breaker: spec.circuit_breaker.clone(),
+                degraded_response: spec.degraded_response.clone(),
+                client_auth_secret: spec.client_auth.as_ref().map(|a| a.secret_ref.name.clone()),
+            }),
+            Err(mut route_errors) => errors.append(&mut route_errors),
+        }
+    }
+    if errors.is_empty() { Ok(routes) } else { Err(errors) }
+}
+
+fn compile_route(
+    pool: &ProviderPool,
+    route: &Route,
+    i: usize,
+    regional: RegionalMode,
+    region: &str,
+) -> Result<Vec<TargetConfig>, Vec<PolicyError>> {
+    let pattern = route.model.ends_with('*');
+    let mut errors = Vec::new();
+    let mut targets = Vec::new();
+    for (j, target) in route.targets.iter().enumerate() {
+        let Some(provider) = pool.spec.providers.iter().find(|p| p.name == target.provider) else {
+            errors.push(PolicyError {
+                field: format!("spec.routes[{i}].targets[{j}].provider"),
+                message: format!(
+                    "provider {:?} is not in ProviderPool {:?} (providers: {})",
+                    target.provider,
+                    pool.name_any(),
+                    pool.spec.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            });
+            continue;
+        };
+        let wanted = target.model.as_deref().or((!pattern).then_some(route.model.as_str()));
+        let model = match wanted {
+            Some(name) => match provider.models.iter().find(|m| m.name == name) {
+                Some(m) => Some(m),
+                None => {
+                    errors.push(PolicyError {
+                        field: format!("spec.routes[{i}].targets[{j}]"),
+                        message: format!(
+                            "provider {:?} does not serve model {name:?} (it serves: {}); set targets[{j}].model to one of them",
+                            provider.name,
+                            provider.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                        ),
+                    });
+                    continue;
+                }
+            },
+            None if provider.provider_type == ProviderType::AzureOpenAi => {
+                errors.push(PolicyError {
+                    field: format!("spec.routes[{i}].targets[{j}].model"),
+                    message: format!(
+                        "pattern route {:?} must name a model for azureOpenAI provider {:?}: Azure serves deployments, not arbitrary model names",
+                        route.model, provider.name
+                    ),
+                });
+                continue;
+            }
+            None => None,
+        };
+        let remote = provider.region != region;
+        if remote && regional == RegionalMode::LocalOnly {
+            continue;
+        }
+        let priority = u32::try_from(target.priority.unwrap_or(provider.priority)).unwrap_or(0);
+        let weight = u32::try_from(target.weight.unwrap_or(provider.weight)).unwrap_or(0);
+        let spill = u32::from(remote && regional == RegionalMode::PreferLocal);
+        targets.push(TargetConfig {
+            provider: provider.name.clone(),
+            upstream_model: model.map(|m| m.upstream.clone().unwrap_or_else(|| m.name.clone())),
+            deployment: model.and_then(|m| m.deployment.clone()),
+            context_window: model.and_then(|m| m.context_window),
+            weight,
+            priority,
+            tier: priority * 2 + spill,
+        });
+    }
+    if errors.is_empty() && targets.is_empty() {
+        errors.push(PolicyError {
+            field: format!("spec.routes[{i}].targets"),
+            message: format!(
+                "regional is localOnly but no target of model {:?} lives in region {region:?}; add a local provider or use preferLocal",
+                route.model
+            ),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    targets.sort_by(|a, b| a.tier.cmp(&b.tier).then_with(|| a.provider.cmp(&b.provider)));
+    Ok(targets)
+}

@@ -1,0 +1,157 @@
+//! The compiled, region-specific configuration of a gateway: the contract between the
+//! operator (which writes it into a ConfigMap) and the gateway (which reads it).
+//!
+//! It is self-contained and explicit — every default applied, every reference resolved,
+//! every target's tier computed for the region — so the gateway needs no Kubernetes
+//! knowledge to route. It never holds a secret value, only Secret references.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pool::{AnthropicSettings, HealthCheck, Limits, ProviderType, SecretKeyRef};
+use crate::policy::{CircuitBreaker, ContentPolicyAction, RegionalMode, RetryPolicy, StaticResponse, Strategy, Timeouts};
+
+/// Version of the GatewayConfig format; a gateway refuses a config of another version.
+pub const GATEWAY_CONFIG_VERSION: u32 = 1;
+
+/// The ConfigMap data key holding the JSON-encoded GatewayConfig.
+pub const GATEWAY_CONFIG_KEY: &str = "gateway.json";
+
+/// Everything one region's gateways need to route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// Format version, [`GATEWAY_CONFIG_VERSION`].
+    pub version: u32,
+    /// Namespace of the pool; Secrets are read from it.
+    pub namespace: String,
+    /// Name of the ProviderPool.
+    pub pool: String,
+    /// The region these gateways run in.
+    pub region: String,
+    /// Providers, local ones first, then by name.
+    pub providers: Vec<ProviderConfig>,
+    /// Routes, exact model names first (by name), then patterns (longest prefix first).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A provider as the gateway sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderConfig {
+    /// The provider's name in the pool; also the key its health is tracked under.
+    pub name: String,
+    /// Wire format.
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+    /// Base URL.
+    pub endpoint: String,
+    /// Region the provider lives in.
+    pub region: String,
+    /// Whether the provider lives in the gateway's region.
+    pub local: bool,
+    /// False while the provider is drained.
+    pub enabled: bool,
+    /// Where the API key lives; `None` for keyless servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<SecretKeyRef>,
+    /// Azure `api-version`, for `azureOpenAI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure_api_version: Option<String>,
+    /// Anthropic settings, for `anthropic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<AnthropicSettings>,
+    /// Account limits.
+    pub limits: Limits,
+    /// Health checking.
+    pub health: HealthCheck,
+}
+
+/// A compiled route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteConfig {
+    /// Exact public model name, or a pattern ending in `*`.
+    pub model: String,
+    /// The RoutingPolicy this route came from.
+    pub policy: String,
+    /// Selection strategy within a tier.
+    pub strategy: Strategy,
+    /// Regional mode the tiers were computed with.
+    pub regional: RegionalMode,
+    /// Targets in ascending tier order, then by provider name.
+    pub targets: Vec<TargetConfig>,
+    /// Exact model names of other routes to try when every target failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
+    /// Exact model name of the route a too-long request goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_context_length_exceeded: Option<String>,
+    /// Reaction to a content-policy refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_content_policy: Option<ContentPolicyAction>,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Time limits.
+    pub timeouts: Timeouts,
+    /// Circuit breaker settings.
+    pub circuit_breaker: CircuitBreaker,
+    /// Answer when nothing can serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_response: Option<StaticResponse>,
+    /// Secret holding the client API keys accepted for this route; `None` means open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth_secret: Option<String>,
+}
+
+/// A provider that can serve a route.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetConfig {
+    /// Provider name, a key into [`GatewayConfig::providers`].
+    pub provider: String,
+    /// Model name sent upstream; `None` passes the name the client asked for (pattern
+    /// routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_model: Option<String>,
+    /// Azure deployment, for `azureOpenAI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// Context window in tokens, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<i64>,
+    /// Relative share of traffic within the tier.
+    pub weight: u32,
+    /// The priority the user gave.
+    pub priority: u32,
+    /// Selection order: a higher tier serves only while no target of a lower one is
+    /// usable. `2 * priority`, plus one for a remote provider under `preferLocal`.
+    pub tier: u32,
+}
+
+impl GatewayConfig {
+    /// Names of every Secret the config refers to (provider credentials, client keys).
+    pub fn referenced_secrets(&self) -> BTreeSet<String> {
+        let providers = self.providers.iter().filter_map(|p| p.credentials.as_ref()).map(|c| c.name.clone());
+        let clients = self.routes.iter().filter_map(|r| r.client_auth_secret.clone());
+        providers.chain(clients).collect()
+    }
+
+    /// The route serving `model`: an exact match, else the longest matching pattern.
+    pub fn route_for(&self, model: &str) -> Option<&RouteConfig> {
+        self.routes.iter().find(|r| r.model == model).or_else(|| {
+            self.routes
+                .iter()
+                .filter_map(|r| r.model.strip_suffix('*').map(|prefix| (prefix, r)))
+                .filter(|(prefix, _)| model.starts_with(prefix))
+                .max_by_key(|(prefix, _)| prefix.len())
+                .map(|(_, r)| r)
+        })
+    }
+
+    /// The provider called `name`.
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}

@@ -1,0 +1,492 @@
+//! `RoutingPolicy`: how each public model name is spread, retried, failed over and degraded.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+use crate::status::RoutingPolicyStatus;
+
+/// How traffic for public model names is routed over the providers of a ProviderPool.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "switchyard.dev",
+    version = "v1alpha1",
+    kind = "RoutingPolicy",
+    plural = "routingpolicies",
+    singular = "routingpolicy",
+    shortname = "rp",
+    category = "switchyard",
+    namespaced,
+    status = "RoutingPolicyStatus",
+    derive = "PartialEq",
+    doc = "How traffic for public model names is routed over the providers of a ProviderPool.",
+    printcolumn(name = "Pool", type_ = "string", json_path = ".spec.poolRef.name"),
+    printcolumn(name = "Routes", type_ = "string", json_path = ".spec.routes[*].model", description = "Public model names this policy routes"),
+    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
+    printcolumn(name = "Resolved", type_ = "string", json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status", priority = 1),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingPolicySpec {
+    /// The ProviderPool, in the same namespace, whose providers this policy routes to.
+    pub pool_ref: PoolRef,
+
+    /// Routes, one per public model name or pattern.
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["model".into()]),
+        validation = Rule::new("self.all(r, self.exists_one(o, o.model == r.model))").message("route models must be unique within a policy")
+    )]
+    pub routes: Vec<Route>,
+
+    /// Retries of a failed request on other providers.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+
+    /// Time limits of each upstream attempt and of the whole request.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+
+    /// When to stop sending traffic to a failing provider, and how to probe it back.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
+
+    /// Whether gateways stay in their own region: `preferLocal` (default) uses providers of
+    /// other regions only when no local one can serve, `localOnly` never leaves the region,
+    /// `global` treats all regions alike.
+    #[serde(default)]
+    pub regional: RegionalMode,
+
+    /// The answer given when no provider can serve a request. Without it clients get a 503
+    /// error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded_response: Option<StaticResponse>,
+
+    /// API keys clients must present. Without it the gateway accepts any caller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// A reference to a ProviderPool in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolRef {
+    /// Name of the ProviderPool.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}
+
+/// How requests for one public model are served.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.fallbacks) || !self.fallbacks.exists(f, f == self.model)").message("a route cannot fall back to its own model"),
+    validation = Rule::new("!has(self.onContextLengthExceeded) || self.onContextLengthExceeded.model != self.model").message("onContextLengthExceeded.model must name a different, larger-context model"),
+)]
+pub struct Route {
+    /// The public model name clients ask for, such as `gpt-4o`; or a pattern ending in `*`
+    /// (`gpt-4o*`, `*`) that matches many. Exact names win over patterns, and longer
+    /// patterns over shorter ones. For a pattern, targets without `model` receive the name
+    /// the client asked for.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^([A-Za-z0-9][A-Za-z0-9._:/@-]*\*?|\*)$"))]
+    pub model: String,
+
+    /// How a request picks among usable targets of the best priority tier: `weighted`
+    /// (default; random in proportion to weight), `roundRobin`, `latency` (the faster of
+    /// two random picks, by recent latency and requests in flight), `leastRequests`, or
+    /// `capacity` (most remaining requests/tokens per minute).
+    #[serde(default)]
+    pub strategy: Strategy,
+
+    /// The providers that can serve this model.
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("self.all(t, self.exists_one(o, o.provider == t.provider && (has(o.model) ? o.model : '') == (has(t.model) ? t.model : '')))").message("a provider and model pair may appear only once among a route's targets"))]
+    pub targets: Vec<Target>,
+
+    /// Other public models to try, in order, when every target of this route failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3), inner(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")))]
+    #[x_kube(validation = Rule::new("self.size() <= 3").message("at most three fallbacks may be listed"))]
+    pub fallbacks: Vec<ModelName>,
+
+    /// Where to send a request the provider refused as too long for the model's context
+    /// window. The request goes there directly, without retrying the same model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_context_length_exceeded: Option<ModelRedirect>,
+
+    /// What to do when a provider refuses a request on content policy grounds. Such
+    /// refusals are never retried; by default the provider's reason reaches the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_content_policy: Option<ContentPolicyAction>,
+}
+
+/// A public model name (no patterns).
+pub type ModelName = String;
+
+/// A provider that can serve a route.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// Name of a provider in the pool.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub provider: String,
+
+    /// Which of the provider's models serves the route, by its public name in the pool.
+    /// Defaults to the route's model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    pub model: Option<String>,
+
+    /// Share of traffic among targets of the same tier (for example 90 and 10 for a
+    /// canary). Defaults to the provider's weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub weight: Option<i32>,
+
+    /// Priority tier, 0 first. Defaults to the provider's priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 9))]
+    pub priority: Option<i32>,
+}
+
+/// Target selection strategy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum Strategy {
+    /// In turn.
+    RoundRobin,
+    /// Random in proportion to weight.
+    #[default]
+    Weighted,
+    /// The faster of two random picks, by latency EWMA and requests in flight.
+    Latency,
+    /// The target with the fewest requests in flight.
+    LeastRequests,
+    /// The target with the most remaining rate-limit capacity.
+    Capacity,
+}
+
+/// A redirect to another public model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRedirect {
+    /// Public model name of another route.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    pub model: String,
+}
+
+/// The reaction to a content-policy refusal: exactly one of `response` or `model`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.response) != has(self.model)").message("onContentPolicy needs exactly one of response or model"))]
+pub struct ContentPolicyAction {
+    /// Assistant message returned to the client instead of the provider's refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub response: Option<String>,
+
+    /// Public model name of another route to try instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    pub model: Option<String>,
+}
+
+/// Retries of a failed request. Each retry goes to a different target where one exists.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Total tries per request, the first one included.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub attempts: i32,
+
+    /// Waiting time between tries.
+    #[serde(default)]
+    pub backoff: Backoff,
+
+    /// Which failures are retried. 400, 401, 403 and 404 never are: another try cannot fix
+    /// them.
+    #[serde(default)]
+    pub retry_on: RetryOn,
+
+    /// Retries allowed as a fraction of requests over the last ten seconds (0.2 = one retry
+    /// per five requests), so retries cannot multiply an outage. A request's first try is
+    /// never limited.
+    #[serde(default = "default_budget")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub budget: f64,
+}
+
+fn default_attempts() -> i32 {
+    3
+}
+fn default_budget() -> f64 {
+    0.2
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: default_attempts(),
+            backoff: Backoff::default(),
+            retry_on: RetryOn::default(),
+            budget: default_budget(),
+        }
+    }
+}
+
+/// Exponential backoff with jitter.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.initial) <= duration(self.max)").message("backoff.initial must not exceed backoff.max"))]
+pub struct Backoff {
+    /// Wait before the first retry.
+    #[serde(default = "default_backoff_initial")]
+    pub initial: Duration,
+
+    /// Longest wait between tries.
+    #[serde(default = "default_backoff_max")]
+    pub max: Duration,
+
+    /// Each wait is this many times the previous one.
+    #[serde(default = "default_multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+
+    /// Random spread applied to each wait, as a fraction (0.1 = ±10%).
+    #[serde(default = "default_jitter")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub jitter: f64,
+}
+
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_jitter() -> f64 {
+    0.1
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+            multiplier: default_multiplier(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+/// The failures that are retried.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryOn {
+    /// Retry when the connection to the provider fails or is reset before a response.
+    #[serde(default = "default_true")]
+    pub connect_error: bool,
+
+    /// Retry when the provider sends no response headers within `timeouts.firstByte`.
+    #[serde(default = "default_true")]
+    pub first_byte_timeout: bool,
+
+    /// HTTP statuses that are retried.
+    #[serde(default = "default_retry_statuses")]
+    #[schemars(length(max = 16))]
+    #[x_kube(
+        merge_strategy = ListMerge::Set,
+        validation = Rule::new("self.all(c, c >= 405 && c <= 599)").message("retryOn.statusCodes may only hold 405-599: 400, 401, 403 and 404 are never retried because another try cannot fix them")
+    )]
+    pub status_codes: Vec<i32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_retry_statuses() -> Vec<i32> {
+    vec![429, 500, 502, 503, 504]
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        Self {
+            connect_error: true,
+            first_byte_timeout: true,
+            status_codes: default_retry_statuses(),
+        }
+    }
+}
+
+/// Time limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("duration(self.connect) <= duration(self.total)").message("timeouts.connect must not exceed timeouts.total"),
+    validation = Rule::new("duration(self.firstByte) <= duration(self.total)").message("timeouts.firstByte must not exceed timeouts.total"),
+    validation = Rule::new("duration(self.connect) > duration('0s') && duration(self.firstByte) > duration('0s') && duration(self.streamIdle) > duration('0s')").message("timeouts must be greater than zero"),
+)]
+pub struct Timeouts {
+    /// Time to open a connection to a provider.
+    #[serde(default = "default_connect")]
+    pub connect: Duration,
+
+    /// Time from sending a request until the provider's response headers arrive. A provider
+    /// that stays silent this long is abandoned and the request fails over.
+    #[serde(default = "default_first_byte")]
+    pub first_byte: Duration,
+
+    /// Longest pause between two chunks of a streamed answer.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle: Duration,
+
+    /// Limit on the whole request, all retries and fallbacks included.
+    #[serde(default = "default_total")]
+    pub total: Duration,
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_first_byte() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_stream_idle() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_total() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect(),
+            first_byte: default_first_byte(),
+            stream_idle: default_stream_idle(),
+            total: default_total(),
+        }
+    }
+}
+
+/// A per-provider circuit breaker: closed, then open (no traffic) after too many failures,
+/// then half-open (a few probe requests) before closing again.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    /// Consecutive failures that open the breaker.
+    #[serde(default = "default_breaker_consecutive")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: i32,
+
+    /// Failure ratio over `window` that opens the breaker, once `minRequests` were seen.
+    #[serde(default = "default_failure_rate")]
+    #[schemars(range(min = 0.01, max = 1.0))]
+    pub failure_rate: f64,
+
+    /// The sliding window the failure rate is measured over.
+    #[serde(default = "default_window")]
+    pub window: Duration,
+
+    /// Requests needed in the window before the failure rate counts.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub min_requests: i32,
+
+    /// How long the breaker stays open before probing the provider again.
+    #[serde(default = "default_open_for")]
+    pub open_for: Duration,
+
+    /// Requests let through while half-open; all must succeed to close the breaker.
+    #[serde(default = "default_half_open_probes")]
+    #[schemars(range(min = 1, max = 100))]
+    pub half_open_probes: i32,
+}
+
+fn default_breaker_consecutive() -> i32 {
+    5
+}
+fn default_failure_rate() -> f64 {
+    0.5
+}
+fn default_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_min_requests() -> i32 {
+    20
+}
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_half_open_probes() -> i32 {
+    1
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_breaker_consecutive(),
+            failure_rate: default_failure_rate(),
+            window: default_window(),
+            min_requests: default_min_requests(),
+            open_for: default_open_for(),
+            half_open_probes: default_half_open_probes(),
+        }
+    }
+}
+
+/// Whether gateways stay in their own region.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RegionalMode {
+    /// Providers of other regions serve only when no local one can.
+    #[default]
+    PreferLocal,
+    /// Only providers of the gateway's own region serve.
+    LocalOnly,
+    /// Every region is alike.
+    Global,
+}
+
+/// A fixed answer.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticResponse {
+    /// HTTP status of the answer. 200 returns `message` as a normal assistant reply;
+    /// anything else returns it as an OpenAI-style error.
+    #[serde(default = "default_degraded_status")]
+    #[schemars(range(min = 200, max = 599))]
+    pub status: i32,
+
+    /// The text of the answer.
+    #[schemars(length(min = 1, max = 4096))]
+    pub message: String,
+}
+
+fn default_degraded_status() -> i32 {
+    503
+}
+
+/// Client authentication.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientAuth {
+    /// A Secret in the same namespace; every value in its data is an API key clients may
+    /// present as `Authorization: Bearer <key>`. The data key names the client in logs.
+    pub secret_ref: SecretRef,
+}
+
+/// A reference to a whole Secret in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}

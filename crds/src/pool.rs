@@ -1,0 +1,481 @@
+//! `ProviderPool`: the upstream LLM providers a team can route to, and the regions its
+//! gateways run in.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+use crate::status::ProviderPoolStatus;
+
+/// The label that pins a region's gateways to its nodes unless a region overrides it.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+
+/// A set of upstream LLM providers and the regions where Switchyard runs gateways for them.
+///
+/// The operator runs one gateway Deployment, Service and ConfigMap per region listed in
+/// `spec.regions`. RoutingPolicies that reference this pool decide how each public model
+/// name is served by these providers.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "switchyard.dev",
+    version = "v1alpha1",
+    kind = "ProviderPool",
+    plural = "providerpools",
+    singular = "providerpool",
+    shortname = "pp",
+    shortname = "pool",
+    category = "switchyard",
+    namespaced,
+    status = "ProviderPoolStatus",
+    derive = "PartialEq",
+    doc = "A set of upstream LLM providers and the regions where Switchyard runs gateways for them.",
+    printcolumn(name = "Regions", type_ = "string", json_path = ".status.readyRegions", description = "Regions with every gateway replica ready, out of all regions"),
+    printcolumn(name = "Providers", type_ = "string", json_path = ".status.healthyProviders", description = "Healthy providers, out of all enabled providers"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderPoolSpec {
+    /// Regions to run gateways in. Each region gets its own gateway Deployment, Service and
+    /// compiled configuration, and prefers the providers that live in it.
+    #[schemars(length(min = 1, max = 16))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(r, self.exists_one(o, o.name == r.name))").message("region names must be unique within a pool")
+    )]
+    pub regions: Vec<Region>,
+
+    /// Settings shared by the gateways of every region.
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+
+    /// The upstream providers. A RoutingPolicy refers to them by `name`.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(p, self.exists_one(o, o.name == p.name))").message("provider names must be unique within a pool")
+    )]
+    pub providers: Vec<Provider>,
+}
+
+/// A region where the pool runs gateways.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Region {
+    /// Region name, such as `us-east`. Gateways are placed on nodes labelled
+    /// `topology.kubernetes.io/region=<name>` unless `nodeSelector` says otherwise, and
+    /// providers whose `region` matches are preferred by this region's gateways.
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Number of gateway replicas in this region.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+
+    /// Node labels the region's gateway pods must match. Defaults to
+    /// `topology.kubernetes.io/region: <name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "node_selector_schema")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Compute resources of each gateway container in this region; overrides
+    /// `spec.gateway.resources`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Tolerations added to this region's gateway pods, for regions on tainted nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Option<Vec<Toleration>>,
+}
+
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "nullable": true,
+        "maxProperties": 16,
+        "additionalProperties": {"type": "string", "maxLength": 63},
+    })
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+impl Region {
+    /// The node selector that pins this region's gateways: the explicit one, or the
+    /// region label.
+    pub fn effective_node_selector(&self) -> BTreeMap<String, String> {
+        self.node_selector
+            .clone()
+            .unwrap_or_else(|| BTreeMap::from([(REGION_LABEL.to_owned(), self.name.clone())]))
+    }
+}
+
+/// Settings of the gateway pods, shared by every region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySettings {
+    /// Gateway container image. Defaults to the image the operator was installed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// Port the gateway serves the OpenAI API on, inside the pod and on its Services.
+    #[serde(default = "default_gateway_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+
+    /// Default compute resources of each gateway container; a region may override them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_gateway_port() -> i32 {
+    8080
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            image: None,
+            port: default_gateway_port(),
+            resources: None,
+        }
+    }
+}
+
+/// The wire format a provider speaks.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub enum ProviderType {
+    /// OpenAI's API (`/v1/chat/completions`, `Authorization: Bearer`).
+    #[serde(rename = "openai")]
+    OpenAi,
+    /// Azure OpenAI: deployment paths, `api-version` query, `api-key` header.
+    #[serde(rename = "azureOpenAI")]
+    AzureOpenAi,
+    /// Anthropic's Messages API; the gateway translates OpenAI requests to it and back.
+    #[serde(rename = "anthropic")]
+    Anthropic,
+    /// Any server speaking the OpenAI API (vLLM, llama.cpp, Ollama, other gateways).
+    #[serde(rename = "openaiCompatible")]
+    OpenAiCompatible,
+}
+
+impl ProviderType {
+    /// The name users write in a manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenAi => "openai",
+            Self::AzureOpenAi => "azureOpenAI",
+            Self::Anthropic => "anthropic",
+            Self::OpenAiCompatible => "openaiCompatible",
+        }
+    }
+}
+
+/// One upstream provider endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.type == 'azureOpenAI' ? has(self.azure) : !has(self.azure)").message("azure (with apiVersion) is required when type is azureOpenAI and not allowed for other types"),
+    validation = Rule::new("!has(self.anthropic) || self.type == 'anthropic'").message("anthropic settings are only allowed when type is anthropic"),
+    validation = Rule::new("self.type == 'openaiCompatible' || has(self.credentials)").message("credentials are required for openai, azureOpenAI and anthropic providers; only openaiCompatible servers may be keyless"),
+    validation = Rule::new("self.type != 'azureOpenAI' || self.models.all(m, has(m.deployment))").message("every model of an azureOpenAI provider needs a deployment"),
+    validation = Rule::new("self.type == 'azureOpenAI' || self.models.all(m, !has(m.deployment))").message("deployment is only for azureOpenAI providers; use upstream to rename a model for other types"),
+)]
+pub struct Provider {
+    /// Name of the provider, unique in the pool; RoutingPolicy targets refer to it.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Wire format: `openai`, `azureOpenAI`, `anthropic` or `openaiCompatible`.
+    #[serde(rename = "type")]
+    pub provider_type: ProviderType,
+
+    /// Base URL of the provider, such as `https://api.openai.com` or
+    /// `https://contoso-eastus.openai.azure.com`. For an OpenAI-compatible server include
+    /// any path prefix before `/v1`.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))").message("endpoint must be an absolute http:// or https:// URL, such as https://api.openai.com"))]
+    pub endpoint: String,
+
+    /// The region the provider's endpoint lives in. Gateways prefer providers of their own
+    /// region and spill to others only when local ones cannot serve. It need not be one of
+    /// the pool's gateway regions.
+    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub region: String,
+
+    /// Where the API key lives. Optional only for keyless `openaiCompatible` servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+
+    /// The models this provider serves, by public name.
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(
+        merge_strategy = ListMerge::Map(vec!["name".into()]),
+        validation = Rule::new("self.all(m, self.exists_one(o, o.name == m.name))").message("model names must be unique within a provider")
+    )]
+    pub models: Vec<ProviderModel>,
+
+    /// Azure OpenAI settings; required when `type` is `azureOpenAI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSettings>,
+
+    /// Anthropic settings; only for `type: anthropic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anthropic: Option<AnthropicSettings>,
+
+    /// Share of traffic relative to the other providers of the same priority tier, used
+    /// by the `weighted` strategy when a route target sets no weight of its own. 0 takes
+    /// traffic only when nothing else in the tier can.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub weight: i32,
+
+    /// Priority tier; 0 is served first. A higher tier takes traffic only while no
+    /// provider of a lower tier is usable. A route target may override it.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 9))]
+    pub priority: i32,
+
+    /// Limits the provider enforces on this account; the gateway spreads load to stay
+    /// under them and the `capacity` strategy routes by what remains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+
+    /// How the gateway decides the provider is unhealthy and for how long to avoid it.
+    #[serde(default)]
+    pub health: HealthCheck,
+
+    /// Set to false to drain the provider: no new requests are sent to it, but it stays in
+    /// the pool and its configuration is kept.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_weight() -> i32 {
+    100
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A reference to a key of a Secret in the pool's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the same namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// Key in the Secret's data holding the value.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+fn default_secret_key() -> String {
+    "apiKey".to_owned()
+}
+
+/// How the gateway authenticates to a provider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Credentials {
+    /// The Secret key holding the provider's API key. The key never leaves the Secret:
+    /// gateways read it at run time and it is never copied into a ConfigMap or status.
+    pub secret_ref: SecretKeyRef,
+}
+
+/// A model a provider serves.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderModel {
+    /// The public model name clients ask for and routes refer to, such as `gpt-4o`.
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    pub name: String,
+
+    /// The model name sent to the provider, when it differs from `name`
+    /// (for example `claude-sonnet-4-5` for the public `claude-sonnet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub upstream: Option<String>,
+
+    /// Azure OpenAI deployment serving this model; required for `azureOpenAI` providers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub deployment: Option<String>,
+
+    /// Context window in tokens, used to route requests that would not fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub context_window: Option<i64>,
+}
+
+/// Azure OpenAI specifics.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureSettings {
+    /// The `api-version` query parameter, such as `2024-10-21`.
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$"))]
+    pub api_version: String,
+}
+
+/// Anthropic specifics.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnthropicSettings {
+    /// The `anthropic-version` header sent with every request.
+    #[serde(default = "default_anthropic_version")]
+    #[schemars(length(min = 1, max = 32))]
+    pub version: String,
+
+    /// `max_tokens` sent when the client's request sets none (Anthropic requires one).
+    #[serde(default = "default_anthropic_max_tokens")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub default_max_tokens: i32,
+}
+
+fn default_anthropic_version() -> String {
+    "2023-06-01".to_owned()
+}
+
+fn default_anthropic_max_tokens() -> i32 {
+    4096
+}
+
+impl Default for AnthropicSettings {
+    fn default() -> Self {
+        Self {
+            version: default_anthropic_version(),
+            default_max_tokens: default_anthropic_max_tokens(),
+        }
+    }
+}
+
+/// Limits of the provider account.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Requests per minute the provider allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub requests_per_minute: Option<i64>,
+
+    /// Tokens per minute the provider allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000_000_i64))]
+    pub tokens_per_minute: Option<i64>,
+
+    /// Requests each gateway replica may have in flight to this provider at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000))]
+    pub max_concurrent: Option<i32>,
+}
+
+/// Health checking of a provider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Passive checking: judge the provider by the outcome of real requests.
+    #[serde(default)]
+    pub passive: PassiveHealth,
+
+    /// Active probing: send a cheap request on a timer. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActiveProbe>,
+}
+
+/// Ejection driven by real traffic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.baseEjectionTime) <= duration(self.maxEjectionTime)").message("baseEjectionTime must not exceed maxEjectionTime"))]
+pub struct PassiveHealth {
+    /// Consecutive failed requests (connect errors, timeouts, 5xx) that eject the provider.
+    #[serde(default = "default_consecutive_failures")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub consecutive_failures: i32,
+
+    /// How long the first ejection lasts.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_time: Duration,
+
+    /// Each further ejection in a row lasts this many times longer than the previous one.
+    #[serde(default = "default_ejection_growth")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub ejection_growth: f64,
+
+    /// Upper bound of an ejection, however often the provider failed.
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_time: Duration,
+}
+
+fn default_consecutive_failures() -> i32 {
+    5
+}
+fn default_base_ejection() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_ejection_growth() -> f64 {
+    2.0
+}
+fn default_max_ejection() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for PassiveHealth {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive_failures(),
+            base_ejection_time: default_base_ejection(),
+            ejection_growth: default_ejection_growth(),
+            max_ejection_time: default_max_ejection(),
+        }
+    }
+}
+
+/// A periodic probe of the provider.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.timeout) < duration(self.interval)").message("probe timeout must be shorter than its interval"))]
+pub struct ActiveProbe {
+    /// Time between probes.
+    #[serde(default = "default_probe_interval")]
+    pub interval: Duration,
+
+    /// How long a probe may take before it counts as failed.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Duration,
+
+    /// Consecutive successful probes that mark an ejected provider healthy again.
+    #[serde(default = "default_healthy_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub healthy_threshold: i32,
+
+    /// Consecutive failed probes that eject the provider.
+    #[serde(default = "default_unhealthy_threshold")]
+    #[schemars(range(min = 1, max = 100))]
+    pub unhealthy_threshold: i32,
+}
+
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_probe_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_healthy_threshold() -> i32 {
+    2
+}
+fn default_unhealthy_threshold() -> i32 {
+    3
+}

@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 
-use crate::gateway_config::{GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig, TargetConfig};
+use crate::gateway_config::{
+    GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig, TargetConfig,
+};
 use crate::policy::{RegionalMode, Route, RoutingPolicy};
 use crate::pool::{Provider, ProviderPool, ProviderType};
 
@@ -19,7 +21,9 @@ use crate::pool::{Provider, ProviderPool, ProviderType};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
     /// The region asked for is not one of the pool's regions.
-    #[error("region {region:?} is not in spec.regions of ProviderPool {pool:?} (regions: {available})")]
+    #[error(
+        "region {region:?} is not in spec.regions of ProviderPool {pool:?} (regions: {available})"
+    )]
     UnknownRegion {
         /// ProviderPool name.
         pool: String,
@@ -74,24 +78,41 @@ pub struct Compiled {
 /// Compiles the pool and the policies that reference it into `region`'s GatewayConfig.
 ///
 /// Policies from another namespace or referencing another pool are ignored.
-pub fn compile(pool: &ProviderPool, policies: &[RoutingPolicy], region: &str) -> Result<Compiled, CompileError> {
+pub fn compile(
+    pool: &ProviderPool,
+    policies: &[RoutingPolicy],
+    region: &str,
+) -> Result<Compiled, CompileError> {
     let pool_name = pool.name_any();
     let namespace = pool.namespace().unwrap_or_default();
     if !pool.spec.regions.iter().any(|r| r.name == region) {
         return Err(CompileError::UnknownRegion {
             pool: pool_name,
             region: region.to_owned(),
-            available: pool.spec.regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+            available: pool
+                .spec
+                .regions
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
 
-    let mut providers: Vec<ProviderConfig> = pool.spec.providers.iter().map(|p| provider_config(p, region)).collect();
+    let mut providers: Vec<ProviderConfig> = pool
+        .spec
+        .providers
+        .iter()
+        .map(|p| provider_config(p, region))
+        .collect();
     providers.sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
 
     // Oldest first: the order decides who wins a contested model.
     let mut ours: Vec<&RoutingPolicy> = policies
         .iter()
-        .filter(|p| p.spec.pool_ref.name == pool_name && p.namespace().unwrap_or_default() == namespace)
+        .filter(|p| {
+            p.spec.pool_ref.name == pool_name && p.namespace().unwrap_or_default() == namespace
+        })
         .collect();
     ours.sort_by(|a, b| {
         a.metadata
@@ -118,7 +139,11 @@ pub fn compile(pool: &ProviderPool, policies: &[RoutingPolicy], region: &str) ->
     // Rejecting a policy can break another's references, so repeat until nothing changes.
     loop {
         let (routes, conflicts) = merge(&accepted);
-        let exact: BTreeSet<&str> = routes.iter().filter(|r| !r.model.ends_with('*')).map(|r| r.model.as_str()).collect();
+        let exact: BTreeSet<&str> = routes
+            .iter()
+            .filter(|r| !r.model.ends_with('*'))
+            .map(|r| r.model.as_str())
+            .collect();
         let mut dangling: BTreeMap<String, Vec<PolicyError>> = BTreeMap::new();
         for (policy, _) in &accepted {
             let errors = check_references(policy, &exact);
@@ -143,7 +168,11 @@ pub fn compile(pool: &ProviderPool, policies: &[RoutingPolicy], region: &str) ->
             });
         }
         accepted.retain(|(p, _)| !dangling.contains_key(&p.name_any()));
-        rejected.extend(dangling.into_iter().map(|(policy, errors)| PolicyRejection { policy, errors }));
+        rejected.extend(
+            dangling
+                .into_iter()
+                .map(|(policy, errors)| PolicyRejection { policy, errors }),
+        );
     }
 }
 
@@ -156,7 +185,9 @@ fn route_order(model: &str) -> (bool, std::cmp::Reverse<usize>, &str) {
 }
 
 /// Unions the routes of accepted policies; an older policy keeps a contested model.
-fn merge(accepted: &[(&RoutingPolicy, Vec<RouteConfig>)]) -> (Vec<RouteConfig>, Vec<RouteConflict>) {
+fn merge(
+    accepted: &[(&RoutingPolicy, Vec<RouteConfig>)],
+) -> (Vec<RouteConfig>, Vec<RouteConflict>) {
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut routes = Vec::new();
     let mut conflicts = Vec::new();
@@ -186,7 +217,10 @@ fn check_references(policy: &RoutingPolicy, exact: &BTreeSet<&str>) -> Vec<Polic
             if !exact.contains(model) {
                 errors.push(PolicyError {
                     field,
-                    message: format!("model {model:?} has no route in this pool (routed models: {})", known()),
+                    message: format!(
+                        "model {model:?} has no route in this pool (routed models: {})",
+                        known()
+                    ),
                 });
             }
         };
@@ -194,9 +228,16 @@ fn check_references(policy: &RoutingPolicy, exact: &BTreeSet<&str>) -> Vec<Polic
             check(format!("spec.routes[{i}].fallbacks[{j}]"), fallback);
         }
         if let Some(redirect) = &route.on_context_length_exceeded {
-            check(format!("spec.routes[{i}].onContextLengthExceeded.model"), &redirect.model);
+            check(
+                format!("spec.routes[{i}].onContextLengthExceeded.model"),
+                &redirect.model,
+            );
         }
-        if let Some(model) = route.on_content_policy.as_ref().and_then(|a| a.model.as_deref()) {
+        if let Some(model) = route
+            .on_content_policy
+            .as_ref()
+            .and_then(|a| a.model.as_deref())
+        {
             check(format!("spec.routes[{i}].onContentPolicy.model"), model);
         }
     }
@@ -223,7 +264,11 @@ fn provider_config(p: &Provider, region: &str) -> ProviderConfig {
 }
 
 /// Compiles one policy's routes, or every error it has.
-fn compile_policy(pool: &ProviderPool, policy: &RoutingPolicy, region: &str) -> Result<Vec<RouteConfig>, Vec<PolicyError>> {
+fn compile_policy(
+    pool: &ProviderPool,
+    policy: &RoutingPolicy,
+    region: &str,
+) -> Result<Vec<RouteConfig>, Vec<PolicyError>> {
     let spec = &policy.spec;
     let mut errors = Vec::new();
     let mut routes = Vec::new();
@@ -236,7 +281,10 @@ fn compile_policy(pool: &ProviderPool, policy: &RoutingPolicy, region: &str) -> 
                 regional: spec.regional,
                 targets,
                 fallbacks: route.fallbacks.clone(),
-                on_context_length_exceeded: route.on_context_length_exceeded.as_ref().map(|r| r.model.clone()),
+                on_context_length_exceeded: route
+                    .on_context_length_exceeded
+                    .as_ref()
+                    .map(|r| r.model.clone()),
                 on_content_policy: route.on_content_policy.clone(),
                 retry: spec.retry.clone(),
                 timeouts: spec.timeouts.clone(),
@@ -247,7 +295,11 @@ fn compile_policy(pool: &ProviderPool, policy: &RoutingPolicy, region: &str) -> 
             Err(mut route_errors) => errors.append(&mut route_errors),
         }
     }
-    if errors.is_empty() { Ok(routes) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(routes)
+    } else {
+        Err(errors)
+    }
 }
 
 fn compile_route(
@@ -261,19 +313,32 @@ fn compile_route(
     let mut errors = Vec::new();
     let mut targets = Vec::new();
     for (j, target) in route.targets.iter().enumerate() {
-        let Some(provider) = pool.spec.providers.iter().find(|p| p.name == target.provider) else {
+        let Some(provider) = pool
+            .spec
+            .providers
+            .iter()
+            .find(|p| p.name == target.provider)
+        else {
             errors.push(PolicyError {
                 field: format!("spec.routes[{i}].targets[{j}].provider"),
                 message: format!(
                     "provider {:?} is not in ProviderPool {:?} (providers: {})",
                     target.provider,
                     pool.name_any(),
-                    pool.spec.providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                    pool.spec
+                        .providers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             });
             continue;
         };
-        let wanted = target.model.as_deref().or((!pattern).then_some(route.model.as_str()));
+        let wanted = target
+            .model
+            .as_deref()
+            .or((!pattern).then_some(route.model.as_str()));
         let model = match wanted {
             Some(name) => match provider.models.iter().find(|m| m.name == name) {
                 Some(m) => Some(m),
@@ -330,6 +395,10 @@ fn compile_route(
     if !errors.is_empty() {
         return Err(errors);
     }
-    targets.sort_by(|a, b| a.tier.cmp(&b.tier).then_with(|| a.provider.cmp(&b.provider)));
+    targets.sort_by(|a, b| {
+        a.tier
+            .cmp(&b.tier)
+            .then_with(|| a.provider.cmp(&b.provider))
+    });
     Ok(targets)
 }

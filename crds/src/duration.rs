@@ -20,7 +20,9 @@ pub struct Duration(StdDuration);
 
 /// Why a duration string was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: {reason} (write it like \"250ms\", \"30s\", \"1m30s\" or \"2h\")")]
+#[error(
+    "invalid duration {input:?}: {reason} (write it like \"250ms\", \"30s\", \"1m30s\" or \"2h\")"
+)]
 pub struct DurationError {
     input: String,
     reason: &'static str,
@@ -88,10 +90,14 @@ impl Duration {
                 "" => return Err(err("a number has no unit")),
                 _ => return Err(err("the unit is not one of ms, s, m, h")),
             };
-            total_nanos = total_nanos.saturating_add(scale(number, nanos_per_unit).ok_or_else(|| err("a number is malformed"))?);
+            total_nanos = total_nanos.saturating_add(
+                scale(number, nanos_per_unit).ok_or_else(|| err("a number is malformed"))?,
+            );
         }
-        let secs = u64::try_from(total_nanos / 1_000_000_000).map_err(|_| err("it is too large"))?;
-        let nanos = u32::try_from(total_nanos % 1_000_000_000).map_err(|_| err("it is too large"))?;
+        let secs =
+            u64::try_from(total_nanos / 1_000_000_000).map_err(|_| err("it is too large"))?;
+        let nanos =
+            u32::try_from(total_nanos % 1_000_000_000).map_err(|_| err("it is too large"))?;
         Ok(Self(StdDuration::new(secs, nanos)))
     }
 }
@@ -121,7 +127,7 @@ impl fmt::Display for Duration {
             return f.write_str("0s");
         }
         for (unit, per) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-            if ms % per == 0 {
+            if ms.is_multiple_of(per) {
                 return write!(f, "{}{unit}", ms / per);
             }
         }
@@ -173,17 +179,37 @@ mod tests {
 
     #[test]
     fn parses_every_unit_and_compounds() {
-        assert_eq!(Duration::parse("250ms").expect("valid"), Duration::from_millis(250));
-        assert_eq!(Duration::parse("30s").expect("valid"), Duration::from_secs(30));
-        assert_eq!(Duration::parse("1m30s").expect("valid"), Duration::from_secs(90));
-        assert_eq!(Duration::parse("2h").expect("valid"), Duration::from_secs(7200));
-        assert_eq!(Duration::parse("1.5s").expect("valid"), Duration::from_millis(1500));
-        assert_eq!(Duration::parse("0s").expect("valid"), Duration::from_secs(0));
+        assert_eq!(
+            Duration::parse("250ms").expect("valid"),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            Duration::parse("30s").expect("valid"),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            Duration::parse("1m30s").expect("valid"),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            Duration::parse("2h").expect("valid"),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            Duration::parse("1.5s").expect("valid"),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            Duration::parse("0s").expect("valid"),
+            Duration::from_secs(0)
+        );
     }
 
     #[test]
     fn rejects_what_the_schema_pattern_rejects() {
-        for bad in ["", "10", "s", "10sec", "1d", "-1s", "1..5s", ".5s", "5.s", "1 s", "1s "] {
+        for bad in [
+            "", "10", "s", "10sec", "1d", "-1s", "1..5s", ".5s", "5.s", "1 s", "1s ",
+        ] {
             let err = Duration::parse(bad).expect_err(bad);
             assert!(err.to_string().contains("invalid duration"), "{err}");
         }

@@ -9,8 +9,11 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{
+    CircuitBreaker, ContentPolicyAction, RegionalMode, RetryPolicy, StaticResponse, Strategy,
+    Timeouts,
+};
 use crate::pool::{AnthropicSettings, HealthCheck, Limits, ProviderType, SecretKeyRef};
-use crate::policy::{CircuitBreaker, ContentPolicyAction, RegionalMode, RetryPolicy, StaticResponse, Strategy, Timeouts};
 
 /// Version of the GatewayConfig format; a gateway refuses a config of another version.
 pub const GATEWAY_CONFIG_VERSION: u32 = 1;
@@ -133,8 +136,15 @@ pub struct TargetConfig {
 impl GatewayConfig {
     /// Names of every Secret the config refers to (provider credentials, client keys).
     pub fn referenced_secrets(&self) -> BTreeSet<String> {
-        let providers = self.providers.iter().filter_map(|p| p.credentials.as_ref()).map(|c| c.name.clone());
-        let clients = self.routes.iter().filter_map(|r| r.client_auth_secret.clone());
+        let providers = self
+            .providers
+            .iter()
+            .filter_map(|p| p.credentials.as_ref())
+            .map(|c| c.name.clone());
+        let clients = self
+            .routes
+            .iter()
+            .filter_map(|r| r.client_auth_secret.clone());
         providers.chain(clients).collect()
     }
 

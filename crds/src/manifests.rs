@@ -68,7 +68,9 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
         .map_err(io)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .filter(|p| {
+            p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -94,21 +96,36 @@ pub fn load(path: &Path, default_namespace: &str) -> Result<Manifests, ManifestE
                 index: i + 1,
                 message,
             };
-            let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+            let kind = doc
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or_default()
+                .to_owned();
             match kind.as_str() {
                 "ProviderPool" => {
-                    let mut pool: ProviderPool = serde_json::from_value(doc).map_err(|e| invalid(format!("ProviderPool: {e}")))?;
-                    pool.metadata.namespace.get_or_insert_with(|| default_namespace.to_owned());
+                    let mut pool: ProviderPool = serde_json::from_value(doc)
+                        .map_err(|e| invalid(format!("ProviderPool: {e}")))?;
+                    pool.metadata
+                        .namespace
+                        .get_or_insert_with(|| default_namespace.to_owned());
                     out.pools.push(pool);
                 }
                 "RoutingPolicy" => {
-                    let mut policy: RoutingPolicy = serde_json::from_value(doc).map_err(|e| invalid(format!("RoutingPolicy: {e}")))?;
-                    policy.metadata.namespace.get_or_insert_with(|| default_namespace.to_owned());
+                    let mut policy: RoutingPolicy = serde_json::from_value(doc)
+                        .map_err(|e| invalid(format!("RoutingPolicy: {e}")))?;
+                    policy
+                        .metadata
+                        .namespace
+                        .get_or_insert_with(|| default_namespace.to_owned());
                     out.policies.push(policy);
                 }
                 "Secret" => {
-                    let mut secret: Secret = serde_json::from_value(doc).map_err(|e| invalid(format!("Secret: {e}")))?;
-                    secret.metadata.namespace.get_or_insert_with(|| default_namespace.to_owned());
+                    let mut secret: Secret =
+                        serde_json::from_value(doc).map_err(|e| invalid(format!("Secret: {e}")))?;
+                    secret
+                        .metadata
+                        .namespace
+                        .get_or_insert_with(|| default_namespace.to_owned());
                     out.secrets.push(secret);
                 }
                 _ => {}

@@ -22,19 +22,44 @@ use crate::status::RoutingPolicyStatus;
     derive = "PartialEq",
     doc = "How traffic for public model names is routed over the providers of a ProviderPool.",
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.poolRef.name"),
-    printcolumn(name = "Routes", type_ = "string", json_path = ".spec.routes[*].model", description = "Public model names this policy routes"),
-    printcolumn(name = "Accepted", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].status"),
-    printcolumn(name = "Resolved", type_ = "string", json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status", priority = 1),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Accepted\")].reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Routes",
+        type_ = "string",
+        json_path = ".status.routes",
+        description = "Public model names this policy serves"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    ),
+    printcolumn(
+        name = "Resolved",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"ResolvedRefs\")].status",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
+// clippy reads the repeated `type_ = ...` of separate printcolumns as duplicates.
+#[allow(clippy::duplicated_attributes)]
 pub struct RoutingPolicySpec {
     /// The ProviderPool, in the same namespace, whose providers this policy routes to.
     pub pool_ref: PoolRef,
 
-    /// Routes, one per public model name or pattern.
-    #[schemars(length(min = 1, max = 128))]
+    /// Routes, one per public model name or pattern (at most 64).
+    #[schemars(length(min = 1, max = 64))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["model".into()]),
         validation = Rule::new("self.all(r, self.exists_one(o, o.model == r.model))").message("route models must be unique within a policy")
@@ -74,7 +99,10 @@ pub struct RoutingPolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct PoolRef {
     /// Name of the ProviderPool.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -90,7 +118,10 @@ pub struct Route {
     /// (`gpt-4o*`, `*`) that matches many. Exact names win over patterns, and longer
     /// patterns over shorter ones. For a pattern, targets without `model` receive the name
     /// the client asked for.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^([A-Za-z0-9][A-Za-z0-9._:/@-]*\*?|\*)$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^([A-Za-z0-9][A-Za-z0-9._:/@-]*\*?|\*)$")
+    )]
     pub model: String,
 
     /// How a request picks among usable targets of the best priority tier: `weighted`
@@ -100,15 +131,20 @@ pub struct Route {
     #[serde(default)]
     pub strategy: Strategy,
 
-    /// The providers that can serve this model.
-    #[schemars(length(min = 1, max = 32))]
+    /// The providers that can serve this model (at most 16).
+    #[schemars(length(min = 1, max = 16))]
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(o, o.provider == t.provider && (has(o.model) ? o.model : '') == (has(t.model) ? t.model : '')))").message("a provider and model pair may appear only once among a route's targets"))]
     pub targets: Vec<Target>,
 
     /// Other public models to try, in order, when every target of this route failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 3), inner(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")))]
-    #[x_kube(validation = Rule::new("self.size() <= 3").message("at most three fallbacks may be listed"))]
+    #[schemars(
+        length(max = 3),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+        )
+    )]
     pub fallbacks: Vec<ModelName>,
 
     /// Where to send a request the provider refused as too long for the model's context
@@ -130,13 +166,19 @@ pub type ModelName = String;
 #[serde(rename_all = "camelCase")]
 pub struct Target {
     /// Name of a provider in the pool.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub provider: String,
 
     /// Which of the provider's models serves the route, by its public name in the pool.
     /// Defaults to the route's model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    )]
     pub model: Option<String>,
 
     /// Share of traffic among targets of the same tier (for example 90 and 10 for a
@@ -173,7 +215,10 @@ pub enum Strategy {
 #[serde(rename_all = "camelCase")]
 pub struct ModelRedirect {
     /// Public model name of another route.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    )]
     pub model: String,
 }
 
@@ -189,7 +234,10 @@ pub struct ContentPolicyAction {
 
     /// Public model name of another route to try instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    )]
     pub model: Option<String>,
 }
 
@@ -379,6 +427,9 @@ impl Default for Timeouts {
 /// then half-open (a few probe requests) before closing again.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+// A CEL rule rather than `minimum: 0.01`: the API server compares an integer value such
+// as `0` against a truncated integer minimum, so `minimum` alone lets 0 through.
+#[x_kube(validation = Rule::new("self.failureRate > 0.0").message("circuitBreaker.failureRate must be greater than 0; it is a ratio such as 0.5"))]
 pub struct CircuitBreaker {
     /// Consecutive failures that open the breaker.
     #[serde(default = "default_breaker_consecutive")]
@@ -387,7 +438,7 @@ pub struct CircuitBreaker {
 
     /// Failure ratio over `window` that opens the breaker, once `minRequests` were seen.
     #[serde(default = "default_failure_rate")]
-    #[schemars(range(min = 0.01, max = 1.0))]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub failure_rate: f64,
 
     /// The sliding window the failure rate is measured over.
@@ -487,6 +538,9 @@ pub struct ClientAuth {
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }

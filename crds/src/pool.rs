@@ -33,13 +33,38 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
     status = "ProviderPoolStatus",
     derive = "PartialEq",
     doc = "A set of upstream LLM providers and the regions where Switchyard runs gateways for them.",
-    printcolumn(name = "Regions", type_ = "string", json_path = ".status.readyRegions", description = "Regions with every gateway replica ready, out of all regions"),
-    printcolumn(name = "Providers", type_ = "string", json_path = ".status.healthyProviders", description = "Healthy providers, out of all enabled providers"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Regions",
+        type_ = "string",
+        json_path = ".status.readyRegions",
+        description = "Regions with every gateway replica ready, out of all regions"
+    ),
+    printcolumn(
+        name = "Providers",
+        type_ = "string",
+        json_path = ".status.healthyProviders",
+        description = "Healthy providers, out of all enabled providers"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
+// clippy reads the repeated `type_ = ...` of separate printcolumns as duplicates.
+#[allow(clippy::duplicated_attributes)]
 pub struct ProviderPoolSpec {
     /// Regions to run gateways in. Each region gets its own gateway Deployment, Service and
     /// compiled configuration, and prefers the providers that live in it.
@@ -54,8 +79,8 @@ pub struct ProviderPoolSpec {
     #[serde(default)]
     pub gateway: GatewaySettings,
 
-    /// The upstream providers. A RoutingPolicy refers to them by `name`.
-    #[schemars(length(min = 1, max = 64))]
+    /// The upstream providers (at most 32). A RoutingPolicy refers to them by `name`.
+    #[schemars(length(min = 1, max = 32))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(p, self.exists_one(o, o.name == p.name))").message("provider names must be unique within a pool")
@@ -70,7 +95,10 @@ pub struct Region {
     /// Region name, such as `us-east`. Gateways are placed on nodes labelled
     /// `topology.kubernetes.io/region=<name>` unless `nodeSelector` says otherwise, and
     /// providers whose `region` matches are preferred by this region's gateways.
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Number of gateway replicas in this region.
@@ -152,7 +180,9 @@ impl Default for GatewaySettings {
 }
 
 /// The wire format a provider speaks.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum ProviderType {
     /// OpenAI's API (`/v1/chat/completions`, `Authorization: Bearer`).
@@ -193,7 +223,10 @@ impl ProviderType {
 )]
 pub struct Provider {
     /// Name of the provider, unique in the pool; RoutingPolicy targets refer to it.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Wire format: `openai`, `azureOpenAI`, `anthropic` or `openaiCompatible`.
@@ -210,15 +243,18 @@ pub struct Provider {
     /// The region the provider's endpoint lives in. Gateways prefer providers of their own
     /// region and spill to others only when local ones cannot serve. It need not be one of
     /// the pool's gateway regions.
-    #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub region: String,
 
     /// Where the API key lives. Optional only for keyless `openaiCompatible` servers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
 
-    /// The models this provider serves, by public name.
-    #[schemars(length(min = 1, max = 64))]
+    /// The models this provider serves (at most 32), by public name.
+    #[schemars(length(min = 1, max = 32))]
     #[x_kube(
         merge_strategy = ListMerge::Map(vec!["name".into()]),
         validation = Rule::new("self.all(m, self.exists_one(o, o.name == m.name))").message("model names must be unique within a provider")
@@ -270,11 +306,16 @@ fn default_true() -> bool {
 }
 
 /// A reference to a key of a Secret in the pool's namespace.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the same namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// Key in the Secret's data holding the value.
@@ -301,7 +342,10 @@ pub struct Credentials {
 #[serde(rename_all = "camelCase")]
 pub struct ProviderModel {
     /// The public model name clients ask for and routes refer to, such as `gpt-4o`.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+    )]
     pub name: String,
 
     /// The model name sent to the provider, when it differs from `name`
@@ -312,7 +356,10 @@ pub struct ProviderModel {
 
     /// Azure OpenAI deployment serving this model; required for `azureOpenAI` providers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    #[schemars(
+        length(min = 1, max = 64),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     pub deployment: Option<String>,
 
     /// Context window in tokens, used to route requests that would not fit.
@@ -326,7 +373,10 @@ pub struct ProviderModel {
 #[serde(rename_all = "camelCase")]
 pub struct AzureSettings {
     /// The `api-version` query parameter, such as `2024-10-21`.
-    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$"))]
+    #[schemars(
+        length(min = 1, max = 32),
+        regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$")
+    )]
     pub api_version: String,
 }
 

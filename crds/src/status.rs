@@ -135,4 +135,8 @@ pub struct RoutingPolicyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// The public models this policy serves, comma-separated (the `Routes` column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<String>,
 }

@@ -13,14 +13,23 @@ fn repo() -> PathBuf {
 }
 
 fn crd(kind: &str) -> CustomResourceDefinition {
-    crds::crds().into_iter().find(|c| c.spec.names.kind == kind).expect("kind is generated")
+    crds::crds()
+        .into_iter()
+        .find(|c| c.spec.names.kind == kind)
+        .expect("kind is generated")
 }
 
 fn schema(kind: &str) -> Value {
     let crd = crd(kind);
     let version = crd.spec.versions.first().expect("one version");
-    serde_json::to_value(version.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()).expect("schema"))
-        .expect("schema serializes")
+    serde_json::to_value(
+        version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema"),
+    )
+    .expect("schema serializes")
 }
 
 /// A corpus case: the file's expectations and its document.
@@ -33,7 +42,11 @@ struct Case {
 
 fn corpus() -> Vec<Case> {
     let files = crds::manifests::files(&repo().join("examples/invalid")).expect("corpus dir");
-    assert!(files.len() >= 30, "the invalid corpus is expected to be broad, found {}", files.len());
+    assert!(
+        files.len() >= 30,
+        "the invalid corpus is expected to be broad, found {}",
+        files.len()
+    );
     files
         .into_iter()
         .map(|path| {
@@ -47,7 +60,11 @@ fn corpus() -> Vec<Case> {
             let mut docs = crds::manifests::documents(&text).expect("corpus files are valid YAML");
             assert_eq!(docs.len(), 1, "{}: one document per case", path.display());
             Case {
-                name: path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_owned(),
+                name: path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_owned(),
                 layer: header("layer"),
                 expect: header("expect"),
                 doc: docs.remove(0),
@@ -60,7 +77,10 @@ fn cel_errors(doc: &Value) -> Vec<String> {
     let kind = doc["kind"].as_str().expect("kind");
     match kube_cel::validate(&schema(kind), doc, None) {
         Ok(()) => Vec::new(),
-        Err(errors) => errors.iter().map(|e| format!("{}: {}", e.field_path, e.message)).collect(),
+        Err(errors) => errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
     }
 }
 
@@ -68,17 +88,38 @@ fn cel_errors(doc: &Value) -> Vec<String> {
 
 #[test]
 fn crds_are_namespaced_v1alpha1_in_the_switchyard_group_and_category() {
-    for (kind, plural, short) in [("ProviderPool", "providerpools", "pp"), ("RoutingPolicy", "routingpolicies", "rp")] {
+    for (kind, plural, short) in [
+        ("ProviderPool", "providerpools", "pp"),
+        ("RoutingPolicy", "routingpolicies", "rp"),
+    ] {
         let crd = crd(kind);
         assert_eq!(crd.spec.group, "switchyard.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
         assert_eq!(crd.spec.names.plural, plural);
-        assert!(crd.spec.names.short_names.as_deref().unwrap_or_default().iter().any(|s| s == short));
-        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["switchyard".to_owned()][..]));
+        assert!(
+            crd.spec
+                .names
+                .short_names
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|s| s == short)
+        );
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["switchyard".to_owned()][..])
+        );
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         assert!(version.served && version.storage);
-        assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "{kind} has a status subresource");
+        assert!(
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "{kind} has a status subresource"
+        );
     }
 }
 
@@ -107,7 +148,9 @@ fn printer_columns_show_the_essentials() {
 #[test]
 fn committed_crds_match_the_types() {
     for crd in crds::crds() {
-        let path = repo().join("charts/switchyard/crds").join(crds::crd_file_name(&crd));
+        let path = repo()
+            .join("charts/switchyard/crds")
+            .join(crds::crd_file_name(&crd));
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         let generated = crds::crd_yaml(&crd).expect("renders");
         assert!(
@@ -145,11 +188,18 @@ fn every_user_field_is_documented_for_kubectl_explain() {
         let mut missing = Vec::new();
         walk("", &schema(kind), &mut |path, node| {
             let top = matches!(path, "" | ".apiVersion" | ".kind" | ".metadata");
-            if !top && !path.ends_with("[]") && !path.ends_with("{}") && node.get("description").is_none() {
+            if !top
+                && !path.ends_with("[]")
+                && !path.ends_with("{}")
+                && node.get("description").is_none()
+            {
                 missing.push(path.to_owned());
             }
         });
-        assert!(missing.is_empty(), "{kind} fields without a description: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{kind} fields without a description: {missing:?}"
+        );
     }
 }
 
@@ -162,12 +212,17 @@ fn every_user_string_and_list_is_bounded() {
                 return;
             }
             match node.get("type").and_then(Value::as_str) {
-                Some("string") if node.get("maxLength").is_none() && node.get("enum").is_none() => unbounded.push(path.to_owned()),
+                Some("string") if node.get("maxLength").is_none() && node.get("enum").is_none() => {
+                    unbounded.push(path.to_owned())
+                }
                 Some("array") if node.get("maxItems").is_none() => unbounded.push(path.to_owned()),
                 _ => {}
             }
         });
-        assert!(unbounded.is_empty(), "{kind} has unbounded fields: {unbounded:?}");
+        assert!(
+            unbounded.is_empty(),
+            "{kind} has unbounded fields: {unbounded:?}"
+        );
     }
 }
 
@@ -177,17 +232,36 @@ fn every_cel_rule_compiles_and_has_a_message() {
     for kind in ["ProviderPool", "RoutingPolicy"] {
         let schema = schema(kind);
         let compiled = kube_cel::compile_schema(&schema);
-        let errors: Vec<String> = compiled.compilation_errors().iter().map(|e| e.to_string()).collect();
+        let errors: Vec<String> = compiled
+            .compilation_errors()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{kind}: {errors:?}");
         walk("", &schema, &mut |path, node| {
-            for rule in node.get("x-kubernetes-validations").and_then(Value::as_array).into_iter().flatten() {
+            for rule in node
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 rules += 1;
-                let message = rule.get("message").and_then(Value::as_str).unwrap_or_default();
-                assert!(message.len() > 20, "{kind}{path}: rule {} needs a message a user understands", rule["rule"]);
+                let message = rule
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                assert!(
+                    message.len() > 20,
+                    "{kind}{path}: rule {} needs a message a user understands",
+                    rule["rule"]
+                );
             }
         });
     }
-    assert!(rules >= 20, "expected the CEL rules of both kinds, found {rules}");
+    assert!(
+        rules >= 20,
+        "expected the CEL rules of both kinds, found {rules}"
+    );
 }
 
 /// Each CEL rule message must be pinned by at least one corpus case, so no rule goes
@@ -197,10 +271,17 @@ fn every_cel_rule_is_exercised_by_the_corpus() {
     let corpus = corpus();
     for kind in ["ProviderPool", "RoutingPolicy"] {
         walk("", &schema(kind), &mut |path, node| {
-            for rule in node.get("x-kubernetes-validations").and_then(Value::as_array).into_iter().flatten() {
+            for rule in node
+                .get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let message = rule["message"].as_str().unwrap_or_default();
                 assert!(
-                    corpus.iter().any(|c| message.contains(&c.expect) || c.expect.contains(message)),
+                    corpus
+                        .iter()
+                        .any(|c| message.contains(&c.expect) || c.expect.contains(message)),
                     "{kind}{path}: no invalid example expects {message:?}"
                 );
             }
@@ -228,14 +309,22 @@ fn schema_corpus_cases_pass_cel_so_only_the_schema_rejects_them() {
     // Their rejection message comes from the API server's OpenAPI validation, checked in
     // the end-to-end tier; here we pin that CEL is not what catches them.
     for case in corpus().iter().filter(|c| c.layer == "schema") {
-        let errors: Vec<String> = cel_errors(&case.doc).into_iter().filter(|e| !e.contains("evaluat")).collect();
-        assert!(errors.is_empty(), "{}: CEL unexpectedly rejects it: {errors:?}", case.name);
+        let errors: Vec<String> = cel_errors(&case.doc)
+            .into_iter()
+            .filter(|e| !e.contains("evaluat"))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{}: CEL unexpectedly rejects it: {errors:?}",
+            case.name
+        );
     }
 }
 
 #[test]
 fn valid_examples_pass_every_cel_rule_and_parse() {
-    let manifests = crds::manifests::load(&repo().join("examples"), "default").expect("examples load");
+    let manifests =
+        crds::manifests::load(&repo().join("examples"), "default").expect("examples load");
     assert_eq!(manifests.pools.len(), 1);
     assert_eq!(manifests.policies.len(), 1);
     for pool in &manifests.pools {
@@ -272,7 +361,10 @@ fn policy_defaults_follow_the_field() {
             "budget": 0.2
         })
     );
-    assert_eq!(spec["timeouts"], json!({"connect": "2s", "firstByte": "30s", "streamIdle": "15s", "total": "5m"}));
+    assert_eq!(
+        spec["timeouts"],
+        json!({"connect": "2s", "firstByte": "30s", "streamIdle": "15s", "total": "5m"})
+    );
     assert_eq!(
         spec["circuitBreaker"],
         json!({"consecutiveFailures": 5, "failureRate": 0.5, "window": "1m", "minRequests": 20, "openFor": "30s", "halfOpenProbes": 1})
@@ -303,14 +395,22 @@ fn schema_defaults_match_serde_defaults() {
     ] {
         let by_schema = kube_cel::apply_defaults(&schema(kind), &raw);
         let by_serde = match kind {
-            "ProviderPool" => serde_json::to_value(serde_json::from_value::<ProviderPool>(raw.clone()).expect("valid")),
-            _ => serde_json::to_value(serde_json::from_value::<RoutingPolicy>(raw.clone()).expect("valid")),
+            "ProviderPool" => serde_json::to_value(
+                serde_json::from_value::<ProviderPool>(raw.clone()).expect("valid"),
+            ),
+            _ => serde_json::to_value(
+                serde_json::from_value::<RoutingPolicy>(raw.clone()).expect("valid"),
+            ),
         }
         .expect("serializes");
         // Durations are normalised on output ("300s" -> "5m"); compare parsed values.
         let by_schema: Value = match kind {
-            "ProviderPool" => serde_json::to_value(serde_json::from_value::<ProviderPool>(by_schema).expect("valid")),
-            _ => serde_json::to_value(serde_json::from_value::<RoutingPolicy>(by_schema).expect("valid")),
+            "ProviderPool" => serde_json::to_value(
+                serde_json::from_value::<ProviderPool>(by_schema).expect("valid"),
+            ),
+            _ => serde_json::to_value(
+                serde_json::from_value::<RoutingPolicy>(by_schema).expect("valid"),
+            ),
         }
         .expect("serializes");
         assert_eq!(by_schema["spec"], by_serde["spec"], "{kind}");
@@ -327,11 +427,20 @@ fn pool_defaults_pin_gateways_to_the_region_label() {
     .expect("valid");
     let region = &pool.spec.regions[0];
     assert_eq!(region.replicas, 2);
-    assert_eq!(region.effective_node_selector().get("topology.kubernetes.io/region").map(String::as_str), Some("eu-west"));
+    assert_eq!(
+        region
+            .effective_node_selector()
+            .get("topology.kubernetes.io/region")
+            .map(String::as_str),
+        Some("eu-west")
+    );
     assert_eq!(pool.spec.gateway.port, 8080);
     let provider = &pool.spec.providers[0];
     assert!(provider.enabled);
     assert_eq!((provider.weight, provider.priority), (100, 0));
     assert_eq!(provider.health.passive.consecutive_failures, 5);
-    assert_eq!(provider.health.passive.base_ejection_time.to_string(), "30s");
+    assert_eq!(
+        provider.health.passive.base_ejection_time.to_string(),
+        "30s"
+    );
 }

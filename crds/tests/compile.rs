@@ -17,7 +17,9 @@ fn examples() -> Manifests {
 
 /// Compares against `tests/golden/<name>`; `UPDATE_GOLDEN=1` rewrites the file instead.
 fn golden(name: &str, actual: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).expect("golden written");
         return;
@@ -50,13 +52,22 @@ fn compiled_config_holds_secret_references_never_values() {
     let text = serde_json::to_string(&out.config).expect("serializes");
     for secret in &m.secrets {
         for value in secret.string_data.iter().flat_map(|d| d.values()) {
-            assert!(!text.contains(value.as_str()), "secret value leaked into the config");
+            assert!(
+                !text.contains(value.as_str()),
+                "secret value leaked into the config"
+            );
         }
     }
     let refs = out.config.referenced_secrets();
     assert_eq!(
         refs.into_iter().collect::<Vec<_>>(),
-        ["anthropic", "azure-eastus", "azure-westeurope", "chat-client-keys", "openai"]
+        [
+            "anthropic",
+            "azure-eastus",
+            "azure-westeurope",
+            "chat-client-keys",
+            "openai"
+        ]
     );
 }
 
@@ -65,14 +76,34 @@ fn local_providers_come_first_and_remote_targets_spill_a_tier_under_prefer_local
     let m = examples();
     let out = compile(&m.pools[0], &m.policies, "eu-west").expect("compiles");
     let config = &out.config;
-    let locals: Vec<&str> = config.providers.iter().take_while(|p| p.local).map(|p| p.name.as_str()).collect();
+    let locals: Vec<&str> = config
+        .providers
+        .iter()
+        .take_while(|p| p.local)
+        .map(|p| p.name.as_str())
+        .collect();
     assert_eq!(locals, ["azure-westeurope"]);
     let route = config.route_for("gpt-4o").expect("routed");
-    let tiers: Vec<(&str, u32)> = route.targets.iter().map(|t| (t.provider.as_str(), t.tier)).collect();
+    let tiers: Vec<(&str, u32)> = route
+        .targets
+        .iter()
+        .map(|t| (t.provider.as_str(), t.tier))
+        .collect();
     // Local Azure first; remote GPT-4o endpoints next; Claude (priority 1) last.
-    assert_eq!(tiers, [("azure-westeurope", 0), ("azure-eastus", 1), ("openai", 1), ("anthropic", 3)]);
+    assert_eq!(
+        tiers,
+        [
+            ("azure-westeurope", 0),
+            ("azure-eastus", 1),
+            ("openai", 1),
+            ("anthropic", 3)
+        ]
+    );
     assert_eq!(route.targets[0].deployment.as_deref(), Some("gpt4o-eu"));
-    assert_eq!(route.targets[3].upstream_model.as_deref(), Some("claude-sonnet-4-5"));
+    assert_eq!(
+        route.targets[3].upstream_model.as_deref(),
+        Some("claude-sonnet-4-5")
+    );
 }
 
 #[test]
@@ -82,7 +113,10 @@ fn compile_is_deterministic() {
     reversed.reverse();
     let a = compile(&m.pools[0], &m.policies, "us-east").expect("compiles");
     let b = compile(&m.pools[0], &reversed, "us-east").expect("compiles");
-    assert_eq!(serde_json::to_string(&a.config).ok(), serde_json::to_string(&b.config).ok());
+    assert_eq!(
+        serde_json::to_string(&a.config).ok(),
+        serde_json::to_string(&b.config).ok()
+    );
 }
 
 // === what cannot be served ===
@@ -119,10 +153,22 @@ fn policy(name: &str, created: &str, spec: serde_json::Value) -> RoutingPolicy {
 }
 
 fn only_errors(spec: serde_json::Value, region: &str) -> Vec<String> {
-    let out = compile(&pool(), &[policy("p", "2026-01-01T00:00:00Z", spec)], region).expect("pool compiles");
-    assert!(out.config.routes.is_empty(), "a rejected policy contributes no routes");
+    let out = compile(
+        &pool(),
+        &[policy("p", "2026-01-01T00:00:00Z", spec)],
+        region,
+    )
+    .expect("pool compiles");
+    assert!(
+        out.config.routes.is_empty(),
+        "a rejected policy contributes no routes"
+    );
     assert_eq!(out.rejected.len(), 1);
-    out.rejected[0].errors.iter().map(ToString::to_string).collect()
+    out.rejected[0]
+        .errors
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[test]
@@ -136,24 +182,37 @@ fn rejects_a_region_the_pool_does_not_have() {
             available: "us-east, eu-west".into()
         }
     );
-    assert!(err.to_string().contains("region \"ap-south\" is not in spec.regions"));
+    assert!(
+        err.to_string()
+            .contains("region \"ap-south\" is not in spec.regions")
+    );
 }
 
 #[test]
 fn rejects_a_target_naming_an_unknown_provider() {
-    let errors = only_errors(json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}, {"provider": "bedrock"}]}]}), "us-east");
+    let errors = only_errors(
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}, {"provider": "bedrock"}]}]}),
+        "us-east",
+    );
     assert_eq!(
         errors,
-        ["spec.routes[0].targets[1].provider: provider \"bedrock\" is not in ProviderPool \"chat\" (providers: openai, azure, local)"]
+        [
+            "spec.routes[0].targets[1].provider: provider \"bedrock\" is not in ProviderPool \"chat\" (providers: openai, azure, local)"
+        ]
     );
 }
 
 #[test]
 fn rejects_a_target_whose_provider_does_not_serve_the_model() {
-    let errors = only_errors(json!({"routes": [{"model": "llama", "targets": [{"provider": "openai"}]}]}), "us-east");
+    let errors = only_errors(
+        json!({"routes": [{"model": "llama", "targets": [{"provider": "openai"}]}]}),
+        "us-east",
+    );
     assert_eq!(
         errors,
-        ["spec.routes[0].targets[0]: provider \"openai\" does not serve model \"llama\" (it serves: gpt-4o, gpt-4o-mini); set targets[0].model to one of them"]
+        [
+            "spec.routes[0].targets[0]: provider \"openai\" does not serve model \"llama\" (it serves: gpt-4o, gpt-4o-mini); set targets[0].model to one of them"
+        ]
     );
 }
 
@@ -180,18 +239,33 @@ fn rejects_local_only_routes_with_no_provider_in_the_region() {
     let errors = only_errors(spec.clone(), "eu-west");
     assert_eq!(
         errors,
-        ["spec.routes[0].targets: regional is localOnly but no target of model \"gpt-4o-mini\" lives in region \"eu-west\"; add a local provider or use preferLocal"]
+        [
+            "spec.routes[0].targets: regional is localOnly but no target of model \"gpt-4o-mini\" lives in region \"eu-west\"; add a local provider or use preferLocal"
+        ]
     );
     // The same policy serves where the provider is local.
-    let out = compile(&pool(), &[policy("p", "2026-01-01T00:00:00Z", spec)], "us-east").expect("compiles");
+    let out = compile(
+        &pool(),
+        &[policy("p", "2026-01-01T00:00:00Z", spec)],
+        "us-east",
+    )
+    .expect("compiles");
     assert!(out.rejected.is_empty());
 }
 
 #[test]
 fn rejects_a_pattern_route_to_azure_without_a_model() {
-    let errors = only_errors(json!({"routes": [{"model": "gpt-*", "targets": [{"provider": "azure"}]}]}), "us-east");
+    let errors = only_errors(
+        json!({"routes": [{"model": "gpt-*", "targets": [{"provider": "azure"}]}]}),
+        "us-east",
+    );
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].starts_with("spec.routes[0].targets[0].model: pattern route \"gpt-*\" must name a model"), "{errors:?}");
+    assert!(
+        errors[0].starts_with(
+            "spec.routes[0].targets[0].model: pattern route \"gpt-*\" must name a model"
+        ),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -201,19 +275,45 @@ fn pattern_routes_pass_the_requested_name_upstream_and_lose_to_exact_routes() {
         {"model": "gpt-4o*", "targets": [{"provider": "openai", "model": "gpt-4o"}]},
         {"model": "gpt-4o-mini", "targets": [{"provider": "openai"}]}
     ]});
-    let out = compile(&pool(), &[policy("p", "2026-01-01T00:00:00Z", spec)], "us-east").expect("compiles");
+    let out = compile(
+        &pool(),
+        &[policy("p", "2026-01-01T00:00:00Z", spec)],
+        "us-east",
+    )
+    .expect("compiles");
     let config = &out.config;
     let order: Vec<&str> = config.routes.iter().map(|r| r.model.as_str()).collect();
     assert_eq!(order, ["gpt-4o-mini", "gpt-4o*", "*"]);
-    assert_eq!(config.route_for("gpt-4o-mini").map(|r| r.model.as_str()), Some("gpt-4o-mini"));
-    assert_eq!(config.route_for("gpt-4o-2024-08-06").map(|r| r.model.as_str()), Some("gpt-4o*"));
-    assert_eq!(config.route_for("mistral-7b").map(|r| r.model.as_str()), Some("*"));
-    assert_eq!(config.route_for("*").and_then(|r| r.targets[0].upstream_model.clone()), None, "passthrough");
+    assert_eq!(
+        config.route_for("gpt-4o-mini").map(|r| r.model.as_str()),
+        Some("gpt-4o-mini")
+    );
+    assert_eq!(
+        config
+            .route_for("gpt-4o-2024-08-06")
+            .map(|r| r.model.as_str()),
+        Some("gpt-4o*")
+    );
+    assert_eq!(
+        config.route_for("mistral-7b").map(|r| r.model.as_str()),
+        Some("*")
+    );
+    assert_eq!(
+        config
+            .route_for("*")
+            .and_then(|r| r.targets[0].upstream_model.clone()),
+        None,
+        "passthrough"
+    );
 }
 
 #[test]
 fn the_older_policy_keeps_a_contested_model_and_the_newer_one_is_reported() {
-    let older = policy("team-a", "2026-01-01T00:00:00Z", json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}));
+    let older = policy(
+        "team-a",
+        "2026-01-01T00:00:00Z",
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}),
+    );
     let newer = policy(
         "team-b",
         "2026-02-01T00:00:00Z",
@@ -222,25 +322,57 @@ fn the_older_policy_keeps_a_contested_model_and_the_newer_one_is_reported() {
     let out = compile(&pool(), &[newer, older], "us-east").expect("compiles");
     let gpt = out.config.route_for("gpt-4o").expect("routed");
     assert_eq!(gpt.policy, "team-a");
-    assert_eq!(out.config.route_for("llama").map(|r| r.policy.as_str()), Some("team-b"), "the rest of the newer policy serves");
+    assert_eq!(
+        out.config.route_for("llama").map(|r| r.policy.as_str()),
+        Some("team-b"),
+        "the rest of the newer policy serves"
+    );
     assert_eq!(out.conflicts.len(), 1);
-    assert_eq!((out.conflicts[0].winner.as_str(), out.conflicts[0].loser.as_str()), ("team-a", "team-b"));
+    assert_eq!(
+        (
+            out.conflicts[0].winner.as_str(),
+            out.conflicts[0].loser.as_str()
+        ),
+        ("team-a", "team-b")
+    );
 }
 
 #[test]
 fn a_broken_policy_does_not_take_down_another_teams_routes() {
-    let good = policy("good", "2026-01-01T00:00:00Z", json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}));
-    let bad = policy("bad", "2026-01-02T00:00:00Z", json!({"routes": [{"model": "llama", "targets": [{"provider": "nope"}]}]}));
+    let good = policy(
+        "good",
+        "2026-01-01T00:00:00Z",
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}),
+    );
+    let bad = policy(
+        "bad",
+        "2026-01-02T00:00:00Z",
+        json!({"routes": [{"model": "llama", "targets": [{"provider": "nope"}]}]}),
+    );
     let out = compile(&pool(), &[good, bad], "us-east").expect("compiles");
     assert!(out.config.route_for("gpt-4o").is_some());
     assert!(out.config.route_for("llama").is_none());
-    assert_eq!(out.rejected.iter().map(|r| r.policy.as_str()).collect::<Vec<_>>(), ["bad"]);
+    assert_eq!(
+        out.rejected
+            .iter()
+            .map(|r| r.policy.as_str())
+            .collect::<Vec<_>>(),
+        ["bad"]
+    );
 }
 
 #[test]
 fn a_rejection_that_breaks_another_policys_fallback_rejects_that_one_too() {
-    let a = policy("a", "2026-01-01T00:00:00Z", json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}], "fallbacks": ["llama"]}]}));
-    let b = policy("b", "2026-01-02T00:00:00Z", json!({"routes": [{"model": "llama", "targets": [{"provider": "nope"}]}]}));
+    let a = policy(
+        "a",
+        "2026-01-01T00:00:00Z",
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}], "fallbacks": ["llama"]}]}),
+    );
+    let b = policy(
+        "b",
+        "2026-01-02T00:00:00Z",
+        json!({"routes": [{"model": "llama", "targets": [{"provider": "nope"}]}]}),
+    );
     let out = compile(&pool(), &[a, b], "us-east").expect("compiles");
     assert!(out.config.routes.is_empty());
     let mut rejected: Vec<&str> = out.rejected.iter().map(|r| r.policy.as_str()).collect();
@@ -250,9 +382,17 @@ fn a_rejection_that_breaks_another_policys_fallback_rejects_that_one_too() {
 
 #[test]
 fn policies_of_other_pools_or_namespaces_are_ignored() {
-    let mut other_pool = policy("x", "2026-01-01T00:00:00Z", json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}));
+    let mut other_pool = policy(
+        "x",
+        "2026-01-01T00:00:00Z",
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}),
+    );
     other_pool.spec.pool_ref.name = "other".into();
-    let mut other_ns = policy("y", "2026-01-01T00:00:00Z", json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}));
+    let mut other_ns = policy(
+        "y",
+        "2026-01-01T00:00:00Z",
+        json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}]}]}),
+    );
     other_ns.metadata.namespace = Some("elsewhere".into());
     let out = compile(&pool(), &[other_pool, other_ns], "us-east").expect("compiles");
     assert!(out.config.routes.is_empty() && out.rejected.is_empty());

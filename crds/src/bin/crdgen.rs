@@ -26,7 +26,9 @@ fn main() -> ExitCode {
             if std::fs::read_to_string(&path).ok().as_deref() != Some(yaml.as_str()) {
                 drifted.push(path);
             }
-        } else if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, yaml)) {
+        } else if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&path, yaml))
+        {
             eprintln!("crdgen: cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;
         } else {
@@ -37,7 +39,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     for path in drifted {
-        eprintln!("crdgen: {} differs from the API types; run `cargo run -p crds --bin crdgen`", path.display());
+        eprintln!(
+            "crdgen: {} differs from the API types; run `cargo run -p crds --bin crdgen`",
+            path.display()
+        );
     }
     ExitCode::FAILURE
 }

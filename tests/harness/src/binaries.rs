@@ -1,0 +1,79 @@
+//! Where the control-plane binaries come from.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// The directory holding etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+/// kubectl, kwok and helm.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+/// The repository root (the workspace directory).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+impl Binaries {
+    /// Builds the binaries if the cache lacks them (minutes, once) and returns their
+    /// directory. `SWITCHYARD_CONTROLPLANE_BIN` points at a ready directory instead.
+    pub fn ensure() -> anyhow::Result<Self> {
+        if let Some(dir) = std::env::var_os("SWITCHYARD_CONTROLPLANE_BIN") {
+            return Self::at(PathBuf::from(dir));
+        }
+        let script = repo_root().join("tests/controlplane/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}); see its messages above",
+                script.display(),
+                out.status
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = stdout
+            .lines()
+            .last()
+            .context("build.sh printed no directory")?
+            .trim();
+        Self::at(PathBuf::from(dir))
+    }
+
+    fn at(dir: PathBuf) -> anyhow::Result<Self> {
+        for name in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubectl",
+            "kwok",
+            "helm",
+        ] {
+            if !dir.join(name).is_file() {
+                bail!(
+                    "{} has no {name}; run tests/controlplane/build.sh",
+                    dir.display()
+                );
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    /// The path of one binary.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

@@ -1,0 +1,542 @@
+//! Starting, using and tearing down the local control plane.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::binaries::Binaries;
+use crate::pki;
+
+/// The regions the kwok nodes are labelled with; the same as `kind-config.yaml`.
+pub const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
+
+/// Zones per region; each zone gets one kwok node.
+const ZONES: [&str; 2] = ["a", "b"];
+
+/// Ignores Ctrl-C (which reaches the whole foreground process group), waits for the
+/// test process to go away, then stops the components and removes the directory unless
+/// a test failed and asked to keep it.
+const REAPER: &str = r#"
+trap '' INT TERM HUP
+parent="$1"; dir="$2"
+while kill -0 "$parent" 2>/dev/null && [ ! -e "$dir/stopped" ]; do sleep 0.3; done
+if [ -f "$dir/pids" ]; then
+  for p in $(cat "$dir/pids"); do kill -TERM "$p" 2>/dev/null; done
+  sleep 1
+  for p in $(cat "$dir/pids"); do kill -KILL "$p" 2>/dev/null; done
+fi
+[ -e "$dir/keep" ] || rm -rf "$dir"
+"#;
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    bins: Binaries,
+    kubeconfig: PathBuf,
+    server: String,
+    children: Mutex<Vec<(String, Child)>>,
+    reaper: Mutex<Option<Child>>,
+    namespaces: AtomicU32,
+}
+
+static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
+
+impl Cluster {
+    /// One cluster for every test of this process, started on first use. Its components
+    /// are stopped by the reaper when the process exits.
+    pub fn shared() -> &'static Cluster {
+        match SHARED.get_or_init(|| Cluster::start().map_err(|e| format!("{e:#}"))) {
+            Ok(cluster) => cluster,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Starts a new control plane and waits until it serves and its nodes are Ready.
+    pub fn start() -> anyhow::Result<Self> {
+        let started = Instant::now();
+        let bins = Binaries::ensure()?;
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-cp-")
+            .tempdir()
+            .context("creating the cluster directory")?
+            .keep();
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let reaper = Command::new("bash")
+            .arg("-c")
+            .arg(REAPER)
+            .arg("reaper")
+            .arg(std::process::id().to_string())
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the reaper")?;
+        let kubeconfig = dir.join("kubeconfig");
+        let mut cluster = Cluster {
+            dir,
+            bins,
+            kubeconfig,
+            server: String::new(),
+            children: Mutex::new(Vec::new()),
+            reaper: Mutex::new(Some(reaper)),
+            namespaces: AtomicU32::new(0),
+        };
+        if let Err(e) = cluster.boot() {
+            cluster.keep_logs();
+            return Err(e.context(format!(
+                "the control plane did not start; component logs are kept in {}",
+                cluster.logs_dir().display()
+            )));
+        }
+        eprintln!(
+            "[harness] control plane ready in {:.1}s at {} (kubeconfig {})",
+            started.elapsed().as_secs_f64(),
+            cluster.server,
+            cluster.kubeconfig.display()
+        );
+        Ok(cluster)
+    }
+
+    fn boot(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.clone();
+        pki::generate(&d)?;
+        let etcd_port = free_port()?;
+        let etcd_peer = free_port()?;
+        let api_port = free_port()?;
+        self.server = format!("https://127.0.0.1:{api_port}");
+        self.write_kubeconfig()?;
+        let p = |name: &str| d.join(name).display().to_string();
+        let kubeconfig = self.kubeconfig.display().to_string();
+
+        self.spawn(
+            "etcd",
+            &[
+                "--name=default".into(),
+                format!("--data-dir={}", p("etcd-data")),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        self.wait_for("etcd /health", Duration::from_secs(30), || {
+            http_get_contains(etcd_port, "/health", "true")
+        })?;
+
+        self.spawn(
+            "kube-apiserver",
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={api_port}"),
+                format!("--cert-dir={}", p("apiserver-certs")),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--client-ca-file={}", p("ca.crt")),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--authorization-mode=RBAC".into(),
+                "--endpoint-reconciler-type=none".into(),
+                "--allow-privileged=true".into(),
+                "--enable-priority-and-fairness=false".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        self.wait_for("kube-apiserver /readyz", Duration::from_secs(90), || {
+            self.kubectl()
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })?;
+
+        let kcm_port = free_port()?;
+        self.spawn(
+            "kube-controller-manager",
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={kcm_port}"),
+                "--leader-elect=false".into(),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                format!("--cluster-signing-cert-file={}", p("ca.crt")),
+                format!("--cluster-signing-key-file={}", p("ca.key")),
+                "--use-service-account-credentials=false".into(),
+                // Nodes are simulated: no kubelet posts heartbeats, so the node lifecycle
+                // controller would taint them unreachable and evict the gateways.
+                "--controllers=*,-node-lifecycle-controller".into(),
+            ],
+        )?;
+        let sched_port = free_port()?;
+        self.spawn(
+            "kube-scheduler",
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={sched_port}"),
+                "--leader-elect=false".into(),
+            ],
+        )?;
+        let kwok_port = free_port()?;
+        self.spawn(
+            "kwok",
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                "--manage-all-nodes=false".into(),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                "--cidr=10.244.0.0/16".into(),
+                "--node-ip=127.0.0.1".into(),
+                format!("--server-address=127.0.0.1:{kwok_port}"),
+                format!(
+                    "--config={}",
+                    crate::repo_root()
+                        .join("tests/controlplane/kwok-stages.yaml")
+                        .display()
+                ),
+            ],
+        )?;
+
+        self.kubectl_stdin(&["apply", "-f", "-"], &nodes_manifest())?;
+        self.wait_for("kwok nodes Ready", Duration::from_secs(60), || {
+            self.kubectl_ok(&[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .is_ok_and(|s| {
+                s.split_whitespace().filter(|s| *s == "True").count() == REGIONS.len() * ZONES.len()
+            })
+        })?;
+        // The API server taints new nodes not-ready; the node lifecycle controller that
+        // would lift the taint is off (see above), so lift it here.
+        self.kubectl_ok(&["taint", "nodes", "--all", "node.kubernetes.io/not-ready-"])?;
+        // Pods are admitted only once the namespace's default ServiceAccount exists, which
+        // proves the controller-manager is working.
+        self.wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(60),
+            || {
+                self.kubectl_ok(&["get", "serviceaccount", "default", "-n", "default"])
+                    .is_ok()
+            },
+        )?;
+        Ok(())
+    }
+
+    fn write_kubeconfig(&self) -> anyhow::Result<()> {
+        let p = |name: &str| self.dir.join(name).display().to_string();
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: switchyard-local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: switchyard-local\n  context: {{cluster: switchyard-local, user: admin, namespace: default}}\ncurrent-context: switchyard-local\n",
+            server = self.server,
+            ca = p("ca.crt"),
+            crt = p("admin.crt"),
+            key = p("admin.key"),
+        );
+        std::fs::write(&self.kubeconfig, text).context("writing the kubeconfig")?;
+        Ok(())
+    }
+
+    fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<()> {
+        let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
+        let child = Command::new(self.bins.path(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut pids = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
+        self.children
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Polls `ready` until it holds, failing early (with the log to read) if a component
+    /// exits.
+    fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some((name, status)) = self.exited_component() {
+                bail!(
+                    "{name} exited ({status}) while waiting for {what}; see {}",
+                    self.logs_dir().join(format!("{name}.log")).display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exited_component(&self) -> Option<(String, std::process::ExitStatus)> {
+        let mut children = self.children.lock().ok()?;
+        children.iter_mut().find_map(|(name, child)| {
+            child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|status| (name.clone(), status))
+        })
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The API server URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Where each component writes its log (`<component>.log`).
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// The control-plane binaries (also kubectl and helm of the same release).
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// Keeps the cluster directory and its logs after the run.
+    pub fn keep_logs(&self) {
+        let _ = std::fs::write(self.dir.join("keep"), b"");
+    }
+
+    /// kubectl of the cluster's release, pointed at the cluster as admin.
+    pub fn kubectl(&self) -> Command {
+        let mut cmd = Command::new(self.bins.path("kubectl"));
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs kubectl and returns its stdout, or an error holding its stderr.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .kubectl()
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs kubectl with `input` on stdin; returns (success, stdout, stderr).
+    pub fn kubectl_input(
+        &self,
+        args: &[&str],
+        input: &str,
+    ) -> anyhow::Result<(bool, String, String)> {
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> anyhow::Result<String> {
+        let (ok, stdout, stderr) = self.kubectl_input(args, input)?;
+        if !ok {
+            bail!("kubectl {} failed: {}", args.join(" "), stderr.trim());
+        }
+        Ok(stdout)
+    }
+
+    /// helm of the pinned release, pointed at the cluster.
+    pub fn helm(&self) -> Command {
+        let mut cmd = Command::new(self.bins.path("helm"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HELM_CACHE_HOME", self.dir.join("helm/cache"))
+            .env("HELM_CONFIG_HOME", self.dir.join("helm/config"))
+            .env("HELM_DATA_HOME", self.dir.join("helm/data"))
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// A kube client for the current tokio runtime, as admin.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A fresh namespace named `<prefix>-<n>`, deleted when the guard drops (kept, with
+    /// the logs, when the test panicked).
+    pub fn namespace(&self, prefix: &str) -> anyhow::Result<TestNamespace<'_>> {
+        let n = self.namespaces.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{prefix}-{n}");
+        self.kubectl_ok(&["create", "namespace", &name])?;
+        self.wait_for(
+            "the namespace's default ServiceAccount",
+            Duration::from_secs(30),
+            || {
+                self.kubectl_ok(&["get", "serviceaccount", "default", "-n", &name])
+                    .is_ok()
+            },
+        )?;
+        Ok(TestNamespace {
+            cluster: self,
+            name,
+        })
+    }
+
+    /// Stops every component and removes the directory (unless logs are kept).
+    pub fn stop(&self) {
+        if let Ok(mut children) = self.children.lock() {
+            for (_, child) in children.iter_mut().rev() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            children.clear();
+        }
+        let keep = self.dir.join("keep").exists() || std::thread::panicking();
+        if keep {
+            self.keep_logs();
+            eprintln!(
+                "[harness] control plane logs kept in {}",
+                self.logs_dir().display()
+            );
+        }
+        let _ = std::fs::write(self.dir.join("stopped"), b"");
+        if let Ok(mut reaper) = self.reaper.lock()
+            && let Some(mut reaper) = reaper.take()
+        {
+            let _ = reaper.wait();
+        }
+        if !keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A namespace for one test.
+#[derive(Debug)]
+pub struct TestNamespace<'a> {
+    cluster: &'a Cluster,
+    name: String,
+}
+
+impl TestNamespace<'_> {
+    /// The namespace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.cluster.keep_logs();
+            eprintln!(
+                "[harness] test in namespace {} failed; control plane logs kept in {} (kubeconfig {})",
+                self.name,
+                self.cluster.logs_dir().display(),
+                self.cluster.kubeconfig().display()
+            );
+            return;
+        }
+        let _ = self
+            .cluster
+            .kubectl_ok(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.contains(needle)
+}
+
+/// One kwok node per (region, zone), labelled like a cloud provider labels them.
+fn nodes_manifest() -> String {
+    let mut out = String::new();
+    for region in REGIONS {
+        for zone in ZONES {
+            let name = format!("kwok-{region}-{zone}");
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    kwok.x-k8s.io/node: fake\n    node.alpha.kubernetes.io/ttl: \"0\"\n  labels:\n    type: kwok\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    kubernetes.io/arch: amd64\n    topology.kubernetes.io/region: {region}\n    topology.kubernetes.io/zone: {region}-{zone}\nstatus:\n  allocatable: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n  capacity: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n"
+            ));
+        }
+    }
+    out
+}

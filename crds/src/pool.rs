@@ -215,11 +215,11 @@ impl ProviderType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.type == 'azureOpenAI' ? has(self.azure) : !has(self.azure)").message("azure (with apiVersion) is required when type is azureOpenAI and not allowed for other types"),
-    validation = Rule::new("!has(self.anthropic) || self.type == 'anthropic'").message("anthropic settings are only allowed when type is anthropic"),
-    validation = Rule::new("self.type == 'openaiCompatible' || has(self.credentials)").message("credentials are required for openai, azureOpenAI and anthropic providers; only openaiCompatible servers may be keyless"),
-    validation = Rule::new("self.type != 'azureOpenAI' || self.models.all(m, has(m.deployment))").message("every model of an azureOpenAI provider needs a deployment"),
-    validation = Rule::new("self.type == 'azureOpenAI' || self.models.all(m, !has(m.deployment))").message("deployment is only for azureOpenAI providers; use upstream to rename a model for other types"),
+    validation = Rule::new("self.type == 'azureOpenAI' ? has(self.azure) : !has(self.azure)").message("azure (with apiVersion) is required when type is azureOpenAI and not allowed for other types").field_path(".azure"),
+    validation = Rule::new("!has(self.anthropic) || self.type == 'anthropic'").message("anthropic settings are only allowed when type is anthropic").field_path(".anthropic"),
+    validation = Rule::new("self.type == 'openaiCompatible' || has(self.credentials)").message("credentials are required for openai, azureOpenAI and anthropic providers; only openaiCompatible servers may be keyless").field_path(".credentials"),
+    validation = Rule::new("self.type != 'azureOpenAI' || self.models.all(m, has(m.deployment))").message("every model of an azureOpenAI provider needs a deployment").field_path(".models"),
+    validation = Rule::new("self.type == 'azureOpenAI' || self.models.all(m, !has(m.deployment))").message("deployment is only for azureOpenAI providers; use upstream to rename a model for other types").field_path(".models"),
 )]
 pub struct Provider {
     /// Name of the provider, unique in the pool; RoutingPolicy targets refer to it.

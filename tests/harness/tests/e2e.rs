@@ -317,3 +317,17 @@ fn a_failing_test_points_to_the_component_logs() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn kind_config_has_the_same_regions_as_the_local_control_plane() {
+    let text =
+        std::fs::read_to_string(repo_root().join("kind-config.yaml")).expect("kind-config.yaml");
+    let config: serde_json::Value = serde_norway::from_str(&text).expect("valid YAML");
+    let regions: Vec<&str> = config["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["labels"]["topology.kubernetes.io/region"].as_str())
+        .collect();
+    assert_eq!(regions, REGIONS);
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test of Switchyard on a fresh machine: installs what is missing, builds the
+# local control plane (cached), checks formatting, lints, CRD drift, then runs the unit,
+# integration and end-to-end tiers, and finally checks that nothing was left running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { echo; echo "==> $*"; }
+
+step "toolchain"
+command -v cargo >/dev/null || { echo "cargo is required (install Rust with rustup)"; exit 1; }
+command -v go >/dev/null || { echo "Go >= 1.26 is required to build the local control plane"; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
+cargo --version; go version
+
+step "local control plane (built once through the Go module proxy, then cached)"
+bash tests/controlplane/build.sh >/dev/null
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "generated CRDs match the API types"
+cargo run -q -p crds --bin crdgen -- --check
+
+step "cargo test --workspace (unit, integration, end-to-end)"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+
+step "no test left a process or cluster directory behind"
+sleep 3
+leftover="$(pgrep -af 'switchyard-cp-' || true)"
+if [ -n "$leftover" ]; then
+  echo "processes left running:"; echo "$leftover"; exit 1
+fi
+tmp="${TMPDIR:-/tmp}"
+if compgen -G "$tmp/switchyard-cp-*" >/dev/null; then
+  echo "cluster directories left behind:"; ls -d "$tmp"/switchyard-cp-*; exit 1
+fi
+echo "none"
+
+awk '/^test result:/ { p += $4; f += $6 } END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,429 @@
+//! A fake LLM provider for tests, the demo and benchmarks.
+//!
+//! Speaks the OpenAI wire format (`/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, `/v1/models`, streaming and not) and Azure OpenAI's deployment paths.
+//! Faults are switched at run time through a small admin API and apply to every request,
+//! or only to one model, for a number of requests or until cleared:
+//!
+//! ```text
+//! POST   /admin/faults    {"fault": "status:503", "model": "gpt-4o", "times": 2}
+//! DELETE /admin/faults
+//! GET    /admin/attempts  every request seen, in order, with the fault applied
+//! POST   /admin/reset     clears faults and attempts
+//! ```
+//!
+//! Fault specs: `status:<code>[:retry-after=<s>|:retry-after-ms=<ms>|:reset-requests=<dur>]`,
+//! `reset` (connection closed before headers), `hang` (no response at all),
+//! `slow-first-byte:<ms>`, `cut-after:<chunks>`, `stall-after:<chunks>`,
+//! `malformed-after:<chunks>`, `no-done`, `context-length`, `content-policy`,
+//! `flap:<down-ms>` (503 for that long after the fault is set, then healthy).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+#[derive(Debug, Clone)]
+struct FaultRule {
+    spec: String,
+    model: Option<String>,
+    remaining: Option<u64>,
+    set_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    name: String,
+    models: Vec<String>,
+    faults: Vec<FaultRule>,
+    attempts: Vec<Value>,
+}
+
+#[derive(Debug, Clone)]
+struct Fake {
+    state: Arc<Mutex<State>>,
+    started: Instant,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut listen: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut name = "fake".to_owned();
+    let mut models = Vec::new();
+    let mut faults = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
+        match arg.as_str() {
+            "--listen" => listen = value()?.parse()?,
+            "--name" => name = value()?,
+            "--models" => models = value()?.split(',').map(str::to_owned).collect(),
+            "--fault" => faults.push(value()?),
+            other => anyhow::bail!("unknown argument {other}; see the module docs"),
+        }
+    }
+    let started = Instant::now();
+    let fake = Fake {
+        state: Arc::new(Mutex::new(State {
+            name: name.clone(),
+            models,
+            faults: faults
+                .into_iter()
+                .map(|spec| FaultRule {
+                    spec,
+                    model: None,
+                    remaining: None,
+                    set_at: started,
+                })
+                .collect(),
+            attempts: Vec::new(),
+        })),
+        started,
+    };
+    let listener = TcpListener::bind(listen).await?;
+    // The first line tells the launcher where to connect.
+    println!("fake-provider {name} listening on http://{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let fake = fake.clone();
+                async move { fake.handle(req).await }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn full(status: StatusCode, body: Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never: Infallible| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Body> {
+    full(status, json!({"error": {"message": message, "type": kind, "code": code, "param": null}}))
+}
+
+/// The error a `reset` fault produces: hyper closes the connection without a response.
+#[derive(Debug)]
+struct Reset;
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by fault injection")
+    }
+}
+impl std::error::Error for Reset {}
+
+impl Fake {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let headers = json!({
+            "authorization": header("authorization").map(|v| if v.starts_with("Bearer ") { "Bearer <redacted>" } else { "<malformed>" }),
+            "api-key": header("api-key").map(|_| "<redacted>"),
+            "x-request-id": header("x-request-id"),
+        });
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+
+        if path.starts_with("/admin/") {
+            return Ok(self.admin(&method, &path, &request));
+        }
+
+        // Azure: /openai/deployments/{deployment}/chat/completions?api-version=...
+        let (endpoint, deployment) = match path.strip_prefix("/openai/deployments/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((deployment, op)) => (format!("/v1/{op}"), Some(deployment.to_owned())),
+                None => (path.clone(), None),
+            },
+            None => (path.clone(), None),
+        };
+        let model = deployment
+            .clone()
+            .or_else(|| request.get("model").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_default();
+        let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let fault = self.take_fault(&model);
+        {
+            let mut state = self.state.lock().map_err(|_| Reset)?;
+            let seq = state.attempts.len();
+            state.attempts.push(json!({
+                "seq": seq,
+                "atMs": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "method": method.as_str(),
+                "path": path,
+                "query": query,
+                "model": model,
+                "stream": stream,
+                "headers": headers,
+                "fault": fault,
+                "body": request,
+            }));
+        }
+        if deployment.is_some() && !query.contains("api-version=") {
+            return Ok(error(StatusCode::NOT_FOUND, "invalid_request_error", "404", "api-version query parameter is missing"));
+        }
+
+        let fault = fault.unwrap_or_default();
+        let (kind, arg) = fault.split_once(':').unwrap_or((fault.as_str(), ""));
+        match kind {
+            "reset" => return Err(Reset),
+            "hang" => std::future::pending::<()>().await,
+            "slow-first-byte" => tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(1000))).await,
+            "status" => return Ok(status_fault(arg)),
+            "flap" => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "503", "flapping: down")),
+            "context-length" => {
+                return Ok(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "context_length_exceeded",
+                    "This model's maximum context length is 8192 tokens. However, your messages resulted in 9000 tokens.",
+                ));
+            }
+            "content-policy" => {
+                let code = if deployment.is_some() { "content_filter" } else { "content_policy_violation" };
+                return Ok(error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    code,
+                    "Your request was rejected as a result of our safety system.",
+                ));
+            }
+            _ => {}
+        }
+
+        let name = self.state.lock().map(|s| s.name.clone()).unwrap_or_default();
+        let mut resp = match (method, endpoint.as_str()) {
+            (Method::GET, "/v1/models") => {
+                let models = self.state.lock().map(|s| s.models.clone()).unwrap_or_default();
+                let data: Vec<Value> = models.iter().map(|m| json!({"id": m, "object": "model", "owned_by": name})).collect();
+                full(StatusCode::OK, json!({"object": "list", "data": data}))
+            }
+            (Method::POST, "/v1/chat/completions") if stream => stream_chat(&name, &model, &request, kind, arg),
+            (Method::POST, "/v1/chat/completions") => {
+                let text = answer(&name, &request);
+                let cut = kind == "cut-after";
+                let body = json!({
+                    "id": format!("chatcmpl-{name}"),
+                    "object": "chat.completion",
+                    "created": 1_700_000_000,
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": usage(&request, &text),
+                });
+                if cut { cut_body(body) } else { full(StatusCode::OK, body) }
+            }
+            (Method::POST, "/v1/completions") => {
+                let text = answer(&name, &request);
+                full(
+                    StatusCode::OK,
+                    json!({"id": format!("cmpl-{name}"), "object": "text_completion", "created": 1_700_000_000, "model": model,
+                           "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage(&request, &text)}),
+                )
+            }
+            (Method::POST, "/v1/embeddings") => full(
+                StatusCode::OK,
+                json!({"object": "list", "model": model,
+                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
+                       "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
+            ),
+            _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "unknown_url", &format!("no route {endpoint}")),
+        };
+        let headers = resp.headers_mut();
+        headers.insert("x-ratelimit-remaining-requests", hyper::header::HeaderValue::from_static("999"));
+        headers.insert("x-ratelimit-remaining-tokens", hyper::header::HeaderValue::from_static("99999"));
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
+            headers.insert("x-fake-provider", v);
+        }
+        Ok(resp)
+    }
+
+    /// The first rule matching `model` (or every model); decrements its count.
+    fn take_fault(&self, model: &str) -> Option<String> {
+        let mut state = self.state.lock().ok()?;
+        let idx = state.faults.iter().position(|f| f.model.as_deref().is_none_or(|m| m == model))?;
+        let rule = state.faults[idx].clone();
+        if let Some(down_ms) = rule.spec.strip_prefix("flap:") {
+            let down = Duration::from_millis(down_ms.parse().unwrap_or(1000));
+            if rule.set_at.elapsed() >= down {
+                state.faults.remove(idx);
+                return None;
+            }
+        }
+        if let Some(n) = state.faults[idx].remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.faults.remove(idx);
+            }
+        }
+        Some(rule.spec)
+    }
+
+    fn admin(&self, method: &Method, path: &str, request: &Value) -> Response<Body> {
+        let Ok(mut state) = self.state.lock() else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "500", "state poisoned");
+        };
+        match (method, path) {
+            (&Method::POST, "/admin/faults") => {
+                let Some(spec) = request.get("fault").and_then(Value::as_str) else {
+                    return error(StatusCode::BAD_REQUEST, "invalid_request_error", "400", "body needs {\"fault\": \"...\"}");
+                };
+                state.faults.push(FaultRule {
+                    spec: spec.to_owned(),
+                    model: request.get("model").and_then(Value::as_str).map(str::to_owned),
+                    remaining: request.get("times").and_then(Value::as_u64),
+                    set_at: Instant::now(),
+                });
+                full(StatusCode::OK, json!({"faults": state.faults.len()}))
+            }
+            (&Method::DELETE, "/admin/faults") => {
+                state.faults.clear();
+                full(StatusCode::OK, json!({"faults": 0}))
+            }
+            (&Method::GET, "/admin/attempts") => full(StatusCode::OK, Value::Array(state.attempts.clone())),
+            (&Method::POST, "/admin/reset") => {
+                state.faults.clear();
+                state.attempts.clear();
+                full(StatusCode::OK, json!({}))
+            }
+            _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "404", "unknown admin path"),
+        }
+    }
+}
+
+fn status_fault(arg: &str) -> Response<Body> {
+    let mut parts = arg.split(':');
+    let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(500u16);
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = if code == 429 { "rate_limit_error" } else if code >= 500 { "server_error" } else { "invalid_request_error" };
+    let mut resp = error(status, kind, &code.to_string(), &format!("fault injected: {code}"));
+    for part in parts {
+        if let Some((key, value)) = part.split_once('=') {
+            let name = match key {
+                "retry-after" => "retry-after",
+                "retry-after-ms" => "retry-after-ms",
+                "reset-requests" => "x-ratelimit-reset-requests",
+                "reset-tokens" => "x-ratelimit-reset-tokens",
+                _ => continue,
+            };
+            if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+    }
+    resp
+}
+
+/// The canned answer. A request whose last message is an assistant prefix of it (a
+/// continuation of a cut stream) gets the rest.
+fn answer(name: &str, request: &Value) -> String {
+    let full = format!("Hello from {name}. The quick brown fox jumps over the lazy dog.");
+    let last = request.get("messages").and_then(Value::as_array).and_then(|m| m.last());
+    let prefill = last
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .and_then(|m| m.get("content").and_then(Value::as_str));
+    match prefill {
+        Some(p) if full.starts_with(p) => full[p.len()..].to_owned(),
+        _ => full,
+    }
+}
+
+fn usage(request: &Value, text: &str) -> Value {
+    let prompt = request.to_string().split_whitespace().count();
+    let completion = text.split_whitespace().count();
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// A complete JSON body declared in full, then cut off half way.
+fn cut_body(body: Value) -> Response<Body> {
+    let bytes = Bytes::from(body.to_string());
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    let half = bytes.slice(..bytes.len() / 2);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Frame::data(half))).await;
+        let _ = tx.send(Err(std::io::Error::other("cut by fault injection"))).await;
+    });
+    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&bytes.len().to_string()) {
+        resp.headers_mut().insert("content-length", v);
+    }
+    resp
+}
+
+fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str) -> Response<Body> {
+    let text = answer(name, request);
+    let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
+    let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let usage = usage(request, &text);
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
+    let at: usize = arg.parse().unwrap_or(2);
+    let fault = fault.to_owned();
+    let id = format!("chatcmpl-{name}");
+    let model = model.to_owned();
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))
+        };
+        if tx.send(chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err() {
+            return;
+        }
+        for (i, word) in words.iter().enumerate() {
+            if i == at {
+                match fault.as_str() {
+                    "cut-after" => {
+                        let _ = tx.send(Err(std::io::Error::other("cut by fault injection"))).await;
+                        return;
+                    }
+                    "stall-after" => std::future::pending::<()>().await,
+                    "malformed-after" => {
+                        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: {\"choices\": [{\"delta\": \n\n")))).await;
+                    }
+                    _ => {}
+                }
+            }
+            if tx.send(chunk(json!({"content": word}), None)).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = tx.send(chunk(json!({}), Some("stop"))).await;
+        if include_usage {
+            let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+                           "choices": [], "usage": usage});
+            let _ = tx.send(Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))).await;
+        }
+        if fault != "no-done" {
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
+    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
+    resp
+}
+
+/// Adapts an mpsc receiver to a `Stream` without pulling in tokio-stream.
+fn tokio_stream<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

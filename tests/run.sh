@@ -14,6 +14,13 @@ rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup com
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 cargo --version; go version
 
+step "python venv for the real-client tests (tests/gateway/requirements.txt)"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest' 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+.venv/bin/pip install -q -r tests/gateway/requirements.txt
+
 step "local control plane (built once through the Go module proxy, then cached)"
 bash tests/controlplane/build.sh >/dev/null
 
@@ -31,9 +38,12 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --workspace 2>&1 | tee "$log"
 
+step "gateway tier: real gateway and fake providers, driven by the openai SDK"
+.venv/bin/python -m pytest tests/gateway -q -p no:cacheprovider 2>&1 | tee -a "$log"
+
 step "no test left a process or cluster directory behind"
 sleep 3
-leftover="$(pgrep -af 'switchyard-cp-' || true)"
+leftover="$(pgrep -af 'switchyard-cp-|target/debug/(fake-provider|switchyard-gateway)' || true)"
 if [ -n "$leftover" ]; then
   echo "processes left running:"; echo "$leftover"; exit 1
 fi
@@ -43,4 +53,10 @@ if compgen -G "$tmp/switchyard-cp-*" >/dev/null; then
 fi
 echo "none"
 
-awk '/^test result:/ { p += $4; f += $6 } END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+# cargo's "test result: ok. N passed; M failed" lines plus pytest's "N passed[, M failed]".
+awk '
+  /^test result:/ { p += $4; f += $6 }
+  /^[0-9]+ (passed|failed)/ && / in [0-9.]+s/ {
+    for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
+  }
+  END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"

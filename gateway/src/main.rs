@@ -1,10 +1,191 @@
-//! The Switchyard gateway. The data plane lands with the gateway issues; until then the
-//! binary refuses to start rather than pretend to serve.
+//! `switchyard-gateway`: an OpenAI-compatible gateway with health-aware routing and
+//! failover.
+//!
+//! ```text
+//! switchyard-gateway --manifests examples/ --region us-east [--listen 0.0.0.0:8080]
+//! ```
+//!
+//! Standalone mode reads ProviderPool, RoutingPolicy and Secret manifests (what a user
+//! would `kubectl apply`), compiles them with the operator's `compile`, and reloads them
+//! when they change. In-cluster mode (watching the operator's ConfigMap) lands with the
+//! operator.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "switchyard-gateway {}: the data plane is not implemented yet; \
-         only the API (crds) and the local control plane exist in this release",
-        env!("CARGO_PKG_VERSION")
-    )
+mod auth;
+mod errors;
+mod gateway;
+mod health;
+mod metrics;
+mod proxy;
+mod retry;
+mod select;
+mod server;
+mod source;
+mod sse;
+mod table;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::gateway::Gateway;
+use crate::source::ManifestSource;
+
+const USAGE: &str = "usage: switchyard-gateway --manifests PATH --region REGION [--namespace NS] [--pool NAME] \
+[--listen ADDR] [--max-body-bytes N] [--drain-seconds N] [--log-format json|text]";
+
+#[derive(Debug)]
+struct Args {
+    manifests: PathBuf,
+    region: String,
+    namespace: String,
+    pool: Option<String>,
+    listen: SocketAddr,
+    max_body: usize,
+    drain: Duration,
+    json_logs: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut manifests = None;
+    let mut region = None;
+    let mut namespace = "default".to_owned();
+    let mut pool = None;
+    let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
+    let mut max_body = 16 << 20;
+    let mut drain = Duration::from_secs(30);
+    let mut json_logs = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--manifests" => manifests = Some(PathBuf::from(value()?)),
+            "--region" => region = Some(value()?),
+            "--namespace" => namespace = value()?,
+            "--pool" => pool = Some(value()?),
+            "--listen" => {
+                listen = value()?
+                    .parse()
+                    .context("--listen needs an address such as 127.0.0.1:8080")?
+            }
+            "--max-body-bytes" => {
+                max_body = value()?
+                    .parse()
+                    .context("--max-body-bytes needs a number")?
+            }
+            "--drain-seconds" => {
+                drain =
+                    Duration::from_secs(value()?.parse().context("--drain-seconds needs a number")?)
+            }
+            "--log-format" => json_logs = value()? != "text",
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    let Some(manifests) = manifests else {
+        bail!("--manifests is required (in-cluster mode lands with the operator)\n{USAGE}");
+    };
+    let Some(region) = region else {
+        bail!("--region is required\n{USAGE}")
+    };
+    Ok(Args {
+        manifests,
+        region,
+        namespace,
+        pool,
+        listen,
+        max_body,
+        drain,
+        json_logs,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.json_logs {
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
+
+    let gw = Arc::new(Gateway::new(args.region.clone(), args.max_body));
+    let source = ManifestSource {
+        path: args.manifests.clone(),
+        region: args.region.clone(),
+        namespace: args.namespace.clone(),
+        pool: args.pool.clone(),
+    };
+    source
+        .apply(&gw)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", args.manifests.display()))?;
+    if let Some(table) = gw.table.load_full()
+        && table
+            .routes()
+            .iter()
+            .any(|r| r.config.client_auth_secret.is_none())
+    {
+        let open: Vec<&str> = table
+            .routes()
+            .iter()
+            .filter(|r| r.config.client_auth_secret.is_none())
+            .map(|r| r.config.model.as_str())
+            .collect();
+        tracing::warn!(
+            models = ?open,
+            "NO CLIENT AUTHENTICATION: these models accept requests from anyone who can reach this port; set spec.clientAuth on their RoutingPolicy"
+        );
+    }
+    tokio::spawn(source.watch(gw.clone()));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, region = %args.region, "serving the OpenAI API");
+    // Launchers (tests, the demo) read the bound address from this line.
+    println!("switchyard-gateway listening on http://{local}");
+
+    server::run(gw, listener, shutdown_signal(), args.drain).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }

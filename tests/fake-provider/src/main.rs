@@ -64,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
     let mut faults = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{arg} needs a value"));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| anyhow::anyhow!("{arg} needs a value"))
+        };
         match arg.as_str() {
             "--listen" => listen = value()?.parse()?,
             "--name" => name = value()?,
@@ -93,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(listen).await?;
     // The first line tells the launcher where to connect.
-    println!("fake-provider {name} listening on http://{}", listener.local_addr()?);
+    println!(
+        "fake-provider {name} listening on http://{}",
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
@@ -111,14 +117,24 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn full(status: StatusCode, body: Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())).map_err(|never: Infallible| match never {}).boxed());
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
     *resp.status_mut() = status;
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
 fn error(status: StatusCode, kind: &str, code: &str, message: &str) -> Response<Body> {
-    full(status, json!({"error": {"message": message, "type": kind, "code": code, "param": null}}))
+    full(
+        status,
+        json!({"error": {"message": message, "type": kind, "code": code, "param": null}}),
+    )
 }
 
 /// The error a `reset` fault produces: hyper closes the connection without a response.
@@ -136,13 +152,23 @@ impl Fake {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let query = req.uri().query().unwrap_or_default().to_owned();
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
         let headers = json!({
             "authorization": header("authorization").map(|v| if v.starts_with("Bearer ") { "Bearer <redacted>" } else { "<malformed>" }),
             "api-key": header("api-key").map(|_| "<redacted>"),
             "x-request-id": header("x-request-id"),
         });
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
 
         if path.starts_with("/admin/") {
@@ -159,9 +185,17 @@ impl Fake {
         };
         let model = deployment
             .clone()
-            .or_else(|| request.get("model").and_then(Value::as_str).map(str::to_owned))
+            .or_else(|| {
+                request
+                    .get("model")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
-        let stream = request.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let stream = request
+            .get("stream")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let fault = self.take_fault(&model);
         {
             let mut state = self.state.lock().map_err(|_| Reset)?;
@@ -180,7 +214,12 @@ impl Fake {
             }));
         }
         if deployment.is_some() && !query.contains("api-version=") {
-            return Ok(error(StatusCode::NOT_FOUND, "invalid_request_error", "404", "api-version query parameter is missing"));
+            return Ok(error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "404",
+                "api-version query parameter is missing",
+            ));
         }
 
         let fault = fault.unwrap_or_default();
@@ -188,9 +227,18 @@ impl Fake {
         match kind {
             "reset" => return Err(Reset),
             "hang" => std::future::pending::<()>().await,
-            "slow-first-byte" => tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(1000))).await,
+            "slow-first-byte" => {
+                tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(1000))).await
+            }
             "status" => return Ok(status_fault(arg)),
-            "flap" => return Ok(error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "503", "flapping: down")),
+            "flap" => {
+                return Ok(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "503",
+                    "flapping: down",
+                ));
+            }
             "context-length" => {
                 return Ok(error(
                     StatusCode::BAD_REQUEST,
@@ -200,7 +248,11 @@ impl Fake {
                 ));
             }
             "content-policy" => {
-                let code = if deployment.is_some() { "content_filter" } else { "content_policy_violation" };
+                let code = if deployment.is_some() {
+                    "content_filter"
+                } else {
+                    "content_policy_violation"
+                };
                 return Ok(error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
@@ -211,14 +263,27 @@ impl Fake {
             _ => {}
         }
 
-        let name = self.state.lock().map(|s| s.name.clone()).unwrap_or_default();
+        let name = self
+            .state
+            .lock()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
         let mut resp = match (method, endpoint.as_str()) {
             (Method::GET, "/v1/models") => {
-                let models = self.state.lock().map(|s| s.models.clone()).unwrap_or_default();
-                let data: Vec<Value> = models.iter().map(|m| json!({"id": m, "object": "model", "owned_by": name})).collect();
+                let models = self
+                    .state
+                    .lock()
+                    .map(|s| s.models.clone())
+                    .unwrap_or_default();
+                let data: Vec<Value> = models
+                    .iter()
+                    .map(|m| json!({"id": m, "object": "model", "owned_by": name}))
+                    .collect();
                 full(StatusCode::OK, json!({"object": "list", "data": data}))
             }
-            (Method::POST, "/v1/chat/completions") if stream => stream_chat(&name, &model, &request, kind, arg),
+            (Method::POST, "/v1/chat/completions") if stream => {
+                stream_chat(&name, &model, &request, kind, arg)
+            }
             (Method::POST, "/v1/chat/completions") => {
                 let text = answer(&name, &request);
                 let cut = kind == "cut-after";
@@ -230,7 +295,11 @@ impl Fake {
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": usage(&request, &text),
                 });
-                if cut { cut_body(body) } else { full(StatusCode::OK, body) }
+                if cut {
+                    cut_body(body)
+                } else {
+                    full(StatusCode::OK, body)
+                }
             }
             (Method::POST, "/v1/completions") => {
                 let text = answer(&name, &request);
@@ -246,11 +315,22 @@ impl Fake {
                        "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3, 0.4]}],
                        "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
             ),
-            _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "unknown_url", &format!("no route {endpoint}")),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_url",
+                &format!("no route {endpoint}"),
+            ),
         };
         let headers = resp.headers_mut();
-        headers.insert("x-ratelimit-remaining-requests", hyper::header::HeaderValue::from_static("999"));
-        headers.insert("x-ratelimit-remaining-tokens", hyper::header::HeaderValue::from_static("99999"));
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            hyper::header::HeaderValue::from_static("999"),
+        );
+        headers.insert(
+            "x-ratelimit-remaining-tokens",
+            hyper::header::HeaderValue::from_static("99999"),
+        );
         if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
             headers.insert("x-fake-provider", v);
         }
@@ -260,7 +340,10 @@ impl Fake {
     /// The first rule matching `model` (or every model); decrements its count.
     fn take_fault(&self, model: &str) -> Option<String> {
         let mut state = self.state.lock().ok()?;
-        let idx = state.faults.iter().position(|f| f.model.as_deref().is_none_or(|m| m == model))?;
+        let idx = state
+            .faults
+            .iter()
+            .position(|f| f.model.as_deref().is_none_or(|m| m == model))?;
         let rule = state.faults[idx].clone();
         if let Some(down_ms) = rule.spec.strip_prefix("flap:") {
             let down = Duration::from_millis(down_ms.parse().unwrap_or(1000));
@@ -280,16 +363,29 @@ impl Fake {
 
     fn admin(&self, method: &Method, path: &str, request: &Value) -> Response<Body> {
         let Ok(mut state) = self.state.lock() else {
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "500", "state poisoned");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "500",
+                "state poisoned",
+            );
         };
         match (method, path) {
             (&Method::POST, "/admin/faults") => {
                 let Some(spec) = request.get("fault").and_then(Value::as_str) else {
-                    return error(StatusCode::BAD_REQUEST, "invalid_request_error", "400", "body needs {\"fault\": \"...\"}");
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request_error",
+                        "400",
+                        "body needs {\"fault\": \"...\"}",
+                    );
                 };
                 state.faults.push(FaultRule {
                     spec: spec.to_owned(),
-                    model: request.get("model").and_then(Value::as_str).map(str::to_owned),
+                    model: request
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
                     remaining: request.get("times").and_then(Value::as_u64),
                     set_at: Instant::now(),
                 });
@@ -299,13 +395,20 @@ impl Fake {
                 state.faults.clear();
                 full(StatusCode::OK, json!({"faults": 0}))
             }
-            (&Method::GET, "/admin/attempts") => full(StatusCode::OK, Value::Array(state.attempts.clone())),
+            (&Method::GET, "/admin/attempts") => {
+                full(StatusCode::OK, Value::Array(state.attempts.clone()))
+            }
             (&Method::POST, "/admin/reset") => {
                 state.faults.clear();
                 state.attempts.clear();
                 full(StatusCode::OK, json!({}))
             }
-            _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "404", "unknown admin path"),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "404",
+                "unknown admin path",
+            ),
         }
     }
 }
@@ -314,8 +417,19 @@ fn status_fault(arg: &str) -> Response<Body> {
     let mut parts = arg.split(':');
     let code = parts.next().and_then(|c| c.parse().ok()).unwrap_or(500u16);
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let kind = if code == 429 { "rate_limit_error" } else if code >= 500 { "server_error" } else { "invalid_request_error" };
-    let mut resp = error(status, kind, &code.to_string(), &format!("fault injected: {code}"));
+    let kind = if code == 429 {
+        "rate_limit_error"
+    } else if code >= 500 {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let mut resp = error(
+        status,
+        kind,
+        &code.to_string(),
+        &format!("fault injected: {code}"),
+    );
     for part in parts {
         if let Some((key, value)) = part.split_once('=') {
             let name = match key {
@@ -337,7 +451,10 @@ fn status_fault(arg: &str) -> Response<Body> {
 /// continuation of a cut stream) gets the rest.
 fn answer(name: &str, request: &Value) -> String {
     let full = format!("Hello from {name}. The quick brown fox jumps over the lazy dog.");
-    let last = request.get("messages").and_then(Value::as_array).and_then(|m| m.last());
+    let last = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last());
     let prefill = last
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
         .and_then(|m| m.get("content").and_then(Value::as_str));
@@ -360,10 +477,15 @@ fn cut_body(body: Value) -> Response<Body> {
     let half = bytes.slice(..bytes.len() / 2);
     tokio::spawn(async move {
         let _ = tx.send(Ok(Frame::data(half))).await;
-        let _ = tx.send(Err(std::io::Error::other("cut by fault injection"))).await;
+        let _ = tx
+            .send(Err(std::io::Error::other("cut by fault injection")))
+            .await;
     });
     let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = hyper::header::HeaderValue::from_str(&bytes.len().to_string()) {
         resp.headers_mut().insert("content-length", v);
     }
@@ -373,7 +495,10 @@ fn cut_body(body: Value) -> Response<Body> {
 fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str) -> Response<Body> {
     let text = answer(name, request);
     let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
-    let include_usage = request.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = request
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let usage = usage(request, &text);
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(16);
     let at: usize = arg.parse().unwrap_or(2);
@@ -386,24 +511,38 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
             Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))
         };
-        if tx.send(chunk(json!({"role": "assistant", "content": ""}), None)).await.is_err() {
+        if tx
+            .send(chunk(json!({"role": "assistant", "content": ""}), None))
+            .await
+            .is_err()
+        {
             return;
         }
         for (i, word) in words.iter().enumerate() {
             if i == at {
                 match fault.as_str() {
                     "cut-after" => {
-                        let _ = tx.send(Err(std::io::Error::other("cut by fault injection"))).await;
+                        let _ = tx
+                            .send(Err(std::io::Error::other("cut by fault injection")))
+                            .await;
                         return;
                     }
                     "stall-after" => std::future::pending::<()>().await,
                     "malformed-after" => {
-                        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: {\"choices\": [{\"delta\": \n\n")))).await;
+                        let _ = tx
+                            .send(Ok(Frame::data(Bytes::from_static(
+                                b"data: {\"choices\": [{\"delta\": \n\n",
+                            ))))
+                            .await;
                     }
                     _ => {}
                 }
             }
-            if tx.send(chunk(json!({"content": word}), None)).await.is_err() {
+            if tx
+                .send(chunk(json!({"content": word}), None))
+                .await
+                .is_err()
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -412,14 +551,21 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
         if include_usage {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
                            "choices": [], "usage": usage});
-            let _ = tx.send(Ok(Frame::data(Bytes::from(format!("data: {v}\n\n"))))).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from(format!("data: {v}\n\n")))))
+                .await;
         }
         if fault != "no-done" {
-            let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n")))).await;
+            let _ = tx
+                .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                .await;
         }
     });
     let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
     resp
 }
 

@@ -1,0 +1,88 @@
+//! The state every request shares: the current routing table, upstream clients and
+//! metrics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use crate::metrics::Metrics;
+use crate::table::RoutingTable;
+use crate::upstream::{HttpClient, new_client};
+
+/// Shared gateway state.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The table requests are routed with; `None` until the first configuration loads.
+    pub table: ArcSwapOption<RoutingTable>,
+    /// Region this replica serves.
+    pub region: String,
+    /// Largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    clients: Mutex<HashMap<Duration, HttpClient>>,
+    config_state: Mutex<ConfigState>,
+}
+
+/// What the last configuration attempt said, for `/status`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigState {
+    /// Problems in the current configuration that did not prevent loading it.
+    pub warnings: Vec<String>,
+    /// The error of the last rejected update, cleared by the next good one.
+    pub last_error: Option<String>,
+}
+
+impl Gateway {
+    /// A gateway with no configuration yet.
+    pub fn new(region: String, max_body: usize) -> Self {
+        Self {
+            table: ArcSwapOption::empty(),
+            region,
+            max_body,
+            metrics: Metrics::default(),
+            clients: Mutex::new(HashMap::new()),
+            config_state: Mutex::new(ConfigState::default()),
+        }
+    }
+
+    /// Swaps in a new table.
+    pub fn install(&self, table: RoutingTable, warnings: Vec<String>) {
+        self.table.store(Some(Arc::new(table)));
+        self.metrics.config_reload(true);
+        if let Ok(mut s) = self.config_state.lock() {
+            *s = ConfigState {
+                warnings,
+                last_error: None,
+            };
+        }
+    }
+
+    /// Records a rejected update; the current table stays.
+    pub fn config_failed(&self, error: &str) {
+        self.metrics.config_reload(false);
+        if let Ok(mut s) = self.config_state.lock() {
+            s.last_error = Some(error.to_owned());
+        }
+    }
+
+    /// The last configuration outcome.
+    pub fn config_state(&self) -> ConfigState {
+        self.config_state
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// A pooled client whose connect timeout is `connect` (one pool per distinct timeout).
+    pub fn client(&self, connect: Duration) -> HttpClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(connect)
+            .or_insert_with(|| new_client(connect))
+            .clone()
+    }
+}

@@ -1,0 +1,595 @@
+//! What the gateway has learned about one provider: its circuit breaker, passive
+//! ejection, rate limiting, latency and load.
+//!
+//! All decisions take `now` as an argument (tokio's pausable clock in production), so the
+//! state machines are tested with paused time and no sleeps.
+//!
+//! - **Breaker** (policy settings): closed → open after `consecutiveFailures` in a row or
+//!   a failure ratio ≥ `failureRate` over `window` with at least `minRequests`; open for
+//!   `openFor`; then half-open, letting `halfOpenProbes` requests through; all succeed →
+//!   closed, any fails → open again. While open, real requests never pay a try on it.
+//! - **Ejection** (provider settings): `consecutiveFailures` in a row eject for
+//!   `baseEjectionTime`, each ejection in a row `ejectionGrowth` times longer, capped at
+//!   `maxEjectionTime`. A success resets the growth.
+//! - **Rate limiting**: a 429 makes the provider unusable for exactly as long as its
+//!   headers say; it is not a failure and does not move the breaker.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crds::policy::CircuitBreaker;
+use crds::pool::PassiveHealth;
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// The result of one attempt, as far as the provider's health is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider answered (2xx, or a 4xx that is the client's fault).
+    Success,
+    /// Connect error, reset, timeout, 5xx, or a broken stream.
+    Failure,
+    /// 429: unusable for the given time; neither success nor failure.
+    RateLimited(Duration),
+}
+
+/// Breaker state, as shown in `/status` and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BreakerState {
+    /// Traffic flows.
+    Closed,
+    /// No traffic until the open period ends.
+    Open,
+    /// A bounded number of probe requests are let through.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// The metric value: 0 closed, 1 half-open, 2 open.
+    pub fn as_gauge(self) -> i64 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen => 1,
+            Self::Open => 2,
+        }
+    }
+}
+
+/// Whether a provider may take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Availability {
+    /// Usable.
+    Ready,
+    /// Not usable before the given instant (ejected, open, or rate limited).
+    Until(Instant),
+    /// Half-open with every probe slot taken.
+    Busy,
+}
+
+#[derive(Debug)]
+struct Inner {
+    breaker: BreakerState,
+    open_until: Instant,
+    probes_in_flight: u32,
+    probe_successes: u32,
+    consecutive_failures: u32,
+    ejected_until: Instant,
+    ejections_in_row: u32,
+    rate_limited_until: Instant,
+    /// (when, failed) for the breaker's failure-rate window; bounded by pruning.
+    window: VecDeque<(Instant, bool)>,
+    latency_ewma_ms: Option<f64>,
+    last_reason: Option<&'static str>,
+    /// Requests started in the current minute, for capacity-aware routing.
+    minute_start: Instant,
+    minute_requests: u64,
+    /// `x-ratelimit-remaining-requests` from the last response.
+    reported_remaining: Option<u64>,
+}
+
+/// Health of one provider, shared by every route that targets it and carried across
+/// configuration reloads.
+#[derive(Debug)]
+pub struct ProviderHealth {
+    inner: Mutex<Inner>,
+    in_flight: AtomicU32,
+}
+
+/// A snapshot for `/status`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthView {
+    /// `healthy`, `degraded` or `ejected`.
+    pub state: &'static str,
+    /// Why, when not healthy.
+    pub reason: Option<&'static str>,
+    /// Breaker state.
+    pub breaker: BreakerState,
+    /// Failed share of the recent window.
+    pub error_rate: f64,
+    /// Latency EWMA in milliseconds.
+    pub latency_ms: Option<f64>,
+    /// Requests in flight from this replica.
+    pub in_flight: u32,
+    /// Milliseconds until usable again, when not usable now.
+    pub unavailable_for_ms: Option<u64>,
+}
+
+/// Smoothing of the latency EWMA: the newest sample weighs 30%.
+const EWMA_ALPHA: f64 = 0.3;
+
+impl ProviderHealth {
+    /// A provider with no history.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                breaker: BreakerState::Closed,
+                open_until: now,
+                probes_in_flight: 0,
+                probe_successes: 0,
+                consecutive_failures: 0,
+                ejected_until: now,
+                ejections_in_row: 0,
+                rate_limited_until: now,
+                window: VecDeque::new(),
+                latency_ewma_ms: None,
+                last_reason: None,
+                minute_start: now,
+                minute_requests: 0,
+                reported_remaining: None,
+            }),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave it inconsistent in a way that
+        // matters more than refusing traffic would; keep serving.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the provider may take a request at `now`.
+    pub fn availability(&self, now: Instant, breaker: &CircuitBreaker) -> Availability {
+        let mut s = self.lock();
+        let blocked = s.ejected_until.max(s.rate_limited_until);
+        if blocked > now {
+            return Availability::Until(blocked);
+        }
+        match s.breaker {
+            BreakerState::Closed => Availability::Ready,
+            BreakerState::Open if s.open_until > now => Availability::Until(s.open_until),
+            BreakerState::Open => {
+                s.breaker = BreakerState::HalfOpen;
+                s.probes_in_flight = 0;
+                s.probe_successes = 0;
+                Availability::Ready
+            }
+            BreakerState::HalfOpen if s.probes_in_flight < probe_limit(breaker) => {
+                Availability::Ready
+            }
+            BreakerState::HalfOpen => Availability::Busy,
+        }
+    }
+
+    /// Marks a request as started; pair with [`ProviderHealth::finish`].
+    pub fn start(&self, now: Instant) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        if s.breaker == BreakerState::HalfOpen {
+            s.probes_in_flight += 1;
+        }
+        if now.duration_since(s.minute_start) >= Duration::from_secs(60) {
+            s.minute_start = now;
+            s.minute_requests = 0;
+        }
+        s.minute_requests += 1;
+    }
+
+    /// Records how a started request ended.
+    pub fn finish(
+        &self,
+        now: Instant,
+        outcome: Outcome,
+        latency: Option<Duration>,
+        breaker: &CircuitBreaker,
+        passive: &PassiveHealth,
+    ) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        if let Some(latency) = latency {
+            let ms = latency.as_secs_f64() * 1000.0;
+            s.latency_ewma_ms = Some(
+                s.latency_ewma_ms
+                    .map_or(ms, |old| old + EWMA_ALPHA * (ms - old)),
+            );
+        }
+        let was_probe = s.breaker == BreakerState::HalfOpen && s.probes_in_flight > 0;
+        if was_probe {
+            s.probes_in_flight -= 1;
+        }
+        match outcome {
+            Outcome::RateLimited(wait) => {
+                s.rate_limited_until = s.rate_limited_until.max(now + wait);
+                s.last_reason = Some("RateLimited");
+                if was_probe {
+                    // Not a verdict on health: let another probe try later.
+                    s.breaker = BreakerState::Open;
+                    s.open_until = now + wait;
+                }
+            }
+            Outcome::Success => {
+                s.consecutive_failures = 0;
+                s.ejections_in_row = 0;
+                s.last_reason = None;
+                push_window(&mut s.window, now, false, breaker);
+                if was_probe {
+                    s.probe_successes += 1;
+                    if s.probe_successes >= probe_limit(breaker) {
+                        s.breaker = BreakerState::Closed;
+                        s.window.clear();
+                    }
+                }
+            }
+            Outcome::Failure => {
+                s.consecutive_failures += 1;
+                push_window(&mut s.window, now, true, breaker);
+                let open_for = breaker.open_for.get();
+                if was_probe {
+                    s.breaker = BreakerState::Open;
+                    s.open_until = now + open_for;
+                    s.last_reason = Some("ProbeFailed");
+                } else if s.breaker == BreakerState::Closed && trips(&s, breaker) {
+                    s.breaker = BreakerState::Open;
+                    s.open_until = now + open_for;
+                    s.last_reason = Some("BreakerOpen");
+                }
+                let threshold = u32::try_from(passive.consecutive_failures)
+                    .unwrap_or(u32::MAX)
+                    .max(1);
+                if s.consecutive_failures >= threshold && s.ejected_until <= now {
+                    let growth = passive
+                        .ejection_growth
+                        .max(1.0)
+                        .powi(i32::try_from(s.ejections_in_row).unwrap_or(i32::MAX));
+                    let eject = passive
+                        .base_ejection_time
+                        .get()
+                        .mul_f64(growth)
+                        .min(passive.max_ejection_time.get());
+                    s.ejected_until = now + eject;
+                    s.ejections_in_row += 1;
+                    s.consecutive_failures = 0;
+                    s.last_reason = Some("Ejected");
+                }
+                if s.last_reason.is_none() {
+                    s.last_reason = Some("Errors");
+                }
+            }
+        }
+    }
+
+    /// Records `x-ratelimit-remaining-requests` from a response.
+    pub fn report_remaining(&self, remaining: u64) {
+        self.lock().reported_remaining = Some(remaining);
+    }
+
+    /// Requests in flight from this replica.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Latency EWMA in milliseconds; `None` before the first response.
+    pub fn latency_ms(&self) -> Option<f64> {
+        self.lock().latency_ewma_ms
+    }
+
+    /// Requests this replica may still send this minute: the smaller of what the
+    /// configured limit leaves and what the provider last reported.
+    pub fn remaining_capacity(&self, now: Instant, rpm_limit: Option<i64>) -> u64 {
+        let s = self.lock();
+        let used = if now.duration_since(s.minute_start) >= Duration::from_secs(60) {
+            0
+        } else {
+            s.minute_requests
+        };
+        let by_limit = rpm_limit.map_or(u64::MAX, |l| {
+            u64::try_from(l).unwrap_or(0).saturating_sub(used)
+        });
+        by_limit.min(s.reported_remaining.unwrap_or(u64::MAX))
+    }
+
+    /// The breaker's state (an open breaker whose time is up reads as half-open).
+    pub fn breaker(&self, now: Instant) -> BreakerState {
+        let s = self.lock();
+        match s.breaker {
+            BreakerState::Open if s.open_until <= now => BreakerState::HalfOpen,
+            other => other,
+        }
+    }
+
+    /// A snapshot for `/status` and the pool status.
+    pub fn view(&self, now: Instant) -> HealthView {
+        let s = self.lock();
+        let blocked =
+            s.ejected_until
+                .max(s.rate_limited_until)
+                .max(if s.breaker == BreakerState::Open {
+                    s.open_until
+                } else {
+                    now
+                });
+        let failures = s.window.iter().filter(|(_, failed)| *failed).count();
+        let error_rate = if s.window.is_empty() {
+            0.0
+        } else {
+            failures as f64 / s.window.len() as f64
+        };
+        let state = if blocked > now {
+            "ejected"
+        } else if s.breaker != BreakerState::Closed
+            || s.consecutive_failures > 0
+            || error_rate > 0.05
+        {
+            "degraded"
+        } else {
+            "healthy"
+        };
+        HealthView {
+            state,
+            reason: if state == "healthy" {
+                None
+            } else {
+                s.last_reason
+            },
+            breaker: match s.breaker {
+                BreakerState::Open if s.open_until <= now => BreakerState::HalfOpen,
+                other => other,
+            },
+            error_rate,
+            latency_ms: s.latency_ewma_ms,
+            in_flight: self.in_flight(),
+            unavailable_for_ms: (blocked > now).then(|| {
+                u64::try_from(blocked.duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            }),
+        }
+    }
+}
+
+fn probe_limit(breaker: &CircuitBreaker) -> u32 {
+    u32::try_from(breaker.half_open_probes).unwrap_or(1).max(1)
+}
+
+fn push_window(
+    window: &mut VecDeque<(Instant, bool)>,
+    now: Instant,
+    failed: bool,
+    breaker: &CircuitBreaker,
+) {
+    window.push_back((now, failed));
+    let horizon = breaker.window.get();
+    while window
+        .front()
+        .is_some_and(|(t, _)| now.duration_since(*t) > horizon)
+    {
+        window.pop_front();
+    }
+    // Bound memory under heavy load: the rate is what matters, not every sample.
+    while window.len() > 10_000 {
+        window.pop_front();
+    }
+}
+
+fn trips(s: &Inner, breaker: &CircuitBreaker) -> bool {
+    if s.consecutive_failures >= u32::try_from(breaker.consecutive_failures).unwrap_or(u32::MAX) {
+        return true;
+    }
+    let total = s.window.len();
+    let failures = s.window.iter().filter(|(_, failed)| *failed).count();
+    total >= usize::try_from(breaker.min_requests).unwrap_or(usize::MAX)
+        && failures as f64 / total as f64 >= breaker.failure_rate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::Duration as D;
+
+    fn breaker() -> CircuitBreaker {
+        CircuitBreaker {
+            consecutive_failures: 3,
+            failure_rate: 0.5,
+            window: D::from_secs(60),
+            min_requests: 10,
+            open_for: D::from_secs(30),
+            half_open_probes: 2,
+        }
+    }
+
+    fn passive() -> PassiveHealth {
+        PassiveHealth {
+            consecutive_failures: 100,
+            ..PassiveHealth::default()
+        }
+    }
+
+    fn fail(h: &ProviderHealth, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
+        h.start(now);
+        h.finish(now, Outcome::Failure, None, b, p);
+    }
+
+    fn ok(h: &ProviderHealth, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
+        h.start(now);
+        h.finish(now, Outcome::Success, Some(Duration::from_millis(10)), b, p);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_after_consecutive_failures_and_blocks_real_traffic() {
+        let (b, p) = (breaker(), passive());
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        fail(&h, now, &b, &p);
+        fail(&h, now, &b, &p);
+        assert_eq!(h.availability(now, &b), Availability::Ready);
+        fail(&h, now, &b, &p);
+        assert_eq!(
+            h.availability(now, &b),
+            Availability::Until(now + Duration::from_secs(30))
+        );
+        assert_eq!(h.view(now).state, "ejected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_on_failure_rate_once_min_requests_are_seen() {
+        let (b, p) = (breaker(), passive());
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        for _ in 0..4 {
+            ok(&h, now, &b, &p);
+            fail(&h, now, &b, &p);
+        }
+        assert_eq!(
+            h.availability(now, &b),
+            Availability::Ready,
+            "8 requests < minRequests"
+        );
+        ok(&h, now, &b, &p);
+        fail(&h, now, &b, &p);
+        assert!(
+            matches!(h.availability(now, &b), Availability::Until(_)),
+            "10 requests at 50% failures"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_lets_a_bounded_number_of_probes_through_then_closes() {
+        let (b, p) = (breaker(), passive());
+        let t0 = Instant::now();
+        let h = ProviderHealth::new(t0);
+        for _ in 0..3 {
+            fail(&h, t0, &b, &p);
+        }
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(h.availability(t1, &b), Availability::Ready);
+        h.start(t1);
+        assert_eq!(h.availability(t1, &b), Availability::Ready);
+        h.start(t1);
+        assert_eq!(
+            h.availability(t1, &b),
+            Availability::Busy,
+            "two probes in flight is the limit"
+        );
+        h.finish(t1, Outcome::Success, None, &b, &p);
+        h.finish(t1, Outcome::Success, None, &b, &p);
+        assert_eq!(h.breaker(t1), BreakerState::Closed);
+        assert_eq!(h.availability(t1, &b), Availability::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_reopens_when_a_probe_fails() {
+        let (b, p) = (breaker(), passive());
+        let t0 = Instant::now();
+        let h = ProviderHealth::new(t0);
+        for _ in 0..3 {
+            fail(&h, t0, &b, &p);
+        }
+        let t1 = t0 + Duration::from_secs(31);
+        assert_eq!(h.availability(t1, &b), Availability::Ready);
+        fail(&h, t1, &b, &p);
+        assert_eq!(
+            h.availability(t1, &b),
+            Availability::Until(t1 + Duration::from_secs(30))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limiting_blocks_for_exactly_the_retry_after_and_never_opens_the_breaker() {
+        let (b, p) = (breaker(), passive());
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        for _ in 0..10 {
+            h.start(now);
+            h.finish(
+                now,
+                Outcome::RateLimited(Duration::from_millis(1500)),
+                None,
+                &b,
+                &p,
+            );
+        }
+        assert_eq!(
+            h.availability(now, &b),
+            Availability::Until(now + Duration::from_millis(1500))
+        );
+        assert_eq!(h.breaker(now), BreakerState::Closed);
+        assert_eq!(
+            h.availability(now + Duration::from_millis(1500), &b),
+            Availability::Ready
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_time_grows_with_repeated_ejection_up_to_the_cap() {
+        let b = CircuitBreaker {
+            consecutive_failures: 1000,
+            ..breaker()
+        };
+        let p = PassiveHealth {
+            consecutive_failures: 2,
+            base_ejection_time: D::from_secs(10),
+            ejection_growth: 2.0,
+            max_ejection_time: D::from_secs(30),
+        };
+        let mut now = Instant::now();
+        let h = ProviderHealth::new(now);
+        let mut lengths = Vec::new();
+        for _ in 0..4 {
+            fail(&h, now, &b, &p);
+            fail(&h, now, &b, &p);
+            let Availability::Until(until) = h.availability(now, &b) else {
+                panic!("ejected");
+            };
+            lengths.push(until.duration_since(now).as_secs());
+            now = until;
+        }
+        assert_eq!(lengths, [10, 20, 30, 30]);
+        // A success resets the growth.
+        ok(&h, now, &b, &p);
+        fail(&h, now, &b, &p);
+        fail(&h, now, &b, &p);
+        assert_eq!(
+            h.availability(now, &b),
+            Availability::Until(now + Duration::from_secs(10))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_ewma_tracks_recent_responses() {
+        let (b, p) = (breaker(), passive());
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        h.start(now);
+        h.finish(
+            now,
+            Outcome::Success,
+            Some(Duration::from_millis(100)),
+            &b,
+            &p,
+        );
+        h.start(now);
+        h.finish(
+            now,
+            Outcome::Success,
+            Some(Duration::from_millis(200)),
+            &b,
+            &p,
+        );
+        let ms = h.latency_ms().expect("measured");
+        assert!((ms - 130.0).abs() < 1e-9, "{ms}");
+        assert_eq!(h.in_flight(), 0);
+    }
+}

@@ -1,0 +1,197 @@
+//! Prometheus metrics.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::time::Instant;
+
+use crate::table::RoutingTable;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    model: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    provider: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ])
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    failovers: Family<ModelLabels, Counter>,
+    upstream_latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    breaker_state: Family<ProviderLabels, Gauge>,
+    provider_usable: Family<ProviderLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("switchyard_gateway")),
+            requests: Family::default(),
+            attempts: Family::default(),
+            failovers: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            breaker_state: Family::default(),
+            provider_usable: Family::default(),
+            reloads: Family::default(),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register(
+                "requests",
+                "Client requests by public model and final status",
+                m.requests.clone(),
+            );
+            r.register(
+                "attempts",
+                "Upstream tries by provider and outcome",
+                m.attempts.clone(),
+            );
+            r.register(
+                "failovers",
+                "Requests served by another target than the first one tried",
+                m.failovers.clone(),
+            );
+            r.register(
+                "upstream_latency_seconds",
+                "Time to upstream response headers",
+                m.upstream_latency.clone(),
+            );
+            r.register(
+                "request_duration_seconds",
+                "Time to the client's response headers",
+                m.request_duration.clone(),
+            );
+            r.register(
+                "breaker_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open",
+                m.breaker_state.clone(),
+            );
+            r.register(
+                "provider_usable",
+                "1 when the provider may take traffic now",
+                m.provider_usable.clone(),
+            );
+            r.register(
+                "config_reloads",
+                "Configuration loads by result",
+                m.reloads.clone(),
+            );
+        }
+        m
+    }
+}
+
+impl Metrics {
+    /// A finished client request.
+    pub fn request(&self, model: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_owned(),
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// One upstream try.
+    pub fn attempt(&self, provider: &str, outcome: &'static str, latency: Option<f64>) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                provider: provider.to_owned(),
+                outcome,
+            })
+            .inc();
+        if let Some(s) = latency {
+            self.upstream_latency
+                .get_or_create(&ProviderLabels {
+                    provider: provider.to_owned(),
+                })
+                .observe(s);
+        }
+    }
+
+    /// A request rescued by a target other than its first.
+    pub fn failover(&self, model: &str) {
+        self.failovers
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A configuration load.
+    pub fn config_reload(&self, ok: bool) {
+        self.reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// The text exposition, with provider gauges refreshed from `table`.
+    pub fn render(&self, table: Option<&RoutingTable>) -> String {
+        if let Some(table) = table {
+            let now = Instant::now();
+            for p in table.providers() {
+                let labels = ProviderLabels {
+                    provider: p.config.name.clone(),
+                };
+                self.breaker_state
+                    .get_or_create(&labels)
+                    .set(p.health.breaker(now).as_gauge());
+                let usable =
+                    p.unusable.is_none() && p.health.view(now).unavailable_for_ms.is_none();
+                self.provider_usable
+                    .get_or_create(&labels)
+                    .set(i64::from(usable));
+            }
+        }
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}

@@ -1,0 +1,738 @@
+//! Serving one client request: choose a target, try it, and on a transient failure try
+//! another — on the same request — until one answers, the policy's limits are reached,
+//! or nothing can serve.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::policy::CircuitBreaker;
+use crds::pool::PassiveHealth;
+use crds::{RouteConfig, TargetConfig};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Response, StatusCode};
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::errors::{error_response, json_response};
+use crate::gateway::Gateway;
+use crate::health::{Outcome, ProviderHealth};
+use crate::retry::backoff_delay;
+use crate::select::pick;
+use crate::server::Body;
+use crate::sse::{SseReader, StreamError};
+use crate::table::{RouteEntry, RoutingTable};
+use crate::upstream::{Operation, build_request, retry_after};
+
+/// Largest upstream error or non-streamed body read.
+const MAX_UPSTREAM_BODY: usize = 64 << 20;
+
+/// A validated client request.
+#[derive(Debug)]
+pub struct ClientRequest {
+    /// Which operation.
+    pub op: Operation,
+    /// The JSON body, replayed on every try.
+    pub body: Value,
+    /// The public model asked for.
+    pub model: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether the client asked for usage in the stream.
+    pub include_usage: bool,
+    /// Request id, propagated upstream and returned.
+    pub request_id: String,
+}
+
+/// How one try ended.
+enum Tried {
+    /// The answer for the client.
+    Answer(Response<Body>),
+    /// A transient failure; another target may do better.
+    Retry(String),
+    /// A failure another try cannot fix; passed to the client as is.
+    Final(Response<Body>),
+    /// The prompt does not fit the model.
+    ContextLength(Response<Body>),
+    /// The provider refused on content-policy grounds.
+    ContentPolicy(Response<Body>),
+}
+
+/// Serves `req` with the current table.
+pub async fn serve(
+    gw: &Arc<Gateway>,
+    table: Arc<RoutingTable>,
+    first: &RouteEntry,
+    req: ClientRequest,
+) -> Response<Body> {
+    let started = Instant::now();
+    let deadline = started + first.config.timeouts.total.get();
+    first.budget.record_request(started);
+
+    let mut route = first;
+    let mut visited = vec![route.config.model.clone()];
+    let mut fallbacks: VecDeque<String> = first.config.fallbacks.iter().cloned().collect();
+    let mut tries = 0u32;
+    let mut first_provider: Option<String> = None;
+    let mut last_failure = String::from("no provider could be tried");
+
+    'routes: loop {
+        let mut tried: Vec<String> = Vec::new();
+        let attempts = u32::try_from(route.config.retry.attempts)
+            .unwrap_or(1)
+            .max(1);
+        let mut redirect: Option<String> = None;
+        for retry_no in 0..attempts {
+            let now = Instant::now();
+            if now >= deadline {
+                last_failure = format!(
+                    "the request's total timeout ({}) ran out",
+                    route.config.timeouts.total
+                );
+                break 'routes;
+            }
+            let Some(choice) = pick(&table, route, &tried, now) else {
+                break;
+            };
+            if tries > 0 {
+                if !route.budget.try_retry(now, &route.config.retry) {
+                    last_failure = format!(
+                        "{last_failure}; the retry budget is spent, so no further tries were made"
+                    );
+                    break 'routes;
+                }
+                // Failing over to a different, usable target is immediate: that is the
+                // rescue. Backoff applies when the only choice left is one already known
+                // to be unwell, so a struggling provider is not hammered.
+                if retry_no > 0 && choice.least_bad {
+                    let unit: f64 = rand::rng().random();
+                    let wait = backoff_delay(&route.config.retry.backoff, retry_no, unit);
+                    tokio::time::sleep(wait.min(deadline.saturating_duration_since(now))).await;
+                }
+            }
+            if choice.least_bad {
+                tracing::info!(request_id = %req.request_id, provider = %choice.target.provider, "no usable provider; trying the one that recovers soonest");
+            }
+            tries += 1;
+            tried.push(choice.target.provider.clone());
+            first_provider.get_or_insert_with(|| choice.target.provider.clone());
+            match attempt(gw, &table, route, choice.target, &req, deadline).await {
+                Tried::Answer(mut resp) => {
+                    if first_provider.as_deref() != Some(choice.target.provider.as_str()) {
+                        gw.metrics.failover(&req.model);
+                    }
+                    decorate(
+                        &mut resp,
+                        &table,
+                        &choice.target.provider,
+                        tries,
+                        &req.request_id,
+                    );
+                    return resp;
+                }
+                Tried::Retry(why) => last_failure = why,
+                Tried::Final(mut resp) => {
+                    decorate(
+                        &mut resp,
+                        &table,
+                        &choice.target.provider,
+                        tries,
+                        &req.request_id,
+                    );
+                    return resp;
+                }
+                Tried::ContextLength(mut resp) => match &route.config.on_context_length_exceeded {
+                    Some(model) if !visited.contains(model) => {
+                        redirect = Some(model.clone());
+                        break;
+                    }
+                    _ => {
+                        decorate(
+                            &mut resp,
+                            &table,
+                            &choice.target.provider,
+                            tries,
+                            &req.request_id,
+                        );
+                        return resp;
+                    }
+                },
+                Tried::ContentPolicy(mut resp) => match &route.config.on_content_policy {
+                    Some(action) if action.response.is_some() => {
+                        let text = action.response.clone().unwrap_or_default();
+                        let mut resp = synthetic_answer(&req, &text, StatusCode::OK);
+                        decorate(
+                            &mut resp,
+                            &table,
+                            &choice.target.provider,
+                            tries,
+                            &req.request_id,
+                        );
+                        return resp;
+                    }
+                    Some(action) if action.model.as_ref().is_some_and(|m| !visited.contains(m)) => {
+                        redirect = action.model.clone();
+                        break;
+                    }
+                    _ => {
+                        decorate(
+                            &mut resp,
+                            &table,
+                            &choice.target.provider,
+                            tries,
+                            &req.request_id,
+                        );
+                        return resp;
+                    }
+                },
+            }
+        }
+        let next = redirect.or_else(|| {
+            while let Some(model) = fallbacks.pop_front() {
+                if !visited.contains(&model) {
+                    return Some(model);
+                }
+            }
+            None
+        });
+        let Some(next) = next.and_then(|m| table.route_for(&m).filter(|r| r.config.model == m))
+        else {
+            break;
+        };
+        visited.push(next.config.model.clone());
+        route = next;
+    }
+
+    if let Some(degraded) = &first.config.degraded_response {
+        let status = StatusCode::from_u16(u16::try_from(degraded.status).unwrap_or(503))
+            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut resp = if status.is_success() {
+            synthetic_answer(&req, &degraded.message, status)
+        } else {
+            error_response(status, "server_error", "degraded", &degraded.message)
+        };
+        decorate(&mut resp, &table, "", tries, &req.request_id);
+        return resp;
+    }
+    let mut resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "no_provider_available",
+        &format!(
+            "no provider could serve model {:?} after {tries} tries: {last_failure}",
+            req.model
+        ),
+    );
+    decorate(&mut resp, &table, "", tries, &req.request_id);
+    resp
+}
+
+/// Response headers naming who served.
+fn decorate(
+    resp: &mut Response<Body>,
+    table: &RoutingTable,
+    provider: &str,
+    tries: u32,
+    request_id: &str,
+) {
+    let h = resp.headers_mut();
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    set("x-request-id", request_id);
+    set("x-switchyard-attempts", &tries.to_string());
+    if let Some(p) = table.provider(provider) {
+        set("x-switchyard-provider", provider);
+        set("x-switchyard-provider-region", &p.config.region);
+    }
+    set("x-switchyard-region", &table.config.region);
+}
+
+/// Records a started request's outcome exactly once; a request abandoned by the client
+/// counts as neither success nor failure of the provider.
+struct InFlight {
+    health: Arc<ProviderHealth>,
+    breaker: CircuitBreaker,
+    passive: PassiveHealth,
+    done: bool,
+}
+
+impl InFlight {
+    fn start(health: Arc<ProviderHealth>, route: &RouteConfig, passive: &PassiveHealth) -> Self {
+        health.start(Instant::now());
+        Self {
+            health,
+            breaker: route.circuit_breaker.clone(),
+            passive: passive.clone(),
+            done: false,
+        }
+    }
+
+    fn finish(mut self, outcome: Outcome, latency: Option<Duration>) {
+        self.done = true;
+        self.health.finish(
+            Instant::now(),
+            outcome,
+            latency,
+            &self.breaker,
+            &self.passive,
+        );
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.health.finish(
+                Instant::now(),
+                Outcome::Success,
+                None,
+                &self.breaker,
+                &self.passive,
+            );
+        }
+    }
+}
+
+async fn attempt(
+    gw: &Gateway,
+    table: &RoutingTable,
+    route: &RouteEntry,
+    target: &TargetConfig,
+    req: &ClientRequest,
+    deadline: Instant,
+) -> Tried {
+    let Some(provider) = table.provider(&target.provider) else {
+        return Tried::Retry(format!(
+            "provider {} vanished from the configuration",
+            target.provider
+        ));
+    };
+    let name = provider.config.name.as_str();
+    let upstream = match build_request(provider, target, req.op, &req.body, &req.request_id) {
+        Ok(r) => r,
+        Err(e) => return Tried::Retry(format!("{name}: {e}")),
+    };
+    let rc = &route.config;
+    let client = gw.client(rc.timeouts.connect.get());
+    let first_byte = rc
+        .timeouts
+        .first_byte
+        .get()
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let inflight = InFlight::start(provider.health.clone(), rc, &provider.config.health.passive);
+    let t0 = Instant::now();
+    let resp = match tokio::time::timeout(first_byte, client.request(upstream)).await {
+        Err(_) => {
+            inflight.finish(Outcome::Failure, None);
+            gw.metrics.attempt(name, "timeout", None);
+            let why = format!(
+                "{name} sent no response headers within {}",
+                crds::Duration::new(first_byte)
+            );
+            return if rc.retry.retry_on.first_byte_timeout {
+                Tried::Retry(why)
+            } else {
+                Tried::Final(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "server_error",
+                    "upstream_timeout",
+                    &why,
+                ))
+            };
+        }
+        Ok(Err(e)) => {
+            inflight.finish(Outcome::Failure, None);
+            gw.metrics.attempt(name, "connect_error", None);
+            let why = format!("{name}: {}", describe_client_error(&e));
+            return if rc.retry.retry_on.connect_error {
+                Tried::Retry(why)
+            } else {
+                Tried::Final(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "upstream_connect_error",
+                    &why,
+                ))
+            };
+        }
+        Ok(Ok(resp)) => resp,
+    };
+    let latency = t0.elapsed();
+    let status = resp.status();
+    if let Some(remaining) = resp
+        .headers()
+        .get("x-ratelimit-remaining-requests")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        provider.health.report_remaining(remaining);
+    }
+
+    if status.is_success() {
+        if req.stream && req.op == Operation::ChatCompletions {
+            return stream(
+                gw,
+                rc,
+                name,
+                resp,
+                req,
+                inflight,
+                latency,
+                first_byte.saturating_sub(latency),
+            )
+            .await;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let body = match tokio::time::timeout(
+            remaining,
+            Limited::new(resp.into_body(), MAX_UPSTREAM_BODY).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "body_error", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: the response body broke off: {e}"));
+            }
+            Err(_) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "timeout", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: the response body did not finish in time"));
+            }
+        };
+        if serde_json::from_slice::<Value>(&body).is_err() {
+            inflight.finish(Outcome::Failure, Some(latency));
+            gw.metrics
+                .attempt(name, "malformed", Some(latency.as_secs_f64()));
+            return Tried::Retry(format!("{name}: the response body is not valid JSON"));
+        }
+        inflight.finish(Outcome::Success, Some(latency));
+        gw.metrics
+            .attempt(name, "success", Some(latency.as_secs_f64()));
+        return Tried::Answer(json_response(status, body));
+    }
+
+    let headers = resp.headers().clone();
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(10));
+    let body =
+        match tokio::time::timeout(remaining, Limited::new(resp.into_body(), 1 << 20).collect())
+            .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => Bytes::new(),
+        };
+    let passthrough = || {
+        let body = if serde_json::from_slice::<Value>(&body).is_ok() {
+            body.clone()
+        } else {
+            Bytes::from(json!({"error": {"message": String::from_utf8_lossy(&body), "type": "upstream_error", "code": status.as_u16().to_string(), "param": null}}).to_string())
+        };
+        json_response(status, body)
+    };
+    let code = status.as_u16();
+    let retryable = rc
+        .retry
+        .retry_on
+        .status_codes
+        .iter()
+        .any(|c| *c == i32::from(code));
+    if code == 429 {
+        let wait = retry_after(&headers);
+        inflight.finish(Outcome::RateLimited(wait), Some(latency));
+        gw.metrics
+            .attempt(name, "rate_limited", Some(latency.as_secs_f64()));
+        let why = format!("{name} is rate limited for {}", crds::Duration::new(wait));
+        return if retryable {
+            Tried::Retry(why)
+        } else {
+            Tried::Final(passthrough())
+        };
+    }
+    let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let err_code = error
+        .pointer("/error/code")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let message = error
+        .pointer("/error/message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if code == 400 || code == 413 {
+        if err_code == "context_length_exceeded"
+            || message.contains("maximum context length")
+            || message.contains("prompt is too long")
+        {
+            inflight.finish(Outcome::Success, Some(latency));
+            gw.metrics
+                .attempt(name, "context_length", Some(latency.as_secs_f64()));
+            return Tried::ContextLength(passthrough());
+        }
+        if matches!(err_code, "content_policy_violation" | "content_filter")
+            || error
+                .pointer("/error/innererror/code")
+                .and_then(Value::as_str)
+                == Some("ResponsibleAIPolicyViolation")
+        {
+            inflight.finish(Outcome::Success, Some(latency));
+            gw.metrics
+                .attempt(name, "content_policy", Some(latency.as_secs_f64()));
+            return Tried::ContentPolicy(passthrough());
+        }
+    }
+    if status.is_server_error() {
+        inflight.finish(Outcome::Failure, Some(latency));
+        gw.metrics
+            .attempt(name, "server_error", Some(latency.as_secs_f64()));
+    } else {
+        // The client's fault, not the provider's.
+        inflight.finish(Outcome::Success, Some(latency));
+        gw.metrics
+            .attempt(name, "client_error", Some(latency.as_secs_f64()));
+    }
+    if retryable {
+        Tried::Retry(format!("{name} answered {code}"))
+    } else {
+        Tried::Final(passthrough())
+    }
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut text = if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "the connection failed before a response".to_owned()
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A stream: fail over invisibly until the first event; afterwards forward events,
+/// skip malformed ones, and end a broken stream with an explicit error event (never
+/// `[DONE]` after a truncated answer).
+#[allow(clippy::too_many_arguments)]
+async fn stream(
+    gw: &Gateway,
+    rc: &RouteConfig,
+    name: &str,
+    resp: Response<Incoming>,
+    req: &ClientRequest,
+    inflight: InFlight,
+    latency: Duration,
+    first_token_budget: Duration,
+) -> Tried {
+    let mut reader = SseReader::new(resp.into_body());
+    let first_by = Instant::now() + first_token_budget;
+    let first = loop {
+        let wait = first_by.saturating_duration_since(Instant::now());
+        match reader.next(wait).await {
+            Ok(Some(data)) if data == "[DONE]" || serde_json::from_str::<Value>(&data).is_ok() => {
+                break data;
+            }
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "empty_stream", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name} ended the stream before the first token"));
+            }
+            Err(e) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "stream_error", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: {e} before the first token"));
+            }
+        }
+    };
+    gw.metrics
+        .attempt(name, "success", Some(latency.as_secs_f64()));
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(32);
+    let idle = rc.timeouts.stream_idle.get();
+    let include_usage = req.include_usage;
+    let provider = name.to_owned();
+    tokio::spawn(async move {
+        let mut state = StreamState::default();
+        let mut next = Some(first);
+        loop {
+            let data = match next.take() {
+                Some(d) => d,
+                None => match reader.next(idle).await {
+                    Ok(Some(d)) => d,
+                    Ok(None) => {
+                        if state.finished {
+                            // Ended without [DONE]: finalise at once, with usage.
+                            if include_usage && !state.usage_seen {
+                                let _ = tx.send(Ok(event(&state.synthetic_usage()))).await;
+                            }
+                            let _ = tx
+                                .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                                .await;
+                            inflight.finish(Outcome::Success, Some(latency));
+                        } else {
+                            interrupted(
+                                &tx,
+                                &provider,
+                                "the provider ended the stream before the answer was complete",
+                            )
+                            .await;
+                            inflight.finish(Outcome::Failure, Some(latency));
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        let message = match &e {
+                            StreamError::Stalled(d) => format!(
+                                "the provider stalled for {} mid-answer",
+                                crds::Duration::new(*d)
+                            ),
+                            other => other.to_string(),
+                        };
+                        interrupted(&tx, &provider, &message).await;
+                        inflight.finish(Outcome::Failure, Some(latency));
+                        return;
+                    }
+                },
+            };
+            if data == "[DONE]" {
+                let _ = tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                    .await;
+                inflight.finish(Outcome::Success, Some(latency));
+                return;
+            }
+            let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+                tracing::warn!(provider = %provider, "skipped a malformed stream chunk");
+                continue;
+            };
+            state.observe(&chunk);
+            if tx.send(Ok(event(&chunk))).await.is_err() {
+                // The client went away; the provider did nothing wrong.
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(receiver_stream(rx)).boxed());
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-cache"),
+    );
+    Tried::Answer(resp)
+}
+
+fn event(value: &Value) -> Frame<Bytes> {
+    Frame::data(Bytes::from(format!("data: {value}\n\n")))
+}
+
+async fn interrupted(
+    tx: &mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    provider: &str,
+    message: &str,
+) {
+    tracing::warn!(
+        provider,
+        message,
+        "stream interrupted after the first token"
+    );
+    let body = json!({"error": {
+        "message": format!("{message}; the answer is incomplete"),
+        "type": "server_error",
+        "code": "upstream_stream_interrupted",
+        "param": null
+    }});
+    let _ = tx.send(Ok(event(&body))).await;
+}
+
+/// What the forwarded stream has shown so far.
+#[derive(Debug, Default)]
+struct StreamState {
+    finished: bool,
+    usage_seen: bool,
+    id: Option<Value>,
+    model: Option<Value>,
+    completion_chars: usize,
+}
+
+impl StreamState {
+    fn observe(&mut self, chunk: &Value) {
+        self.id = chunk.get("id").cloned().or(self.id.take());
+        self.model = chunk.get("model").cloned().or(self.model.take());
+        if chunk.get("usage").is_some_and(|u| !u.is_null()) {
+            self.usage_seen = true;
+        }
+        for choice in chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                self.finished = true;
+            }
+            if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
+                self.completion_chars += text.len();
+            }
+        }
+    }
+
+    /// A usage chunk estimated from what was streamed (about four characters a token).
+    fn synthetic_usage(&self) -> Value {
+        let completion = self.completion_chars.div_ceil(4);
+        json!({"id": self.id, "object": "chat.completion.chunk", "model": self.model, "choices": [],
+               "usage": {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}})
+    }
+}
+
+/// A complete answer the gateway makes up (content-policy response, degraded mode).
+fn synthetic_answer(req: &ClientRequest, text: &str, status: StatusCode) -> Response<Body> {
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if req.stream {
+        let chunk = json!({"id": "switchyard", "object": "chat.completion.chunk", "created": created, "model": req.model,
+                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": "stop"}]});
+        let mut body = format!("data: {chunk}\n\n");
+        if req.include_usage {
+            let usage = json!({"id": "switchyard", "object": "chat.completion.chunk", "created": created, "model": req.model,
+                               "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}});
+            body.push_str(&format!("data: {usage}\n\n"));
+        }
+        body.push_str("data: [DONE]\n\n");
+        let mut resp = json_response(status, Bytes::from(body));
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/event-stream"),
+        );
+        return resp;
+    }
+    let body = json!({"id": "switchyard", "object": "chat.completion", "created": created, "model": req.model,
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}});
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+fn receiver_stream<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

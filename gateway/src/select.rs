@@ -1,0 +1,303 @@
+//! Choosing the target of the next try.
+//!
+//! Targets are grouped by tier (lowest first). The first tier with a usable target
+//! serves, using the route's strategy among its usable targets; a target this request
+//! already tried is skipped. When nothing is usable the least-bad untried target (the one
+//! that becomes usable soonest) is tried anyway rather than failing without trying.
+
+use std::sync::atomic::Ordering;
+
+use crds::TargetConfig;
+use crds::policy::Strategy;
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::health::Availability;
+use crate::table::{RouteEntry, RoutingTable};
+
+/// The chosen target, and whether it was chosen only as the least bad.
+#[derive(Debug, Clone, Copy)]
+pub struct Choice<'a> {
+    /// The target.
+    pub target: &'a TargetConfig,
+    /// True when no target was usable and this one is merely the soonest to recover.
+    pub least_bad: bool,
+}
+
+/// Picks the next target for `route`, skipping providers in `tried`.
+pub fn pick<'a>(
+    table: &RoutingTable,
+    route: &'a RouteEntry,
+    tried: &[String],
+    now: Instant,
+) -> Option<Choice<'a>> {
+    let breaker = &route.config.circuit_breaker;
+    let mut least_bad: Option<(Instant, &'a TargetConfig)> = None;
+    let targets = &route.config.targets;
+    let mut i = 0;
+    while i < targets.len() {
+        let tier = targets[i].tier;
+        let end = targets[i..]
+            .iter()
+            .position(|t| t.tier != tier)
+            .map_or(targets.len(), |n| i + n);
+        let mut usable: Vec<&'a TargetConfig> = Vec::new();
+        for t in &targets[i..end] {
+            if tried.iter().any(|p| p == &t.provider) {
+                continue;
+            }
+            let Some(p) = table.provider(&t.provider) else {
+                continue;
+            };
+            if p.unusable.is_some() {
+                continue;
+            }
+            match p.health.availability(now, breaker) {
+                Availability::Ready => usable.push(t),
+                Availability::Until(when) => {
+                    if least_bad.is_none_or(|(best, _)| when < best) {
+                        least_bad = Some((when, t));
+                    }
+                }
+                Availability::Busy => {}
+            }
+        }
+        if !usable.is_empty() {
+            return Some(Choice {
+                target: by_strategy(table, route, &usable, now),
+                least_bad: false,
+            });
+        }
+        i = end;
+    }
+    least_bad.map(|(_, target)| Choice {
+        target,
+        least_bad: true,
+    })
+}
+
+fn by_strategy<'a>(
+    table: &RoutingTable,
+    route: &RouteEntry,
+    usable: &[&'a TargetConfig],
+    now: Instant,
+) -> &'a TargetConfig {
+    let mut rng = rand::rng();
+    let health = |t: &TargetConfig| table.provider(&t.provider).map(|p| p.health.clone());
+    match route.config.strategy {
+        Strategy::RoundRobin => usable[route.next.fetch_add(1, Ordering::Relaxed) % usable.len()],
+        Strategy::Weighted => {
+            let total: u64 = usable.iter().map(|t| u64::from(t.weight)).sum();
+            if total == 0 {
+                return usable[rng.random_range(0..usable.len())];
+            }
+            let mut roll = rng.random_range(0..total);
+            for t in usable {
+                let w = u64::from(t.weight);
+                if roll < w {
+                    return t;
+                }
+                roll -= w;
+            }
+            usable[usable.len() - 1]
+        }
+        Strategy::Latency => {
+            // Power of two choices: the better of two random picks, scored by latency
+            // weighted by load, so one slow provider is avoided without herding.
+            let score = |t: &TargetConfig| {
+                health(t).map_or(f64::MAX, |h| {
+                    let latency = h.latency_ms().unwrap_or(0.0);
+                    (latency + 1.0) * f64::from(h.in_flight() + 1)
+                })
+            };
+            let a = usable[rng.random_range(0..usable.len())];
+            let b = usable[rng.random_range(0..usable.len())];
+            if score(b) < score(a) { b } else { a }
+        }
+        Strategy::LeastRequests => {
+            let start = rng.random_range(0..usable.len());
+            (0..usable.len())
+                .map(|k| usable[(start + k) % usable.len()])
+                .min_by_key(|t| health(t).map_or(u32::MAX, |h| h.in_flight()))
+                .unwrap_or(usable[0])
+        }
+        Strategy::Capacity => {
+            let remaining = |t: &TargetConfig| {
+                let limit = table
+                    .provider(&t.provider)
+                    .and_then(|p| p.config.limits.requests_per_minute);
+                health(t).map_or(0, |h| h.remaining_capacity(now, limit))
+            };
+            usable
+                .iter()
+                .copied()
+                .max_by_key(|t| remaining(t))
+                .unwrap_or(usable[0])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Outcome;
+    use crate::table::Secrets;
+    use crds::GatewayConfig;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn table(strategy: &str) -> RoutingTable {
+        let provider = |name: &str| {
+            json!({"name": name, "type": "openaiCompatible", "endpoint": "http://127.0.0.1:1", "region": "r", "local": true,
+                   "enabled": true, "limits": {}, "health": {"passive": {}}})
+        };
+        let target = |name: &str, tier: u32, weight: u32| json!({"provider": name, "upstreamModel": "m", "weight": weight, "priority": tier / 2, "tier": tier});
+        let config: GatewayConfig = serde_json::from_value(json!({
+            "version": 1, "namespace": "ns", "pool": "p", "region": "r",
+            "providers": [provider("a"), provider("b"), provider("c")],
+            "routes": [{"model": "m", "policy": "p", "strategy": strategy, "regional": "preferLocal",
+                        "targets": [target("a", 0, 90), target("b", 0, 10), target("c", 2, 100)],
+                        "retry": {}, "timeouts": {}, "circuitBreaker": {"consecutiveFailures": 1}}]
+        }))
+        .expect("valid config");
+        RoutingTable::build(config, &Secrets::default(), None, Instant::now())
+    }
+
+    fn eject(t: &RoutingTable, name: &str, now: Instant) {
+        let route = t.route_for("m").expect("route");
+        let p = t.provider(name).expect("provider");
+        p.health.start(now);
+        p.health.finish(
+            now,
+            Outcome::Failure,
+            None,
+            &route.config.circuit_breaker,
+            &p.config.health.passive,
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn weighted_split_follows_the_weights_within_the_first_tier() {
+        let t = table("weighted");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        let mut a = 0;
+        for _ in 0..10_000 {
+            match pick(&t, route, &[], now)
+                .expect("choice")
+                .target
+                .provider
+                .as_str()
+            {
+                "a" => a += 1,
+                "b" => {}
+                other => panic!("tier 1 target {other} chosen while tier 0 is usable"),
+            }
+        }
+        assert!((8700..9300).contains(&a), "a got {a} of 10000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fails_over_to_the_next_tier_only_when_the_first_is_unusable() {
+        let t = table("roundRobin");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        eject(&t, "a", now);
+        assert_eq!(
+            pick(&t, route, &[], now).expect("choice").target.provider,
+            "b"
+        );
+        eject(&t, "b", now);
+        let choice = pick(&t, route, &[], now).expect("choice");
+        assert_eq!(
+            (choice.target.provider.as_str(), choice.least_bad),
+            ("c", false)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn skips_targets_the_request_already_tried() {
+        let t = table("roundRobin");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        let tried = vec!["a".to_owned(), "b".to_owned()];
+        assert_eq!(
+            pick(&t, route, &tried, now)
+                .expect("choice")
+                .target
+                .provider,
+            "c"
+        );
+        let all = vec!["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert!(pick(&t, route, &all, now).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tries_the_least_bad_target_when_every_target_is_ejected() {
+        let t = table("roundRobin");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        eject(&t, "a", now);
+        eject(&t, "b", now + Duration::from_secs(5));
+        eject(&t, "c", now + Duration::from_secs(10));
+        let choice = pick(&t, route, &[], now + Duration::from_secs(10)).expect("choice");
+        assert_eq!(
+            (choice.target.provider.as_str(), choice.least_bad),
+            ("a", true)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_robin_alternates() {
+        let t = table("roundRobin");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                pick(&t, route, &[], now)
+                    .expect("choice")
+                    .target
+                    .provider
+                    .clone()
+            })
+            .collect();
+        assert_eq!(picks, ["a", "b", "a", "b"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_strategy_prefers_the_faster_provider() {
+        let t = table("latency");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        for (name, ms) in [("a", 500), ("b", 20)] {
+            let p = t.provider(name).expect("provider");
+            p.health.start(now);
+            p.health.finish(
+                now,
+                Outcome::Success,
+                Some(Duration::from_millis(ms)),
+                &route.config.circuit_breaker,
+                &p.config.health.passive,
+            );
+        }
+        let b = (0..1000)
+            .filter(|_| pick(&t, route, &[], now).expect("choice").target.provider == "b")
+            .count();
+        // b wins every pair that contains it: 1 - (1/2)^2 = 75%.
+        assert!((700..800).contains(&b), "b chosen {b} of 1000");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn least_requests_picks_the_least_loaded() {
+        let t = table("leastRequests");
+        let route = t.route_for("m").expect("route");
+        let now = Instant::now();
+        t.provider("a").expect("a").health.start(now);
+        for _ in 0..20 {
+            assert_eq!(
+                pick(&t, route, &[], now).expect("choice").target.provider,
+                "b"
+            );
+        }
+    }
+}

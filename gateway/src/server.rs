@@ -1,0 +1,314 @@
+//! The HTTP front: HTTP/1.1 and h2c on one port, the OpenAI API, admin endpoints, and a
+//! graceful shutdown that finishes requests in flight.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::auth::presented_key;
+use crate::errors::{error_response, json_response};
+use crate::gateway::Gateway;
+use crate::proxy::{ClientRequest, serve};
+use crate::upstream::Operation;
+
+/// Response body type of every handler.
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting and waits up to
+/// `drain` for requests in flight.
+pub async fn run(
+    gw: Arc<Gateway>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let gw = gw.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        drain_seconds = drain.as_secs(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some requests were still in flight at the drain deadline");
+    }
+}
+
+fn request_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(
+            || format!("{:032x}", rand::rng().random::<u128>()),
+            str::to_owned,
+        )
+}
+
+async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut resp = match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+        }
+        (&Method::GET, "/readyz") => match gw.table.load().as_ref() {
+            Some(_) => json_response(
+                StatusCode::OK,
+                Bytes::from_static(b"{\"status\":\"ready\"}"),
+            ),
+            None => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "not_ready",
+                "no configuration loaded yet",
+            ),
+        },
+        (&Method::GET, "/metrics") => {
+            let text = gw.metrics.render(gw.table.load().as_deref());
+            let mut r = json_response(StatusCode::OK, Bytes::from(text));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (&Method::GET, "/status") => status(&gw),
+        (&Method::GET, "/v1/models") => models(&gw, &req),
+        (&Method::POST, p) if Operation::from_path(p).is_some() => {
+            let op = Operation::from_path(p).unwrap_or(Operation::ChatCompletions);
+            api(&gw, req, op, &id).await
+        }
+        (_, p) if Operation::from_path(p).is_some() || p == "/v1/models" => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            &format!("{method} is not allowed on {p}"),
+        ),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            &format!("unknown path {path}"),
+        ),
+    };
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if path.starts_with("/v1/") {
+        tracing::info!(
+            request_id = %id,
+            method = %method,
+            path = %path,
+            status = resp.status().as_u16(),
+            provider = resp.headers().get("x-switchyard-provider").and_then(|v| v.to_str().ok()).unwrap_or(""),
+            attempts = resp.headers().get("x-switchyard-attempts").and_then(|v| v.to_str().ok()).unwrap_or("0"),
+            ms = started.elapsed().as_millis() as u64,
+            peer = %peer,
+            "request"
+        );
+    }
+    resp
+}
+
+async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str) -> Response<Body> {
+    let started = Instant::now();
+    let Some(table) = gw.table.load_full() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "not_ready",
+            "no configuration loaded yet",
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match Limited::new(body, gw.max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                &format!("the request body exceeds {} bytes", gw.max_body),
+            );
+        }
+        Err(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "body_unreadable",
+                "the request body could not be read",
+            );
+        }
+    };
+    let body: Value = match serde_json::from_slice(&bytes) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                "the request body must be a JSON object",
+            );
+        }
+        Err(e) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_json",
+                &format!("the request body is not valid JSON: {e}"),
+            );
+        }
+    };
+    let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing_model",
+            "the request body needs a \"model\" string",
+        );
+    };
+    let Some(route) = table.route_for(&model) else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            &format!(
+                "the model {model:?} is not routed by this gateway; GET /v1/models lists the models it serves"
+            ),
+        );
+    };
+    if let Some(problem) = &route.misconfigured {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "misconfigured",
+            problem,
+        );
+    }
+    if let Some(keys) = &route.client_keys {
+        match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
+            Some(client) => tracing::debug!(request_id = %id, client, "authenticated"),
+            None => {
+                return error_response(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "invalid_api_key",
+                    "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
+                );
+            }
+        }
+    }
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let request = ClientRequest {
+        op,
+        body,
+        model: model.clone(),
+        stream,
+        include_usage,
+        request_id: id.to_owned(),
+    };
+    let resp = serve(gw, table.clone(), route, request).await;
+    gw.metrics.request(
+        &model,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
+    let Some(table) = gw.table.load_full() else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "not_ready",
+            "no configuration loaded yet",
+        );
+    };
+    // Only the models the caller's key may use, when routes require keys.
+    let key = presented_key(req.headers());
+    let data: Vec<Value> = table
+        .routes()
+        .iter()
+        .filter(|r| !r.config.model.ends_with('*'))
+        .filter(|r| r.client_keys.as_ref().is_none_or(|keys| key.and_then(|k| keys.identify(k)).is_some()))
+        .map(|r| json!({"id": r.config.model, "object": "model", "created": 0, "owned_by": format!("switchyard/{}", r.config.policy)}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        Bytes::from(json!({"object": "list", "data": data}).to_string()),
+    )
+}
+
+fn status(gw: &Gateway) -> Response<Body> {
+    let table = gw.table.load_full();
+    let now = Instant::now();
+    let providers: Vec<Value> = table
+        .iter()
+        .flat_map(|t| t.providers())
+        .map(|p| {
+            let mut view = serde_json::to_value(p.health.view(now)).unwrap_or(Value::Null);
+            if let (Some(reason), Some(obj)) = (p.unusable, view.as_object_mut()) {
+                obj.insert("state".into(), json!(if reason == "Drained" { "drained" } else { "unusable" }));
+                obj.insert("reason".into(), json!(reason));
+            }
+            json!({"name": p.config.name, "region": p.config.region, "local": p.config.local, "health": view})
+        })
+        .collect();
+    let body = json!({
+        "region": gw.region,
+        "ready": table.is_some(),
+        "pool": table.as_ref().map(|t| format!("{}/{}", t.config.namespace, t.config.pool)),
+        "routes": table.iter().flat_map(|t| t.routes()).map(|r| r.config.model.clone()).collect::<Vec<_>>(),
+        "providers": providers,
+        "config": gw.config_state(),
+    });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}

@@ -1,0 +1,199 @@
+//! The routing table: one immutable snapshot of configuration plus the live state it
+//! points at. A reload builds a new table and swaps it in atomically; health, breakers
+//! and retry budgets are carried forward by provider name and route model, so a config
+//! change never resets what the gateway has learned and never drops a request in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use crds::pool::ProviderType;
+use crds::{GatewayConfig, ProviderConfig, RouteConfig};
+use tokio::time::Instant;
+
+use crate::auth::ClientKeys;
+use crate::health::ProviderHealth;
+use crate::retry::RetryBudget;
+
+/// Secret values by Secret name and key. Never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secrets(BTreeMap<String, BTreeMap<String, String>>);
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(name, keys)| (name, keys.keys().collect::<Vec<_>>())),
+            )
+            .finish()
+    }
+}
+
+impl Secrets {
+    /// Adds one Secret's entries.
+    pub fn insert(&mut self, name: String, data: BTreeMap<String, String>) {
+        self.0.insert(name, data);
+    }
+
+    /// One value.
+    pub fn get(&self, name: &str, key: &str) -> Option<&str> {
+        self.0.get(name)?.get(key).map(String::as_str)
+    }
+
+    /// Every entry of one Secret.
+    pub fn all(&self, name: &str) -> Option<&BTreeMap<String, String>> {
+        self.0.get(name)
+    }
+}
+
+/// A provider API key; its `Debug` never shows the value.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// A provider in the table.
+#[derive(Debug)]
+pub struct ProviderEntry {
+    /// Compiled settings.
+    pub config: ProviderConfig,
+    /// Live health, shared across reloads.
+    pub health: Arc<ProviderHealth>,
+    /// The key, when the provider needs one and its Secret was found.
+    pub api_key: Option<ApiKey>,
+    /// Why the provider cannot be used at all, whatever its health.
+    pub unusable: Option<&'static str>,
+}
+
+/// A route in the table.
+#[derive(Debug)]
+pub struct RouteEntry {
+    /// Compiled settings.
+    pub config: RouteConfig,
+    /// Round-robin position.
+    pub next: AtomicUsize,
+    /// Retry budget, shared across reloads.
+    pub budget: Arc<RetryBudget>,
+    /// Client keys accepted on this route; `None` when the route is open.
+    pub client_keys: Option<Arc<ClientKeys>>,
+    /// Why the route refuses every request (its client-key Secret is missing).
+    pub misconfigured: Option<String>,
+}
+
+/// The immutable snapshot requests are served from.
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// The configuration it was built from.
+    pub config: GatewayConfig,
+    providers: HashMap<String, ProviderEntry>,
+    routes: Vec<RouteEntry>,
+}
+
+impl RoutingTable {
+    /// Builds a table, carrying live state forward from `previous`.
+    pub fn build(
+        config: GatewayConfig,
+        secrets: &Secrets,
+        previous: Option<&RoutingTable>,
+        now: Instant,
+    ) -> Self {
+        let mut providers = HashMap::new();
+        for p in &config.providers {
+            let health = previous
+                .and_then(|t| t.providers.get(&p.name))
+                .map_or_else(|| Arc::new(ProviderHealth::new(now)), |e| e.health.clone());
+            let api_key = p
+                .credentials
+                .as_ref()
+                .and_then(|c| secrets.get(&c.name, &c.key))
+                .map(|k| ApiKey(k.to_owned()));
+            let unusable = if !p.enabled {
+                Some("Drained")
+            } else if p.credentials.is_some() && api_key.is_none() {
+                Some("MissingCredentials")
+            } else if p.provider_type == ProviderType::Anthropic {
+                Some("DialectNotSupported")
+            } else {
+                None
+            };
+            if let Some(reason) = unusable.filter(|r| *r != "Drained") {
+                tracing::warn!(provider = %p.name, reason, "provider cannot be used");
+            }
+            providers.insert(
+                p.name.clone(),
+                ProviderEntry {
+                    config: p.clone(),
+                    health,
+                    api_key,
+                    unusable,
+                },
+            );
+        }
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let budget = previous
+                    .and_then(|t| t.routes.iter().find(|old| old.config.model == r.model))
+                    .map_or_else(|| Arc::new(RetryBudget::new(now)), |old| old.budget.clone());
+                let (client_keys, misconfigured) = match &r.client_auth_secret {
+                    None => (None, None),
+                    Some(name) => match secrets.all(name) {
+                        Some(keys) if !keys.is_empty() => {
+                            (Some(Arc::new(ClientKeys::new(keys))), None)
+                        }
+                        _ => (
+                            None,
+                            Some(format!(
+                                "the client key Secret {name:?} is missing or empty"
+                            )),
+                        ),
+                    },
+                };
+                RouteEntry {
+                    config: r.clone(),
+                    next: AtomicUsize::new(0),
+                    budget,
+                    client_keys,
+                    misconfigured,
+                }
+            })
+            .collect();
+        Self {
+            config,
+            providers,
+            routes,
+        }
+    }
+
+    /// The route for a requested model: exact, else the longest matching pattern.
+    pub fn route_for(&self, model: &str) -> Option<&RouteEntry> {
+        let config = self.config.route_for(model)?;
+        self.routes.iter().find(|r| r.config.model == config.model)
+    }
+
+    /// A provider by name.
+    pub fn provider(&self, name: &str) -> Option<&ProviderEntry> {
+        self.providers.get(name)
+    }
+
+    /// Every provider, in config order.
+    pub fn providers(&self) -> impl Iterator<Item = &ProviderEntry> {
+        self.config
+            .providers
+            .iter()
+            .filter_map(|p| self.providers.get(&p.name))
+    }
+
+    /// Every route, in config order.
+    pub fn routes(&self) -> &[RouteEntry] {
+        &self.routes
+    }
+}

@@ -1,0 +1,210 @@
+//! Talking to providers: the pooled HTTP client and each dialect's request shape.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::TargetConfig;
+use crds::pool::ProviderType;
+use http_body_util::Full;
+use hyper::{Method, Request};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use crate::table::ProviderEntry;
+
+/// The upstream client: pooled keep-alive connections, TLS by rustls with the web PKI
+/// roots, HTTP/2 where the provider offers it through ALPN.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A client whose TCP connect gives up after `connect`.
+pub fn new_client(connect: Duration) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// The OpenAI operations the gateway serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// `/v1/chat/completions`
+    ChatCompletions,
+    /// `/v1/completions`
+    Completions,
+    /// `/v1/embeddings`
+    Embeddings,
+}
+
+impl Operation {
+    /// From the request path.
+    pub fn from_path(path: &str) -> Option<Self> {
+        match path {
+            "/v1/chat/completions" => Some(Self::ChatCompletions),
+            "/v1/completions" => Some(Self::Completions),
+            "/v1/embeddings" => Some(Self::Embeddings),
+            _ => None,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat/completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// Builds the upstream request for one try. `body` is the client's JSON; its `model` is
+/// replaced by the target's upstream model (or kept, for pattern routes that pass it on).
+pub fn build_request(
+    provider: &ProviderEntry,
+    target: &TargetConfig,
+    op: Operation,
+    body: &Value,
+    request_id: &str,
+) -> Result<Request<Full<Bytes>>, String> {
+    let mut body = body.clone();
+    if let (Some(model), Some(obj)) = (&target.upstream_model, body.as_object_mut()) {
+        obj.insert("model".into(), Value::String(model.clone()));
+    }
+    let endpoint = provider.config.endpoint.trim_end_matches('/');
+    let (url, auth_header) = match provider.config.provider_type {
+        ProviderType::AzureOpenAi => {
+            let deployment = target
+                .deployment
+                .as_deref()
+                .ok_or_else(|| format!("target {} has no Azure deployment", target.provider))?;
+            let version = provider
+                .config
+                .azure_api_version
+                .as_deref()
+                .unwrap_or("2024-10-21");
+            (
+                format!(
+                    "{endpoint}/openai/deployments/{deployment}/{}?api-version={version}",
+                    op.suffix()
+                ),
+                ("api-key", provider.api_key.as_ref().map(|k| k.0.clone())),
+            )
+        }
+        ProviderType::OpenAi | ProviderType::OpenAiCompatible => (
+            format!("{endpoint}/v1/{}", op.suffix()),
+            (
+                "authorization",
+                provider.api_key.as_ref().map(|k| format!("Bearer {}", k.0)),
+            ),
+        ),
+        ProviderType::Anthropic => {
+            return Err("the anthropic dialect is not implemented yet".into());
+        }
+    };
+    let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let mut builder = Request::builder()
+        .method(Method::POST)
+        .uri(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("x-request-id", request_id);
+    if let (name, Some(value)) = auth_header {
+        builder = builder.header(name, value);
+    }
+    // The error names the URL, never the headers (which hold the key).
+    builder
+        .body(Full::new(Bytes::from(bytes)))
+        .map_err(|e| format!("invalid upstream request to {url}: {e}"))
+}
+
+/// How long a 429 asks the gateway to stay away: `retry-after-ms`, `x-ms-retry-after-ms`,
+/// `retry-after` (seconds or an HTTP date), or the longer of `x-ratelimit-reset-requests`
+/// and `-tokens`. One second when the provider says nothing.
+pub fn retry_after(headers: &hyper::HeaderMap) -> Duration {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
+        if let Some(ms) = text(name).and_then(|v| v.parse::<f64>().ok()) {
+            return Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 3600.0));
+        }
+    }
+    if let Some(v) = text("retry-after") {
+        if let Ok(secs) = v.parse::<f64>() {
+            return Duration::from_secs_f64(secs.clamp(0.0, 3600.0));
+        }
+        if let Ok(when) = httpdate::parse_http_date(v) {
+            return when
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+        }
+    }
+    let resets = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .iter()
+        .filter_map(|name| text(name).and_then(|v| crds::Duration::parse(v).ok()))
+        .map(crds::Duration::get)
+        .max();
+    resets.unwrap_or(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> hyper::HeaderMap {
+        let mut h = hyper::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().expect("valid header"));
+        }
+        h
+    }
+
+    #[test]
+    fn retry_after_reads_every_header_providers_use() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "2")])),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "250")])),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            retry_after(&headers(&[("x-ms-retry-after-ms", "1500")])),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            retry_after(&headers(&[
+                ("x-ratelimit-reset-requests", "1s"),
+                ("x-ratelimit-reset-tokens", "6m0s")
+            ])),
+            Duration::from_secs(360)
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "100"), ("retry-after", "9")])),
+            Duration::from_millis(100)
+        );
+        assert_eq!(retry_after(&headers(&[])), Duration::from_secs(1));
+        let future =
+            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(30));
+        let d = retry_after(&headers(&[("retry-after", &future)]));
+        assert!(
+            d > Duration::from_secs(28) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+"""The API surface: auth, errors, limits, other operations, reloads and shutdown."""
+
+import json
+import signal
+import threading
+import time
+
+import openai
+import pytest
+
+from conftest import http, manifests, provider
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def test_missing_or_wrong_key_gets_401_in_openai_shape(stack, client_for):
+    gw, _ = stack(["alpha"])
+    with pytest.raises(openai.AuthenticationError) as err:
+        client_for(gw, key="nope").chat.completions.create(model="gpt-4o", messages=MSG)
+    assert err.value.status_code == 401
+    assert err.value.code == "invalid_api_key"
+    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", {"model": "gpt-4o", "messages": MSG})
+    assert status == 401 and json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_models_lists_the_routed_models(stack, client_for):
+    gw, _ = stack(["alpha"])
+    models = [m.id for m in client_for(gw).models.list()]
+    assert models == ["gpt-4o"]
+
+
+def test_unknown_model_is_404_pointing_at_the_model_list(stack, client_for):
+    gw, _ = stack(["alpha"])
+    with pytest.raises(openai.NotFoundError) as err:
+        client_for(gw).chat.completions.create(model="gpt-9", messages=MSG)
+    assert "/v1/models" in str(err.value)
+
+
+def test_malformed_json_is_400_naming_the_problem(stack):
+    gw, _ = stack(["alpha"])
+    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", b'{"model": "gpt-4o",', {"authorization": "Bearer x"})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["code"] == "invalid_json" and "EOF" in error["message"]
+
+
+def test_oversized_body_is_413(stack):
+    gw, _ = stack(["alpha"])
+    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (17 << 20)}]}).encode()
+    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", big)
+    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_completions_and_embeddings_are_served(stack, client_for):
+    gw, _ = stack(["alpha"])
+    client = client_for(gw)
+    assert client.completions.create(model="gpt-4o", prompt="hi").choices[0].text.startswith("Hello from alpha")
+    assert len(client.embeddings.create(model="gpt-4o", input="hi").data[0].embedding) == 4
+
+
+def test_azure_deployments_get_their_path_api_version_and_api_key(stack, client_for):
+    gw, fakes = stack(["az"], provider_extra={"az": {"type_": "azureOpenAI"}})
+    answer = client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert answer.choices[0].message.content.startswith("Hello from az")
+    seen = fakes["az"].attempts()[0]
+    assert seen["path"] == "/openai/deployments/gpt-4o/chat/completions"
+    assert seen["query"] == "api-version=2024-10-21"
+    assert seen["headers"]["api-key"] == "<redacted>"
+
+
+def test_readyz_healthz_metrics_status(stack, client_for):
+    gw, _ = stack(["alpha"])
+    client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert http("GET", f"{gw.url}/healthz")[0] == 200
+    assert http("GET", f"{gw.url}/readyz")[0] == 200
+    _, _, metrics = http("GET", f"{gw.url}/metrics")
+    text = metrics.decode()
+    assert 'switchyard_gateway_requests_total{model="gpt-4o",status="200"} 1' in text
+    assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="success"} 1' in text
+    assert gw.status()["providers"][0]["health"]["state"] == "healthy"
+
+
+def test_a_bad_update_keeps_the_last_good_config_and_a_good_one_applies_within_a_second(stack, client_for, tmp_path):
+    gw, fakes = stack(["alpha"])
+    client = client_for(gw)
+    path = gw.manifests_dir / "switchyard.yaml"
+    good = path.read_text()
+    path.write_text(good.replace('"routes": [', '"routes": [{"model": "broken", "targets": [{"provider": "nobody"}]}, '))
+    time.sleep(1.5)
+    state = gw.status()["config"]
+    assert "nobody" in (state["lastError"] or ""), state
+    assert client.chat.completions.create(model="gpt-4o", messages=MSG).choices[0].message.content
+    path.write_text("kind: ProviderPool\nspec: [not, a, pool")
+    time.sleep(1.5)
+    assert gw.status()["config"]["lastError"], "the bad update is reported"
+    assert client.chat.completions.create(model="gpt-4o", messages=MSG).choices[0].message.content
+    p = provider("alpha", fakes["alpha"].url, models=("gpt-4o", "gpt-4o-mini"))
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}]}, {"model": "gpt-4o-mini", "targets": [{"provider": "alpha"}]}]
+    path.write_text(manifests([p], routes))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if "gpt-4o-mini" in gw.status()["routes"]:
+            break
+        time.sleep(0.1)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MSG).choices[0].message.content
+    assert gw.status()["config"]["lastError"] is None
+
+
+def test_sigterm_finishes_requests_in_flight(stack, client_for):
+    gw, fakes = stack(["alpha"], policy={"timeouts": {"firstByte": "10s"}})
+    fakes["alpha"].fault("slow-first-byte:1500")
+    result = {}
+
+    def call():
+        result["answer"] = client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    gw.proc.send_signal(signal.SIGTERM)
+    t.join(10)
+    assert result["answer"].choices[0].message.content.startswith("Hello from alpha")
+    assert gw.proc.wait(10) == 0

@@ -1,10 +1,139 @@
-//! The Switchyard operator. The controllers land with the operator issue; until then the
-//! binary refuses to start rather than pretend to reconcile.
+//! `switchyard-operator`: runs the controllers under a leader lease and serves
+//! `/healthz`, `/readyz` and `/metrics`.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "switchyard-operator {}: the controllers are not implemented yet; \
-         only the API (crds) and the local control plane exist in this release",
-        env!("CARGO_PKG_VERSION")
-    )
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kube::CustomResourceExt;
+use switchyard_operator::controller::{self, Context};
+use switchyard_operator::leader::LeaderElection;
+use switchyard_operator::metrics::Metrics;
+
+const USAGE: &str = "usage: switchyard-operator [--gateway-image IMAGE] [--namespace NS] [--metrics-listen ADDR] \
+[--leader-election-namespace NS] [--no-leader-election] [--log-format json|text]";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut image = format!("ghcr.io/switchyard-dev/switchyard-gateway:{}", env!("CARGO_PKG_VERSION"));
+    let mut namespace = None;
+    let mut listen: SocketAddr = "0.0.0.0:8081".parse()?;
+    let mut lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
+    let mut elect = true;
+    let mut json_logs = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value\n{USAGE}"));
+        match arg.as_str() {
+            "--gateway-image" => image = value()?,
+            "--namespace" => namespace = Some(value()?),
+            "--metrics-listen" => listen = value()?.parse()?,
+            "--leader-election-namespace" => lease_ns = value()?,
+            "--no-leader-election" => elect = false,
+            "--log-format" => json_logs = value()? != "text",
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    if json_logs {
+        tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+    }
+
+    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+    // A clear start-up error when the CRDs are missing, instead of endless watch errors.
+    let crds: kube::Api<crds::k8s::CustomResourceDefinition> = kube::Api::all(client.clone());
+    for crd in [crds::ProviderPool::crd_name(), crds::RoutingPolicy::crd_name()] {
+        if crds.get_opt(crd).await.context("cannot read CustomResourceDefinitions")?.is_none() {
+            bail!("the CRD {crd} is not installed; install the chart (or kubectl apply -f charts/switchyard/crds/) first");
+        }
+    }
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        gateway_image: image,
+        metrics: Metrics::default(),
+    });
+    let leading = Arc::new(AtomicBool::new(!elect));
+    tokio::spawn(admin(listen, ctx.clone(), leading.clone()));
+
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
+    let lease = LeaderElection::new(client, &lease_ns, "switchyard-operator", &identity, Duration::from_secs(15));
+    if elect {
+        tracing::info!(%identity, "waiting for the leader lease");
+        lease.acquire().await;
+        tracing::info!(%identity, "leading");
+        leading.store(true, Ordering::SeqCst);
+    }
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => tracing::info!("signal received"),
+            () = async { if elect { lease.hold().await } else { std::future::pending().await } } => {
+                tracing::error!("lost the leader lease; exiting so a fresh replica can take over");
+            }
+        }
+    };
+    controller::run(ctx, namespace, stop).await;
+    Ok(())
+}
+
+async fn admin(listen: SocketAddr, ctx: Arc<Context>, leading: Arc<AtomicBool>) {
+    let Ok(listener) = tokio::net::TcpListener::bind(listen).await else {
+        tracing::error!(%listen, "cannot serve /metrics");
+        return;
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let ctx = ctx.clone();
+        let leading = leading.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let ctx = ctx.clone();
+                let leading = leading.clone();
+                async move {
+                    let (status, body) = match req.uri().path() {
+                        "/healthz" => (StatusCode::OK, "ok".to_owned()),
+                        // Ready once leading (or waiting as a healthy standby).
+                        "/readyz" => (StatusCode::OK, if leading.load(Ordering::SeqCst) { "leading" } else { "standby" }.to_owned()),
+                        "/metrics" => (StatusCode::OK, ctx.metrics.render()),
+                        _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
+                    };
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    *resp.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = term => {},
+    }
 }

@@ -277,6 +277,23 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts a process of the project (an operator, a gateway) against this cluster:
+    /// `KUBECONFIG` points at it, output goes to `logs/<name>.log`, and the reaper stops it
+    /// with the cluster.
+    pub fn spawn_process(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
+        let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
+        let child = cmd
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut pids = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pids"))?;
+        writeln!(pids, "{}", child.id())?;
+        Ok(child)
+    }
+
     /// Polls `ready` until it holds, failing early (with the log to read) if a component
     /// exits.
     fn wait_for(

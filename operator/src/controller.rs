@@ -1,0 +1,382 @@
+//! The two controllers. Each reconcile checks every property of the world, so it can be
+//! killed at any line and resume correctly; it never branches on why it was called.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crds::k8s::{Secret, Time};
+use crds::status::conditions as types;
+use crds::{ProviderPool, RoutingPolicy, compile};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::conditions::{Desired, merge};
+use crate::metrics::Metrics;
+use crate::render::{HASH_ANNOTATION, MANAGER, POOL_LABEL, config_json, render, revision, stamp};
+use crate::status::{RegionObservation, pool_status, pool_status_changed};
+
+/// Everything a reconcile can fail with; the variant names the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object has no namespace (the CRDs are namespaced, so this is a bug upstream).
+    #[error("object has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Gateway image for pools that name none.
+    pub gateway_image: String,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("gateway_image", &self.gateway_image).finish_non_exhaustive()
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Server-side applies `obj` unless the live object already carries the same content hash.
+async fn apply<K>(api: &Api<K>, mut obj: K, metrics: &Metrics) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let hash = stamp(&mut obj);
+    let name = obj.name_any();
+    if let Some(live) = api.get_opt(&name).await?
+        && live.annotations().get(HASH_ANNOTATION) == Some(&hash)
+    {
+        return Ok(live);
+    }
+    metrics.write(K::kind(&()).as_ref());
+    Ok(api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await?)
+}
+
+/// Deletes the pool's children of one kind that are not in `keep`.
+async fn prune<K>(api: &Api<K>, pool: &str, keep: &BTreeSet<String>, metrics: &Metrics) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let selector = format!("{POOL_LABEL}={pool},app.kubernetes.io/managed-by={MANAGER}");
+    for obj in api.list_metadata(&ListParams::default().labels(&selector)).await? {
+        let name = obj.name_any();
+        if !keep.contains(&name) {
+            metrics.write("delete");
+            tracing::info!(kind = %K::kind(&()), %name, "pruning a child no longer wanted");
+            api.delete(&name, &DeleteParams::background()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reconciles a ProviderPool into its regional gateways and its status.
+pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("ProviderPool");
+    let ns = pool.namespace().ok_or(Error::NoNamespace)?;
+    let name = pool.name_any();
+    let client = ctx.client.clone();
+    let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+
+    let mut configs = Vec::new();
+    let mut problem = None;
+    for region in &pool.spec.regions {
+        match compile(&pool, &policies, &region.name) {
+            Ok(compiled) => configs.push(compiled.config),
+            Err(e) => problem = Some(e.to_string()),
+        }
+    }
+    if problem.is_some() {
+        configs.clear();
+    }
+
+    let mut observations = Vec::new();
+    if problem.is_none() {
+        let children = render(&pool, &configs, &ctx.gateway_image);
+        let m = &ctx.metrics;
+        apply(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), children.service_account.clone(), m).await?;
+        apply(&Api::<Role>::namespaced(client.clone(), &ns), children.role.clone(), m).await?;
+        apply(&Api::<RoleBinding>::namespaced(client.clone(), &ns), children.role_binding.clone(), m).await?;
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+        for cm in &children.config_maps {
+            apply(&cms, cm.clone(), m).await?;
+        }
+        let svcs = Api::<Service>::namespaced(client.clone(), &ns);
+        for svc in &children.services {
+            apply(&svcs, svc.clone(), m).await?;
+        }
+        let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
+        for pdb in &children.disruption_budgets {
+            apply(&pdbs, pdb.clone(), m).await?;
+        }
+        let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
+        for (i, d) in children.deployments.iter().enumerate() {
+            let live = apply(&deploys, d.clone(), m).await?;
+            let region = &pool.spec.regions[i];
+            observations.push(RegionObservation {
+                name: region.name.clone(),
+                desired: region.replicas,
+                ready: live.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0),
+                revision: revision(&config_json(&configs[i])),
+            });
+        }
+        let names = |v: Vec<String>| v.into_iter().collect::<BTreeSet<_>>();
+        prune(&deploys, &name, &names(children.deployments.iter().map(|o| o.name_any()).collect()), m).await?;
+        prune(&cms, &name, &names(children.config_maps.iter().map(|o| o.name_any()).collect()), m).await?;
+        prune(&svcs, &name, &names(children.services.iter().map(|o| o.name_any()).collect()), m).await?;
+        prune(&pdbs, &name, &names(children.disruption_budgets.iter().map(|o| o.name_any()).collect()), m).await?;
+    }
+
+    let status = pool_status(&pool, &observations, problem.as_deref(), &now());
+    if pool_status_changed(pool.status.as_ref(), &status) {
+        ctx.metrics.write("status");
+        let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool", "status": status});
+        Api::<ProviderPool>::namespaced(client, &ns)
+            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+            .await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Reconciles a RoutingPolicy's status: does it compile, do its references resolve.
+pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("RoutingPolicy");
+    let ns = policy.namespace().ok_or(Error::NoNamespace)?;
+    let name = policy.name_any();
+    let client = ctx.client.clone();
+    let pool_name = &policy.spec.pool_ref.name;
+    let pool = Api::<ProviderPool>::namespaced(client.clone(), &ns).get_opt(pool_name).await?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+
+    let (accepted, resolved, routes) = match &pool {
+        None => {
+            let msg = format!("spec.poolRef.name: ProviderPool {pool_name:?} not found in namespace {ns:?}");
+            (
+                Desired { type_: types::ACCEPTED, status: false, reason: "PoolNotFound", message: msg.clone() },
+                Desired { type_: types::RESOLVED_REFS, status: false, reason: "PoolNotFound", message: msg },
+                String::new(),
+            )
+        }
+        Some(pool) => {
+            let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+            let mut errors: Vec<String> = Vec::new();
+            let mut conflicts: Vec<String> = Vec::new();
+            let mut served: BTreeSet<String> = BTreeSet::new();
+            for region in &pool.spec.regions {
+                let Ok(out) = compile(pool, &policies, &region.name) else { continue };
+                for r in out.rejected.iter().filter(|r| r.policy == name) {
+                    for e in &r.errors {
+                        let text = e.to_string();
+                        if !errors.contains(&text) {
+                            errors.push(text);
+                        }
+                    }
+                }
+                for c in out.conflicts.iter().filter(|c| c.loser == name) {
+                    let text = format!("model {:?} is already served by the older RoutingPolicy {:?}", c.model, c.winner);
+                    if !conflicts.contains(&text) {
+                        conflicts.push(text);
+                    }
+                }
+                served.extend(out.config.routes.iter().filter(|r| r.policy == name).map(|r| r.model.clone()));
+            }
+            let missing = missing_secrets(pool, &policy, &secrets).await?;
+            let unknown_provider = errors.iter().any(|e| e.contains("is not in ProviderPool"));
+            let accepted = if !errors.is_empty() {
+                Desired { type_: types::ACCEPTED, status: false, reason: "Invalid", message: errors.join("; ") }
+            } else if !conflicts.is_empty() {
+                Desired { type_: types::ACCEPTED, status: false, reason: "RouteConflict", message: conflicts.join("; ") }
+            } else {
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: true,
+                    reason: "Accepted",
+                    message: format!("compiled into every region of ProviderPool {pool_name:?}"),
+                }
+            };
+            let resolved = if unknown_provider {
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "ProviderNotFound",
+                    message: errors.iter().filter(|e| e.contains("is not in ProviderPool")).cloned().collect::<Vec<_>>().join("; "),
+                }
+            } else if !missing.is_empty() {
+                Desired { type_: types::RESOLVED_REFS, status: false, reason: "SecretNotFound", message: missing.join("; ") }
+            } else {
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: true,
+                    reason: "ResolvedRefs",
+                    message: "the pool, its providers and every referenced Secret exist".to_owned(),
+                }
+            };
+            let routes: Vec<String> = policy.spec.routes.iter().map(|r| r.model.clone()).filter(|m| served.contains(m)).collect();
+            (accepted, resolved, routes.join(","))
+        }
+    };
+    let existing = policy.status.clone().unwrap_or_default();
+    let conditions = merge(&existing.conditions, vec![accepted, resolved], policy.metadata.generation, &now());
+    let desired = json!({
+        "observedGeneration": policy.metadata.generation,
+        "conditions": conditions,
+        "routes": if routes.is_empty() { Value::Null } else { Value::String(routes) },
+    });
+    let current = serde_json::to_value(&existing).unwrap_or(Value::Null);
+    let changed = ["observedGeneration", "conditions", "routes"]
+        .iter()
+        .any(|k| current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null));
+    if changed {
+        ctx.metrics.write("status");
+        let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy", "status": desired});
+        Api::<RoutingPolicy>::namespaced(client, &ns)
+            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+            .await?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Secret references of the policy (its client keys, and the credentials of every
+/// provider its routes target) that do not resolve, each naming the field.
+async fn missing_secrets(pool: &ProviderPool, policy: &RoutingPolicy, secrets: &Api<Secret>) -> Result<Vec<String>, Error> {
+    let mut missing = Vec::new();
+    let check = |secret: Option<Secret>, key: Option<&str>| match (secret, key) {
+        (None, _) => Some("not found"),
+        (Some(s), Some(key)) => {
+            let has = s.data.as_ref().is_some_and(|d| d.contains_key(key)) || s.string_data.as_ref().is_some_and(|d| d.contains_key(key));
+            (!has).then_some("has no such key")
+        }
+        (Some(_), None) => None,
+    };
+    if let Some(auth) = &policy.spec.client_auth {
+        let name = &auth.secret_ref.name;
+        if let Some(why) = check(secrets.get_opt(name).await?, None) {
+            missing.push(format!("spec.clientAuth.secretRef.name: Secret {name:?} {why}"));
+        }
+    }
+    let targeted: BTreeSet<&str> = policy.spec.routes.iter().flat_map(|r| r.targets.iter().map(|t| t.provider.as_str())).collect();
+    for (i, p) in pool.spec.providers.iter().enumerate() {
+        let Some(creds) = p.credentials.as_ref().filter(|_| targeted.contains(p.name.as_str())) else { continue };
+        let r = &creds.secret_ref;
+        if let Some(why) = check(secrets.get_opt(&r.name).await?, Some(&r.key)) {
+            missing.push(format!(
+                "provider {:?} (ProviderPool {:?} spec.providers[{i}].credentials.secretRef): Secret {:?} {why}{}",
+                p.name,
+                pool.name_any(),
+                r.name,
+                if why == "has no such key" { format!(" {:?}", r.key) } else { String::new() }
+            ));
+        }
+    }
+    Ok(missing)
+}
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.label());
+    tracing::warn!(error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl std::future::Future<Output = ()>) {
+    let client = ctx.client.clone();
+    let api = |_: ()| -> (Api<ProviderPool>, Api<RoutingPolicy>, Api<Secret>) {
+        match &namespace {
+            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        }
+    };
+    let (pools, policies, secrets) = api(());
+    let owned = |_: ()| -> (Api<Deployment>, Api<ConfigMap>) {
+        match &namespace {
+            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        }
+    };
+    let (deploys, cms) = owned(());
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+
+    let pool_controller = Controller::new(pools.clone(), watcher::Config::default());
+    let pool_store = pool_controller.store();
+    let pool_controller = pool_controller
+        .owns(deploys, children.clone())
+        .owns(cms, children)
+        .watches(policies.clone(), watcher::Config::default(), |p: RoutingPolicy| {
+            p.namespace().map(|ns| ObjectRef::new(&p.spec.pool_ref.name).within(&ns))
+        })
+        .watches(secrets.clone(), watcher::Config::default(), move |s: Secret| {
+            let ns = s.namespace().unwrap_or_default();
+            pool_store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
+        .run(reconcile_pool, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let policy_controller = Controller::new(policies, watcher::Config::default());
+    let policy_store = policy_controller.store();
+    let policy_store2 = policy_store.clone();
+    let policy_controller = policy_controller
+        .watches(pools, watcher::Config::default(), move |pool: ProviderPool| {
+            let ns = pool.namespace().unwrap_or_default();
+            let name = pool.name_any();
+            policy_store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && p.spec.pool_ref.name == name)
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
+        .watches(secrets, watcher::Config::default(), move |s: Secret| {
+            let ns = s.namespace().unwrap_or_default();
+            policy_store2
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
+        .run(reconcile_policy, error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    // Reconciles are idempotent, so stopping mid-way is safe: the next leader redoes them.
+    tokio::select! {
+        () = async { tokio::join!(pool_controller, policy_controller); } => {},
+        () = shutdown => tracing::info!("shutting down the controllers"),
+    }
+}

@@ -1,0 +1,222 @@
+//! Status math for both kinds, kept pure: observed facts in, the status the operator
+//! owns out.
+
+use crds::ProviderPool;
+use crds::k8s::{Condition, Time};
+use crds::status::{HealthState, ProviderPoolStatus, conditions as types};
+use serde_json::{Value, json};
+
+use crate::conditions::{Desired, merge};
+
+/// What the operator observed about one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionObservation {
+    /// Region name.
+    pub name: String,
+    /// Replicas asked for.
+    pub desired: i32,
+    /// Replicas ready.
+    pub ready: i32,
+    /// Revision of the config written for it.
+    pub revision: String,
+}
+
+/// The ProviderPool status fields the operator owns, as the JSON it applies.
+pub fn pool_status(pool: &ProviderPool, regions: &[RegionObservation], problem: Option<&str>, now: &Time) -> Value {
+    let existing = pool.status.clone().unwrap_or_default();
+    let ready_regions = regions.iter().filter(|r| r.ready >= r.desired).count();
+    let all_ready = problem.is_none() && ready_regions == regions.len();
+    let rolling: Vec<&str> = regions.iter().filter(|r| r.ready < r.desired).map(|r| r.name.as_str()).collect();
+    let (enabled, healthy, ejected) = provider_summary(pool, &existing);
+
+    let mut desired = vec![
+        Desired {
+            type_: types::READY,
+            status: all_ready,
+            reason: if problem.is_some() {
+                "InvalidConfiguration"
+            } else if all_ready {
+                "AllRegionsReady"
+            } else {
+                "RegionsNotReady"
+            },
+            message: match problem {
+                Some(p) => p.to_owned(),
+                None if all_ready => format!("gateways ready in all {} regions", regions.len()),
+                None => format!("waiting for gateway replicas in {}", rolling.join(", ")),
+            },
+        },
+        Desired {
+            type_: types::PROGRESSING,
+            status: !rolling.is_empty(),
+            reason: if rolling.is_empty() { "RolloutComplete" } else { "RollingOut" },
+            message: if rolling.is_empty() {
+                "every region runs its desired replicas".to_owned()
+            } else {
+                format!("rolling out in {}", rolling.join(", "))
+            },
+        },
+    ];
+    desired.push(Desired {
+        type_: types::DEGRADED,
+        status: !ejected.is_empty(),
+        reason: if ejected.is_empty() { "AsExpected" } else { "ProvidersEjected" },
+        message: if ejected.is_empty() {
+            "no provider is ejected".to_owned()
+        } else {
+            format!("ejected by gateways: {}", ejected.join(", "))
+        },
+    });
+    let conditions: Vec<Condition> = merge(&existing.conditions, desired, pool.metadata.generation, now);
+    json!({
+        "observedGeneration": pool.metadata.generation,
+        "conditions": conditions,
+        "readyRegions": format!("{ready_regions}/{}", regions.len()),
+        "healthyProviders": format!("{healthy}/{enabled}"),
+        "regions": regions.iter().map(|r| json!({
+            "name": r.name,
+            "desiredReplicas": r.desired,
+            "readyReplicas": r.ready,
+            "configRevision": r.revision,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// (enabled providers, healthy in at least one region, ejected somewhere as `region/name`).
+fn provider_summary(pool: &ProviderPool, status: &ProviderPoolStatus) -> (usize, usize, Vec<String>) {
+    let enabled: Vec<&str> = pool.spec.providers.iter().filter(|p| p.enabled).map(|p| p.name.as_str()).collect();
+    let healthy = enabled
+        .iter()
+        .filter(|name| {
+            status
+                .regions
+                .iter()
+                .flat_map(|r| &r.providers)
+                .any(|p| &p.name == *name && matches!(p.state, HealthState::Healthy | HealthState::Degraded))
+        })
+        .count();
+    let ejected = status
+        .regions
+        .iter()
+        .flat_map(|r| r.providers.iter().map(move |p| (r, p)))
+        .filter(|(_, p)| p.state == HealthState::Ejected && enabled.contains(&p.name.as_str()))
+        .map(|(r, p)| format!("{}/{}", r.name, p.name))
+        .collect();
+    (enabled.len(), healthy, ejected)
+}
+
+/// Whether applying `desired` would change what `current` (the live status) shows for
+/// the fields the operator owns.
+pub fn pool_status_changed(current: Option<&ProviderPoolStatus>, desired: &Value) -> bool {
+    let Some(current) = current else { return true };
+    let Ok(current) = serde_json::to_value(current) else { return true };
+    let regions_now: Vec<Value> = current
+        .get("regions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            json!({"name": r.get("name"), "desiredReplicas": r.get("desiredReplicas"),
+                   "readyReplicas": r.get("readyReplicas"), "configRevision": r.get("configRevision")})
+        })
+        .collect();
+    ["observedGeneration", "conditions", "readyRegions", "healthyProviders"]
+        .iter()
+        .any(|k| current.get(*k) != desired.get(*k))
+        || Some(&Value::Array(regions_now)) != desired.get("regions")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::status::{ProviderHealthStatus, RegionStatus};
+    use k8s_openapi::jiff::Timestamp;
+
+    fn pool() -> ProviderPool {
+        serde_json::from_value(json!({
+            "apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool",
+            "metadata": {"name": "chat", "namespace": "ns", "generation": 3},
+            "spec": {"regions": [{"name": "us-east"}, {"name": "eu-west"}],
+                     "providers": [
+                        {"name": "a", "type": "openaiCompatible", "endpoint": "http://a", "region": "us-east", "models": [{"name": "m"}]},
+                        {"name": "b", "type": "openaiCompatible", "endpoint": "http://b", "region": "eu-west", "models": [{"name": "m"}]}]}
+        }))
+        .expect("valid")
+    }
+
+    fn obs(name: &str, ready: i32) -> RegionObservation {
+        RegionObservation {
+            name: name.into(),
+            desired: 2,
+            ready,
+            revision: "r1".into(),
+        }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).expect("valid"))
+    }
+
+    fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+        status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_)).expect("condition present")
+    }
+
+    #[test]
+    fn ready_when_every_region_runs_its_replicas() {
+        let status = pool_status(&pool(), &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert_eq!(condition(&status, "Ready")["reason"], "AllRegionsReady");
+        assert_eq!(condition(&status, "Progressing")["status"], "False");
+        assert_eq!(status["readyRegions"], "2/2");
+        assert_eq!(status["observedGeneration"], 3);
+    }
+
+    #[test]
+    fn not_ready_and_progressing_while_a_region_rolls_out() {
+        let status = pool_status(&pool(), &[obs("us-east", 2), obs("eu-west", 1)], None, &now());
+        assert_eq!(condition(&status, "Ready")["status"], "False");
+        assert_eq!(condition(&status, "Ready")["message"], "waiting for gateway replicas in eu-west");
+        assert_eq!(condition(&status, "Progressing")["reason"], "RollingOut");
+        assert_eq!(status["readyRegions"], "1/2");
+    }
+
+    #[test]
+    fn gateway_reported_ejections_degrade_the_pool() {
+        let mut p = pool();
+        p.status = Some(ProviderPoolStatus {
+            regions: vec![RegionStatus {
+                name: "us-east".into(),
+                providers: vec![
+                    ProviderHealthStatus {
+                        name: "a".into(),
+                        state: HealthState::Ejected,
+                        ..Default::default()
+                    },
+                    ProviderHealthStatus {
+                        name: "b".into(),
+                        state: HealthState::Healthy,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let status = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        assert_eq!(condition(&status, "Degraded")["status"], "True");
+        assert_eq!(condition(&status, "Degraded")["message"], "ejected by gateways: us-east/a");
+        assert_eq!(status["healthyProviders"], "1/2");
+    }
+
+    #[test]
+    fn an_unchanged_world_needs_no_write() {
+        let mut p = pool();
+        let first = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        p.status = Some(serde_json::from_value(first.clone()).expect("status"));
+        let later = Time(Timestamp::from_second(5_000).expect("valid"));
+        let second = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &later);
+        assert!(!pool_status_changed(p.status.as_ref(), &second));
+        let third = pool_status(&p, &[obs("us-east", 1), obs("eu-west", 2)], None, &later);
+        assert!(pool_status_changed(p.status.as_ref(), &third));
+    }
+}

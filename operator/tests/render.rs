@@ -1,0 +1,107 @@
+//! `render` on the examples: golden objects, and the properties a platform team relies on.
+
+use std::path::Path;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use switchyard_operator::render::{Children, render};
+
+fn children() -> Children {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let m = crds::manifests::load(&dir, "default").expect("examples load");
+    let pool = &m.pools[0];
+    let mut pool = pool.clone();
+    pool.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    let configs: Vec<_> = pool
+        .spec
+        .regions
+        .iter()
+        .map(|r| crds::compile(&pool, &m.policies, &r.name).expect("compiles").config)
+        .collect();
+    render(&pool, &configs, "switchyard-gateway:test")
+}
+
+#[test]
+fn examples_render_to_the_golden_objects() {
+    let c = children();
+    let mut docs = Vec::new();
+    docs.push(serde_norway::to_string(&c.service_account).expect("yaml"));
+    docs.push(serde_norway::to_string(&c.role).expect("yaml"));
+    docs.push(serde_norway::to_string(&c.role_binding).expect("yaml"));
+    for d in &c.deployments {
+        docs.push(serde_norway::to_string(d).expect("yaml"));
+    }
+    for s in &c.services {
+        docs.push(serde_norway::to_string(s).expect("yaml"));
+    }
+    for p in &c.disruption_budgets {
+        docs.push(serde_norway::to_string(p).expect("yaml"));
+    }
+    for cm in &c.config_maps {
+        let mut cm = cm.clone();
+        cm.data = None; // the config itself is pinned by crds' compile goldens
+        docs.push(serde_norway::to_string(&cm).expect("yaml"));
+    }
+    let actual = docs.join("---\n");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/chat.yaml");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual).expect("golden written");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(expected == actual, "{} differs; inspect and rerun with UPDATE_GOLDEN=1\n{actual}", path.display());
+}
+
+fn by_region<'a>(c: &'a Children, region: &str) -> &'a Deployment {
+    c.deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some(&format!("chat-{region}")))
+        .expect("a deployment per region")
+}
+
+#[test]
+fn each_region_gets_a_pinned_hardened_gateway() {
+    let c = children();
+    assert_eq!(c.deployments.len(), 3);
+    assert_eq!(c.config_maps.len(), 3);
+    assert_eq!(c.services.len(), 4, "one per region plus the pool-wide one");
+    assert_eq!(c.disruption_budgets.len(), 3, "replicas > 1 in every region");
+    let d = by_region(&c, "eu-west");
+    let pod = d.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(
+        pod.node_selector.as_ref().and_then(|s| s.get("topology.kubernetes.io/region")).map(String::as_str),
+        Some("eu-west")
+    );
+    let sc = pod.containers[0].security_context.as_ref().expect("security context");
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
+    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
+    assert_eq!(
+        pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert!(d.metadata.owner_references.as_ref().is_some_and(|o| o[0].controller == Some(true)));
+}
+
+#[test]
+fn the_gateway_role_grants_only_named_objects() {
+    let c = children();
+    let rules = c.role.rules.clone().unwrap_or_default();
+    for rule in &rules {
+        assert!(rule.resource_names.as_ref().is_some_and(|n| !n.is_empty()), "every rule is scoped by name: {rule:?}");
+        assert!(!rule.verbs.iter().any(|v| v == "*" || v == "create" || v == "delete" || v == "update"), "{rule:?}");
+    }
+    let secrets = rules.iter().find(|r| r.resources.as_deref() == Some(&["secrets".to_owned()][..])).expect("secrets rule");
+    assert_eq!(
+        secrets.resource_names.clone().unwrap_or_default(),
+        ["anthropic", "azure-eastus", "azure-westeurope", "chat-client-keys", "openai"]
+    );
+}
+
+#[test]
+fn long_names_are_shortened_deterministically() {
+    let long = "a".repeat(80);
+    let name = switchyard_operator::render::child_name(&long);
+    assert!(name.len() <= 63);
+    assert_eq!(name, switchyard_operator::render::child_name(&long));
+}

@@ -18,7 +18,12 @@ pub struct Desired {
 
 /// Builds the condition list from `desired`, keeping each existing condition's
 /// `lastTransitionTime` unless its status flipped.
-pub fn merge(existing: &[Condition], desired: Vec<Desired>, generation: Option<i64>, now: &Time) -> Vec<Condition> {
+pub fn merge(
+    existing: &[Condition],
+    desired: Vec<Desired>,
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
     desired
         .into_iter()
         .map(|d| {
@@ -43,7 +48,12 @@ pub fn merge(existing: &[Condition], desired: Vec<Desired>, generation: Option<i
 pub fn transitions(before: &[Condition], after: &[Condition]) -> Vec<(String, String, String)> {
     after
         .iter()
-        .filter(|a| before.iter().find(|b| b.type_ == a.type_).is_none_or(|b| b.status != a.status))
+        .filter(|a| {
+            before
+                .iter()
+                .find(|b| b.type_ == a.type_)
+                .is_none_or(|b| b.status != a.status)
+        })
         .map(|a| (a.type_.clone(), a.status.clone(), a.reason.clone()))
         .collect()
 }
@@ -61,7 +71,11 @@ mod tests {
         Desired {
             type_: "Ready",
             status,
-            reason: if status { "AllRegionsReady" } else { "RegionsNotReady" },
+            reason: if status {
+                "AllRegionsReady"
+            } else {
+                "RegionsNotReady"
+            },
             message: "m".into(),
         }
     }
@@ -74,7 +88,14 @@ mod tests {
         assert_eq!(same, first, "nothing changed, so nothing differs");
         let flipped = merge(&same, vec![ready(true)], Some(1), &at(300));
         assert_eq!(flipped[0].last_transition_time, at(300));
-        assert_eq!(transitions(&same, &flipped), [("Ready".to_owned(), "True".to_owned(), "AllRegionsReady".to_owned())]);
+        assert_eq!(
+            transitions(&same, &flipped),
+            [(
+                "Ready".to_owned(),
+                "True".to_owned(),
+                "AllRegionsReady".to_owned()
+            )]
+        );
         assert!(transitions(&flipped, &flipped).is_empty());
     }
 

@@ -61,7 +61,9 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("gateway_image", &self.gateway_image).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("gateway_image", &self.gateway_image)
+            .finish_non_exhaustive()
     }
 }
 
@@ -82,16 +84,30 @@ where
         return Ok(live);
     }
     metrics.write(K::kind(&()).as_ref());
-    Ok(api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&obj)).await?)
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await?)
 }
 
 /// Deletes the pool's children of one kind that are not in `keep`.
-async fn prune<K>(api: &Api<K>, pool: &str, keep: &BTreeSet<String>, metrics: &Metrics) -> Result<(), Error>
+async fn prune<K>(
+    api: &Api<K>,
+    pool: &str,
+    keep: &BTreeSet<String>,
+    metrics: &Metrics,
+) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
     let selector = format!("{POOL_LABEL}={pool},app.kubernetes.io/managed-by={MANAGER}");
-    for obj in api.list_metadata(&ListParams::default().labels(&selector)).await? {
+    for obj in api
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await?
+    {
         let name = obj.name_any();
         if !keep.contains(&name) {
             metrics.write("delete");
@@ -108,7 +124,10 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let name = pool.name_any();
     let client = ctx.client.clone();
-    let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+    let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
 
     let mut configs = Vec::new();
     let mut problem = None;
@@ -126,9 +145,24 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     if problem.is_none() {
         let children = render(&pool, &configs, &ctx.gateway_image);
         let m = &ctx.metrics;
-        apply(&Api::<ServiceAccount>::namespaced(client.clone(), &ns), children.service_account.clone(), m).await?;
-        apply(&Api::<Role>::namespaced(client.clone(), &ns), children.role.clone(), m).await?;
-        apply(&Api::<RoleBinding>::namespaced(client.clone(), &ns), children.role_binding.clone(), m).await?;
+        apply(
+            &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+            children.service_account.clone(),
+            m,
+        )
+        .await?;
+        apply(
+            &Api::<Role>::namespaced(client.clone(), &ns),
+            children.role.clone(),
+            m,
+        )
+        .await?;
+        apply(
+            &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+            children.role_binding.clone(),
+            m,
+        )
+        .await?;
         let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
         for cm in &children.config_maps {
             apply(&cms, cm.clone(), m).await?;
@@ -148,15 +182,49 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
             observations.push(RegionObservation {
                 name: region.name.clone(),
                 desired: region.replicas,
-                ready: live.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0),
+                ready: live
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0),
                 revision: revision(&config_json(&configs[i])),
             });
         }
         let names = |v: Vec<String>| v.into_iter().collect::<BTreeSet<_>>();
-        prune(&deploys, &name, &names(children.deployments.iter().map(|o| o.name_any()).collect()), m).await?;
-        prune(&cms, &name, &names(children.config_maps.iter().map(|o| o.name_any()).collect()), m).await?;
-        prune(&svcs, &name, &names(children.services.iter().map(|o| o.name_any()).collect()), m).await?;
-        prune(&pdbs, &name, &names(children.disruption_budgets.iter().map(|o| o.name_any()).collect()), m).await?;
+        prune(
+            &deploys,
+            &name,
+            &names(children.deployments.iter().map(|o| o.name_any()).collect()),
+            m,
+        )
+        .await?;
+        prune(
+            &cms,
+            &name,
+            &names(children.config_maps.iter().map(|o| o.name_any()).collect()),
+            m,
+        )
+        .await?;
+        prune(
+            &svcs,
+            &name,
+            &names(children.services.iter().map(|o| o.name_any()).collect()),
+            m,
+        )
+        .await?;
+        prune(
+            &pdbs,
+            &name,
+            &names(
+                children
+                    .disruption_budgets
+                    .iter()
+                    .map(|o| o.name_any())
+                    .collect(),
+            ),
+            m,
+        )
+        .await?;
     }
 
     let status = pool_status(&pool, &observations, problem.as_deref(), &now());
@@ -164,38 +232,64 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
         ctx.metrics.write("status");
         let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool", "status": status});
         Api::<ProviderPool>::namespaced(client, &ns)
-            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
             .await?;
     }
     Ok(Action::await_change())
 }
 
 /// Reconciles a RoutingPolicy's status: does it compile, do its references resolve.
-pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile_policy(
+    policy: Arc<RoutingPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("RoutingPolicy");
     let ns = policy.namespace().ok_or(Error::NoNamespace)?;
     let name = policy.name_any();
     let client = ctx.client.clone();
     let pool_name = &policy.spec.pool_ref.name;
-    let pool = Api::<ProviderPool>::namespaced(client.clone(), &ns).get_opt(pool_name).await?;
+    let pool = Api::<ProviderPool>::namespaced(client.clone(), &ns)
+        .get_opt(pool_name)
+        .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
 
     let (accepted, resolved, routes) = match &pool {
         None => {
-            let msg = format!("spec.poolRef.name: ProviderPool {pool_name:?} not found in namespace {ns:?}");
+            let msg = format!(
+                "spec.poolRef.name: ProviderPool {pool_name:?} not found in namespace {ns:?}"
+            );
             (
-                Desired { type_: types::ACCEPTED, status: false, reason: "PoolNotFound", message: msg.clone() },
-                Desired { type_: types::RESOLVED_REFS, status: false, reason: "PoolNotFound", message: msg },
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "PoolNotFound",
+                    message: msg.clone(),
+                },
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "PoolNotFound",
+                    message: msg,
+                },
                 String::new(),
             )
         }
         Some(pool) => {
-            let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns).list(&ListParams::default()).await?.items;
+            let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?
+                .items;
             let mut errors: Vec<String> = Vec::new();
             let mut conflicts: Vec<String> = Vec::new();
             let mut served: BTreeSet<String> = BTreeSet::new();
             for region in &pool.spec.regions {
-                let Ok(out) = compile(pool, &policies, &region.name) else { continue };
+                let Ok(out) = compile(pool, &policies, &region.name) else {
+                    continue;
+                };
                 for r in out.rejected.iter().filter(|r| r.policy == name) {
                     for e in &r.errors {
                         let text = e.to_string();
@@ -205,19 +299,38 @@ pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> 
                     }
                 }
                 for c in out.conflicts.iter().filter(|c| c.loser == name) {
-                    let text = format!("model {:?} is already served by the older RoutingPolicy {:?}", c.model, c.winner);
+                    let text = format!(
+                        "model {:?} is already served by the older RoutingPolicy {:?}",
+                        c.model, c.winner
+                    );
                     if !conflicts.contains(&text) {
                         conflicts.push(text);
                     }
                 }
-                served.extend(out.config.routes.iter().filter(|r| r.policy == name).map(|r| r.model.clone()));
+                served.extend(
+                    out.config
+                        .routes
+                        .iter()
+                        .filter(|r| r.policy == name)
+                        .map(|r| r.model.clone()),
+                );
             }
             let missing = missing_secrets(pool, &policy, &secrets).await?;
             let unknown_provider = errors.iter().any(|e| e.contains("is not in ProviderPool"));
             let accepted = if !errors.is_empty() {
-                Desired { type_: types::ACCEPTED, status: false, reason: "Invalid", message: errors.join("; ") }
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "Invalid",
+                    message: errors.join("; "),
+                }
             } else if !conflicts.is_empty() {
-                Desired { type_: types::ACCEPTED, status: false, reason: "RouteConflict", message: conflicts.join("; ") }
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "RouteConflict",
+                    message: conflicts.join("; "),
+                }
             } else {
                 Desired {
                     type_: types::ACCEPTED,
@@ -231,10 +344,20 @@ pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> 
                     type_: types::RESOLVED_REFS,
                     status: false,
                     reason: "ProviderNotFound",
-                    message: errors.iter().filter(|e| e.contains("is not in ProviderPool")).cloned().collect::<Vec<_>>().join("; "),
+                    message: errors
+                        .iter()
+                        .filter(|e| e.contains("is not in ProviderPool"))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; "),
                 }
             } else if !missing.is_empty() {
-                Desired { type_: types::RESOLVED_REFS, status: false, reason: "SecretNotFound", message: missing.join("; ") }
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "SecretNotFound",
+                    message: missing.join("; "),
+                }
             } else {
                 Desired {
                     type_: types::RESOLVED_REFS,
@@ -243,12 +366,23 @@ pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> 
                     message: "the pool, its providers and every referenced Secret exist".to_owned(),
                 }
             };
-            let routes: Vec<String> = policy.spec.routes.iter().map(|r| r.model.clone()).filter(|m| served.contains(m)).collect();
+            let routes: Vec<String> = policy
+                .spec
+                .routes
+                .iter()
+                .map(|r| r.model.clone())
+                .filter(|m| served.contains(m))
+                .collect();
             (accepted, resolved, routes.join(","))
         }
     };
     let existing = policy.status.clone().unwrap_or_default();
-    let conditions = merge(&existing.conditions, vec![accepted, resolved], policy.metadata.generation, &now());
+    let conditions = merge(
+        &existing.conditions,
+        vec![accepted, resolved],
+        policy.metadata.generation,
+        &now(),
+    );
     let desired = json!({
         "observedGeneration": policy.metadata.generation,
         "conditions": conditions,
@@ -257,12 +391,18 @@ pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> 
     let current = serde_json::to_value(&existing).unwrap_or(Value::Null);
     let changed = ["observedGeneration", "conditions", "routes"]
         .iter()
-        .any(|k| current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null));
+        .any(|k| {
+            current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null)
+        });
     if changed {
         ctx.metrics.write("status");
         let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy", "status": desired});
         Api::<RoutingPolicy>::namespaced(client, &ns)
-            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
             .await?;
     }
     Ok(Action::await_change())
@@ -270,12 +410,17 @@ pub async fn reconcile_policy(policy: Arc<RoutingPolicy>, ctx: Arc<Context>) -> 
 
 /// Secret references of the policy (its client keys, and the credentials of every
 /// provider its routes target) that do not resolve, each naming the field.
-async fn missing_secrets(pool: &ProviderPool, policy: &RoutingPolicy, secrets: &Api<Secret>) -> Result<Vec<String>, Error> {
+async fn missing_secrets(
+    pool: &ProviderPool,
+    policy: &RoutingPolicy,
+    secrets: &Api<Secret>,
+) -> Result<Vec<String>, Error> {
     let mut missing = Vec::new();
     let check = |secret: Option<Secret>, key: Option<&str>| match (secret, key) {
         (None, _) => Some("not found"),
         (Some(s), Some(key)) => {
-            let has = s.data.as_ref().is_some_and(|d| d.contains_key(key)) || s.string_data.as_ref().is_some_and(|d| d.contains_key(key));
+            let has = s.data.as_ref().is_some_and(|d| d.contains_key(key))
+                || s.string_data.as_ref().is_some_and(|d| d.contains_key(key));
             (!has).then_some("has no such key")
         }
         (Some(_), None) => None,
@@ -283,12 +428,25 @@ async fn missing_secrets(pool: &ProviderPool, policy: &RoutingPolicy, secrets: &
     if let Some(auth) = &policy.spec.client_auth {
         let name = &auth.secret_ref.name;
         if let Some(why) = check(secrets.get_opt(name).await?, None) {
-            missing.push(format!("spec.clientAuth.secretRef.name: Secret {name:?} {why}"));
+            missing.push(format!(
+                "spec.clientAuth.secretRef.name: Secret {name:?} {why}"
+            ));
         }
     }
-    let targeted: BTreeSet<&str> = policy.spec.routes.iter().flat_map(|r| r.targets.iter().map(|t| t.provider.as_str())).collect();
+    let targeted: BTreeSet<&str> = policy
+        .spec
+        .routes
+        .iter()
+        .flat_map(|r| r.targets.iter().map(|t| t.provider.as_str()))
+        .collect();
     for (i, p) in pool.spec.providers.iter().enumerate() {
-        let Some(creds) = p.credentials.as_ref().filter(|_| targeted.contains(p.name.as_str())) else { continue };
+        let Some(creds) = p
+            .credentials
+            .as_ref()
+            .filter(|_| targeted.contains(p.name.as_str()))
+        else {
+            continue;
+        };
         let r = &creds.secret_ref;
         if let Some(why) = check(secrets.get_opt(&r.name).await?, Some(&r.key)) {
             missing.push(format!(
@@ -310,41 +468,66 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
 }
 
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let client = ctx.client.clone();
     let api = |_: ()| -> (Api<ProviderPool>, Api<RoutingPolicy>, Api<Secret>) {
         match &namespace {
-            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-            None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
         }
     };
     let (pools, policies, secrets) = api(());
     let owned = |_: ()| -> (Api<Deployment>, Api<ConfigMap>) {
         match &namespace {
-            Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         }
     };
     let (deploys, cms) = owned(());
-    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
+    let children =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
 
     let pool_controller = Controller::new(pools.clone(), watcher::Config::default());
     let pool_store = pool_controller.store();
     let pool_controller = pool_controller
         .owns(deploys, children.clone())
         .owns(cms, children)
-        .watches(policies.clone(), watcher::Config::default(), |p: RoutingPolicy| {
-            p.namespace().map(|ns| ObjectRef::new(&p.spec.pool_ref.name).within(&ns))
-        })
-        .watches(secrets.clone(), watcher::Config::default(), move |s: Secret| {
-            let ns = s.namespace().unwrap_or_default();
-            pool_store
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            policies.clone(),
+            watcher::Config::default(),
+            |p: RoutingPolicy| {
+                p.namespace()
+                    .map(|ns| ObjectRef::new(&p.spec.pool_ref.name).within(&ns))
+            },
+        )
+        .watches(
+            secrets.clone(),
+            watcher::Config::default(),
+            move |s: Secret| {
+                let ns = s.namespace().unwrap_or_default();
+                pool_store
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|_| async {});
 
@@ -352,16 +535,23 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl st
     let policy_store = policy_controller.store();
     let policy_store2 = policy_store.clone();
     let policy_controller = policy_controller
-        .watches(pools, watcher::Config::default(), move |pool: ProviderPool| {
-            let ns = pool.namespace().unwrap_or_default();
-            let name = pool.name_any();
-            policy_store
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()) && p.spec.pool_ref.name == name)
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            pools,
+            watcher::Config::default(),
+            move |pool: ProviderPool| {
+                let ns = pool.namespace().unwrap_or_default();
+                let name = pool.name_any();
+                policy_store
+                    .state()
+                    .into_iter()
+                    .filter(|p| {
+                        p.namespace().as_deref() == Some(ns.as_str())
+                            && p.spec.pool_ref.name == name
+                    })
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
         .watches(secrets, watcher::Config::default(), move |s: Secret| {
             let ns = s.namespace().unwrap_or_default();
             policy_store2

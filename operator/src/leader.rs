@@ -20,7 +20,13 @@ pub struct LeaderElection {
 
 impl LeaderElection {
     /// The lease `name` in `namespace`, held as `identity`.
-    pub fn new(client: Client, namespace: &str, name: &str, identity: &str, duration: Duration) -> Self {
+    pub fn new(
+        client: Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
@@ -59,7 +65,9 @@ impl LeaderElection {
                 let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
                 let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
                 let expired = spec.renew_time.as_ref().is_none_or(|t| {
-                    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(seconds)));
+                    let duration = SignedDuration::from_secs(i64::from(
+                        spec.lease_duration_seconds.unwrap_or(seconds),
+                    ));
                     t.0.checked_add(duration).is_ok_and(|until| until < now)
                 });
                 if !mine && !expired {
@@ -74,7 +82,11 @@ impl LeaderElection {
                 spec.lease_duration_seconds = Some(seconds);
                 // The resourceVersion makes this a compare-and-swap: two candidates cannot
                 // both win.
-                match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+                match self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+                {
                     Ok(_) => Ok(true),
                     Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
                     Err(e) => Err(e),

@@ -21,7 +21,10 @@ const USAGE: &str = "usage: switchyard-operator [--gateway-image IMAGE] [--names
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut image = format!("ghcr.io/switchyard-dev/switchyard-gateway:{}", env!("CARGO_PKG_VERSION"));
+    let mut image = format!(
+        "ghcr.io/switchyard-dev/switchyard-gateway:{}",
+        env!("CARGO_PKG_VERSION")
+    );
     let mut namespace = None;
     let mut listen: SocketAddr = "0.0.0.0:8081".parse()?;
     let mut lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
@@ -29,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
     let mut json_logs = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value\n{USAGE}"));
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
+        };
         match arg.as_str() {
             "--gateway-image" => image = value()?,
             "--namespace" => namespace = Some(value()?),
@@ -44,19 +50,39 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
     if json_logs {
-        tracing_subscriber::fmt().json().with_writer(std::io::stderr).with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
     }
 
-    let client = kube::Client::try_default().await.context("cannot reach the Kubernetes API")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API")?;
     // A clear start-up error when the CRDs are missing, instead of endless watch errors.
     let crds: kube::Api<crds::k8s::CustomResourceDefinition> = kube::Api::all(client.clone());
-    for crd in [crds::ProviderPool::crd_name(), crds::RoutingPolicy::crd_name()] {
-        if crds.get_opt(crd).await.context("cannot read CustomResourceDefinitions")?.is_none() {
-            bail!("the CRD {crd} is not installed; install the chart (or kubectl apply -f charts/switchyard/crds/) first");
+    for crd in [
+        crds::ProviderPool::crd_name(),
+        crds::RoutingPolicy::crd_name(),
+    ] {
+        if crds
+            .get_opt(crd)
+            .await
+            .context("cannot read CustomResourceDefinitions")?
+            .is_none()
+        {
+            bail!(
+                "the CRD {crd} is not installed; install the chart (or kubectl apply -f charts/switchyard/crds/) first"
+            );
         }
     }
 
@@ -71,7 +97,13 @@ async fn main() -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
-    let lease = LeaderElection::new(client, &lease_ns, "switchyard-operator", &identity, Duration::from_secs(15));
+    let lease = LeaderElection::new(
+        client,
+        &lease_ns,
+        "switchyard-operator",
+        &identity,
+        Duration::from_secs(15),
+    );
     if elect {
         tracing::info!(%identity, "waiting for the leader lease");
         lease.acquire().await;
@@ -96,26 +128,37 @@ async fn admin(listen: SocketAddr, ctx: Arc<Context>, leading: Arc<AtomicBool>) 
         return;
     };
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let ctx = ctx.clone();
         let leading = leading.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let ctx = ctx.clone();
-                let leading = leading.clone();
-                async move {
-                    let (status, body) = match req.uri().path() {
-                        "/healthz" => (StatusCode::OK, "ok".to_owned()),
-                        // Ready once leading (or waiting as a healthy standby).
-                        "/readyz" => (StatusCode::OK, if leading.load(Ordering::SeqCst) { "leading" } else { "standby" }.to_owned()),
-                        "/metrics" => (StatusCode::OK, ctx.metrics.render()),
-                        _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
-                    };
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    *resp.status_mut() = status;
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let ctx = ctx.clone();
+                    let leading = leading.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/healthz" => (StatusCode::OK, "ok".to_owned()),
+                            // Ready once leading (or waiting as a healthy standby).
+                            "/readyz" => (
+                                StatusCode::OK,
+                                if leading.load(Ordering::SeqCst) {
+                                    "leading"
+                                } else {
+                                    "standby"
+                                }
+                                .to_owned(),
+                            ),
+                            "/metrics" => (StatusCode::OK, ctx.metrics.render()),
+                            _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
+                        };
+                        let mut resp = Response::new(Full::new(Bytes::from(body)));
+                        *resp.status_mut() = status;
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

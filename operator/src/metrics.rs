@@ -45,9 +45,21 @@ impl Default for Metrics {
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register("reconciles", "Reconciles by kind", m.reconciles.clone());
-            r.register("reconcile_errors", "Failed reconciles by error", m.errors.clone());
-            r.register("reconcile_duration_seconds", "Reconcile duration by kind", m.durations.clone());
-            r.register("api_writes", "Writes to the API server by object kind", m.writes.clone());
+            r.register(
+                "reconcile_errors",
+                "Failed reconciles by error",
+                m.errors.clone(),
+            );
+            r.register(
+                "reconcile_duration_seconds",
+                "Reconcile duration by kind",
+                m.durations.clone(),
+            );
+            r.register(
+                "api_writes",
+                "Writes to the API server by object kind",
+                m.writes.clone(),
+            );
         }
         m
     }
@@ -70,7 +82,9 @@ impl Drop for Timer<'_> {
 impl Metrics {
     /// Counts a reconcile and times it.
     pub fn reconcile(&self, kind: &str) -> Timer<'_> {
-        let labels = KindLabels { kind: kind.to_owned() };
+        let labels = KindLabels {
+            kind: kind.to_owned(),
+        };
         self.reconciles.get_or_create(&labels).inc();
         Timer {
             histogram: self.durations.get_or_create(&labels).clone(),
@@ -81,17 +95,25 @@ impl Metrics {
 
     /// Counts a failed reconcile.
     pub fn error(&self, label: &'static str) {
-        self.errors.get_or_create(&ErrorLabels { error: label }).inc();
+        self.errors
+            .get_or_create(&ErrorLabels { error: label })
+            .inc();
     }
 
     /// Counts a write to the API server.
     pub fn write(&self, kind: &str) {
-        self.writes.get_or_create(&KindLabels { kind: kind.to_owned() }).inc();
+        self.writes
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
     }
 
     /// Writes so far, all kinds.
     pub fn total_writes(&self) -> u64 {
-        let Ok(r) = self.registry.lock() else { return 0 };
+        let Ok(r) = self.registry.lock() else {
+            return 0;
+        };
         let mut text = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut text, &r);
         text.lines()

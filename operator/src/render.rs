@@ -8,8 +8,9 @@ use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -59,7 +60,9 @@ pub fn child_name(base: &str) -> String {
 
 /// FNV-1a, 64 bits: stable across Rust versions, unlike `DefaultHasher`.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Names of a pool's children.
@@ -75,11 +78,23 @@ pub fn gateway_identity(pool: &str) -> String {
 /// The recommended labels, plus the pool (and region) selector labels.
 pub fn labels(pool: &str, region: Option<&str>) -> BTreeMap<String, String> {
     let mut l = BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), "switchyard-gateway".to_owned()),
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "switchyard-gateway".to_owned(),
+        ),
         ("app.kubernetes.io/instance".to_owned(), pool.to_owned()),
-        ("app.kubernetes.io/component".to_owned(), "gateway".to_owned()),
-        ("app.kubernetes.io/part-of".to_owned(), "switchyard".to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "gateway".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/part-of".to_owned(),
+            "switchyard".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        ),
         (POOL_LABEL.to_owned(), pool.to_owned()),
     ]);
     if let Some(region) = region {
@@ -96,7 +111,12 @@ fn selector(pool: &str, region: Option<&str>) -> BTreeMap<String, String> {
     s
 }
 
-fn meta(pool: &ProviderPool, name: String, region: Option<&str>, owner: &OwnerReference) -> ObjectMeta {
+fn meta(
+    pool: &ProviderPool,
+    name: String,
+    region: Option<&str>,
+    owner: &OwnerReference,
+) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: pool.namespace(),
@@ -118,7 +138,12 @@ pub fn render(pool: &ProviderPool, configs: &[GatewayConfig], default_image: &st
     let owner = pool.controller_owner_ref(&()).unwrap_or_default();
     let identity = gateway_identity(&name);
     let port = pool.spec.gateway.port;
-    let image = pool.spec.gateway.image.clone().unwrap_or_else(|| default_image.to_owned());
+    let image = pool
+        .spec
+        .gateway
+        .image
+        .clone()
+        .unwrap_or_else(|| default_image.to_owned());
     let mut children = Children::default();
     let mut secrets = BTreeSet::new();
     let mut config_map_names = Vec::new();
@@ -129,16 +154,25 @@ pub fn render(pool: &ProviderPool, configs: &[GatewayConfig], default_image: &st
         config_map_names.push(child.clone());
         let json = config_json(config);
         let mut cm_meta = meta(pool, child.clone(), Some(&region.name), &owner);
-        cm_meta.annotations = Some(BTreeMap::from([(REVISION_ANNOTATION.to_owned(), revision(&json))]));
+        cm_meta.annotations = Some(BTreeMap::from([(
+            REVISION_ANNOTATION.to_owned(),
+            revision(&json),
+        )]));
         children.config_maps.push(ConfigMap {
             metadata: cm_meta,
             data: Some(BTreeMap::from([(GATEWAY_CONFIG_KEY.to_owned(), json)])),
             ..ConfigMap::default()
         });
-        children
-            .deployments
-            .push(deployment(pool, region, &child, &identity, &image, port, &owner));
-        children.services.push(service(pool, child.clone(), Some(&region.name), port, &owner));
+        children.deployments.push(deployment(
+            pool, region, &child, &identity, &image, port, &owner,
+        ));
+        children.services.push(service(
+            pool,
+            child.clone(),
+            Some(&region.name),
+            port,
+            &owner,
+        ));
         if region.replicas > 1 {
             children.disruption_budgets.push(PodDisruptionBudget {
                 metadata: meta(pool, child.clone(), Some(&region.name), &owner),
@@ -154,7 +188,9 @@ pub fn render(pool: &ProviderPool, configs: &[GatewayConfig], default_image: &st
             });
         }
     }
-    children.services.push(service(pool, child_name(&name), None, port, &owner));
+    children
+        .services
+        .push(service(pool, child_name(&name), None, port, &owner));
 
     children.service_account = ServiceAccount {
         metadata: meta(pool, identity.clone(), None, &owner),
@@ -217,7 +253,13 @@ pub fn revision(json: &str) -> String {
     format!("{:016x}", fnv1a(json.as_bytes()))
 }
 
-fn service(pool: &ProviderPool, name: String, region: Option<&str>, port: i32, owner: &OwnerReference) -> Service {
+fn service(
+    pool: &ProviderPool,
+    name: String,
+    region: Option<&str>,
+    port: i32,
+    owner: &OwnerReference,
+) -> Service {
     Service {
         metadata: meta(pool, name, region, owner),
         spec: Some(ServiceSpec {
@@ -257,7 +299,10 @@ fn deployment(
         failure_threshold: Some(3),
         ..Probe::default()
     };
-    let resources = region.resources.clone().or_else(|| pool.spec.gateway.resources.clone());
+    let resources = region
+        .resources
+        .clone()
+        .or_else(|| pool.spec.gateway.resources.clone());
     let container = Container {
         name: "gateway".into(),
         image: Some(image.into()),
@@ -364,7 +409,10 @@ fn deployment(
 /// Stamps each object with the hash of its own content, so a later reconcile can tell a
 /// no-op from a change without writing.
 pub fn stamp<K: Resource + serde::Serialize>(obj: &mut K) -> String {
-    let hash = format!("{:016x}", fnv1a(serde_json::to_string(obj).unwrap_or_default().as_bytes()));
+    let hash = format!(
+        "{:016x}",
+        fnv1a(serde_json::to_string(obj).unwrap_or_default().as_bytes())
+    );
     obj.meta_mut()
         .annotations
         .get_or_insert_with(BTreeMap::new)

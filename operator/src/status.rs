@@ -22,11 +22,20 @@ pub struct RegionObservation {
 }
 
 /// The ProviderPool status fields the operator owns, as the JSON it applies.
-pub fn pool_status(pool: &ProviderPool, regions: &[RegionObservation], problem: Option<&str>, now: &Time) -> Value {
+pub fn pool_status(
+    pool: &ProviderPool,
+    regions: &[RegionObservation],
+    problem: Option<&str>,
+    now: &Time,
+) -> Value {
     let existing = pool.status.clone().unwrap_or_default();
     let ready_regions = regions.iter().filter(|r| r.ready >= r.desired).count();
     let all_ready = problem.is_none() && ready_regions == regions.len();
-    let rolling: Vec<&str> = regions.iter().filter(|r| r.ready < r.desired).map(|r| r.name.as_str()).collect();
+    let rolling: Vec<&str> = regions
+        .iter()
+        .filter(|r| r.ready < r.desired)
+        .map(|r| r.name.as_str())
+        .collect();
     let (enabled, healthy, ejected) = provider_summary(pool, &existing);
 
     let mut desired = vec![
@@ -49,7 +58,11 @@ pub fn pool_status(pool: &ProviderPool, regions: &[RegionObservation], problem: 
         Desired {
             type_: types::PROGRESSING,
             status: !rolling.is_empty(),
-            reason: if rolling.is_empty() { "RolloutComplete" } else { "RollingOut" },
+            reason: if rolling.is_empty() {
+                "RolloutComplete"
+            } else {
+                "RollingOut"
+            },
             message: if rolling.is_empty() {
                 "every region runs its desired replicas".to_owned()
             } else {
@@ -60,14 +73,19 @@ pub fn pool_status(pool: &ProviderPool, regions: &[RegionObservation], problem: 
     desired.push(Desired {
         type_: types::DEGRADED,
         status: !ejected.is_empty(),
-        reason: if ejected.is_empty() { "AsExpected" } else { "ProvidersEjected" },
+        reason: if ejected.is_empty() {
+            "AsExpected"
+        } else {
+            "ProvidersEjected"
+        },
         message: if ejected.is_empty() {
             "no provider is ejected".to_owned()
         } else {
             format!("ejected by gateways: {}", ejected.join(", "))
         },
     });
-    let conditions: Vec<Condition> = merge(&existing.conditions, desired, pool.metadata.generation, now);
+    let conditions: Vec<Condition> =
+        merge(&existing.conditions, desired, pool.metadata.generation, now);
     json!({
         "observedGeneration": pool.metadata.generation,
         "conditions": conditions,
@@ -83,16 +101,23 @@ pub fn pool_status(pool: &ProviderPool, regions: &[RegionObservation], problem: 
 }
 
 /// (enabled providers, healthy in at least one region, ejected somewhere as `region/name`).
-fn provider_summary(pool: &ProviderPool, status: &ProviderPoolStatus) -> (usize, usize, Vec<String>) {
-    let enabled: Vec<&str> = pool.spec.providers.iter().filter(|p| p.enabled).map(|p| p.name.as_str()).collect();
+fn provider_summary(
+    pool: &ProviderPool,
+    status: &ProviderPoolStatus,
+) -> (usize, usize, Vec<String>) {
+    let enabled: Vec<&str> = pool
+        .spec
+        .providers
+        .iter()
+        .filter(|p| p.enabled)
+        .map(|p| p.name.as_str())
+        .collect();
     let healthy = enabled
         .iter()
         .filter(|name| {
-            status
-                .regions
-                .iter()
-                .flat_map(|r| &r.providers)
-                .any(|p| &p.name == *name && matches!(p.state, HealthState::Healthy | HealthState::Degraded))
+            status.regions.iter().flat_map(|r| &r.providers).any(|p| {
+                &p.name == *name && matches!(p.state, HealthState::Healthy | HealthState::Degraded)
+            })
         })
         .count();
     let ejected = status
@@ -109,7 +134,9 @@ fn provider_summary(pool: &ProviderPool, status: &ProviderPoolStatus) -> (usize,
 /// the fields the operator owns.
 pub fn pool_status_changed(current: Option<&ProviderPoolStatus>, desired: &Value) -> bool {
     let Some(current) = current else { return true };
-    let Ok(current) = serde_json::to_value(current) else { return true };
+    let Ok(current) = serde_json::to_value(current) else {
+        return true;
+    };
     let regions_now: Vec<Value> = current
         .get("regions")
         .and_then(Value::as_array)
@@ -120,9 +147,14 @@ pub fn pool_status_changed(current: Option<&ProviderPoolStatus>, desired: &Value
                    "readyReplicas": r.get("readyReplicas"), "configRevision": r.get("configRevision")})
         })
         .collect();
-    ["observedGeneration", "conditions", "readyRegions", "healthyProviders"]
-        .iter()
-        .any(|k| current.get(*k) != desired.get(*k))
+    [
+        "observedGeneration",
+        "conditions",
+        "readyRegions",
+        "healthyProviders",
+    ]
+    .iter()
+    .any(|k| current.get(*k) != desired.get(*k))
         || Some(&Value::Array(regions_now)) != desired.get("regions")
 }
 
@@ -158,12 +190,20 @@ mod tests {
     }
 
     fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
-        status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == type_)).expect("condition present")
+        status["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == type_))
+            .expect("condition present")
     }
 
     #[test]
     fn ready_when_every_region_runs_its_replicas() {
-        let status = pool_status(&pool(), &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        let status = pool_status(
+            &pool(),
+            &[obs("us-east", 2), obs("eu-west", 2)],
+            None,
+            &now(),
+        );
         assert_eq!(condition(&status, "Ready")["status"], "True");
         assert_eq!(condition(&status, "Ready")["reason"], "AllRegionsReady");
         assert_eq!(condition(&status, "Progressing")["status"], "False");
@@ -173,9 +213,17 @@ mod tests {
 
     #[test]
     fn not_ready_and_progressing_while_a_region_rolls_out() {
-        let status = pool_status(&pool(), &[obs("us-east", 2), obs("eu-west", 1)], None, &now());
+        let status = pool_status(
+            &pool(),
+            &[obs("us-east", 2), obs("eu-west", 1)],
+            None,
+            &now(),
+        );
         assert_eq!(condition(&status, "Ready")["status"], "False");
-        assert_eq!(condition(&status, "Ready")["message"], "waiting for gateway replicas in eu-west");
+        assert_eq!(
+            condition(&status, "Ready")["message"],
+            "waiting for gateway replicas in eu-west"
+        );
         assert_eq!(condition(&status, "Progressing")["reason"], "RollingOut");
         assert_eq!(status["readyRegions"], "1/2");
     }
@@ -204,7 +252,10 @@ mod tests {
         });
         let status = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
         assert_eq!(condition(&status, "Degraded")["status"], "True");
-        assert_eq!(condition(&status, "Degraded")["message"], "ejected by gateways: us-east/a");
+        assert_eq!(
+            condition(&status, "Degraded")["message"],
+            "ejected by gateways: us-east/a"
+        );
         assert_eq!(status["healthyProviders"], "1/2");
     }
 

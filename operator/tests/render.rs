@@ -15,7 +15,11 @@ fn children() -> Children {
         .spec
         .regions
         .iter()
-        .map(|r| crds::compile(&pool, &m.policies, &r.name).expect("compiles").config)
+        .map(|r| {
+            crds::compile(&pool, &m.policies, &r.name)
+                .expect("compiles")
+                .config
+        })
         .collect();
     render(&pool, &configs, "switchyard-gateway:test")
 }
@@ -48,7 +52,11 @@ fn examples_render_to_the_golden_objects() {
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(expected == actual, "{} differs; inspect and rerun with UPDATE_GOLDEN=1\n{actual}", path.display());
+    assert!(
+        expected == actual,
+        "{} differs; inspect and rerun with UPDATE_GOLDEN=1\n{actual}",
+        path.display()
+    );
 }
 
 fn by_region<'a>(c: &'a Children, region: &str) -> &'a Deployment {
@@ -64,23 +72,49 @@ fn each_region_gets_a_pinned_hardened_gateway() {
     assert_eq!(c.deployments.len(), 3);
     assert_eq!(c.config_maps.len(), 3);
     assert_eq!(c.services.len(), 4, "one per region plus the pool-wide one");
-    assert_eq!(c.disruption_budgets.len(), 3, "replicas > 1 in every region");
+    assert_eq!(
+        c.disruption_budgets.len(),
+        3,
+        "replicas > 1 in every region"
+    );
     let d = by_region(&c, "eu-west");
     let pod = d.spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(
-        pod.node_selector.as_ref().and_then(|s| s.get("topology.kubernetes.io/region")).map(String::as_str),
+        pod.node_selector
+            .as_ref()
+            .and_then(|s| s.get("topology.kubernetes.io/region"))
+            .map(String::as_str),
         Some("eu-west")
     );
-    let sc = pod.containers[0].security_context.as_ref().expect("security context");
+    let sc = pod.containers[0]
+        .security_context
+        .as_ref()
+        .expect("security context");
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
-    assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
-    assert_eq!(pod.security_context.as_ref().and_then(|s| s.run_as_non_root), Some(true));
     assert_eq!(
-        pod.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()).map(|p| p.type_.as_str()),
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root),
+        Some(true)
+    );
+    assert_eq!(
+        pod.security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .map(|p| p.type_.as_str()),
         Some("RuntimeDefault")
     );
-    assert!(d.metadata.owner_references.as_ref().is_some_and(|o| o[0].controller == Some(true)));
+    assert!(
+        d.metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| o[0].controller == Some(true))
+    );
 }
 
 #[test]
@@ -88,13 +122,31 @@ fn the_gateway_role_grants_only_named_objects() {
     let c = children();
     let rules = c.role.rules.clone().unwrap_or_default();
     for rule in &rules {
-        assert!(rule.resource_names.as_ref().is_some_and(|n| !n.is_empty()), "every rule is scoped by name: {rule:?}");
-        assert!(!rule.verbs.iter().any(|v| v == "*" || v == "create" || v == "delete" || v == "update"), "{rule:?}");
+        assert!(
+            rule.resource_names.as_ref().is_some_and(|n| !n.is_empty()),
+            "every rule is scoped by name: {rule:?}"
+        );
+        assert!(
+            !rule
+                .verbs
+                .iter()
+                .any(|v| v == "*" || v == "create" || v == "delete" || v == "update"),
+            "{rule:?}"
+        );
     }
-    let secrets = rules.iter().find(|r| r.resources.as_deref() == Some(&["secrets".to_owned()][..])).expect("secrets rule");
+    let secrets = rules
+        .iter()
+        .find(|r| r.resources.as_deref() == Some(&["secrets".to_owned()][..]))
+        .expect("secrets rule");
     assert_eq!(
         secrets.resource_names.clone().unwrap_or_default(),
-        ["anthropic", "azure-eastus", "azure-westeurope", "chat-client-keys", "openai"]
+        [
+            "anthropic",
+            "azure-eastus",
+            "azure-westeurope",
+            "chat-client-keys",
+            "openai"
+        ]
     );
 }
 

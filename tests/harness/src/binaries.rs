@@ -77,3 +77,20 @@ impl Binaries {
         &self.dir
     }
 }
+
+/// A binary of this workspace, built (debug) if needed: `switchyard-operator`,
+/// `switchyard-gateway`, `fake-provider`.
+pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", package, "--bin", bin])
+        .current_dir(repo_root())
+        .status()
+        .with_context(|| format!("building {bin}"))?;
+    if !status.success() {
+        bail!("cargo build -p {package} failed");
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repo_root().join("target"), PathBuf::from);
+    Ok(target.join("debug").join(bin))
+}

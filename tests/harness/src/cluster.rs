@@ -289,7 +289,10 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        let mut pids = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pids"))?;
+        let mut pids = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("pids"))?;
         writeln!(pids, "{}", child.id())?;
         Ok(child)
     }

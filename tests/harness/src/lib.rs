@@ -17,5 +17,5 @@ mod binaries;
 mod cluster;
 mod pki;
 
-pub use binaries::{Binaries, repo_root};
+pub use binaries::{Binaries, repo_root, workspace_binary};
 pub use cluster::{Cluster, REGIONS, TestNamespace};

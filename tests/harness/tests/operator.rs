@@ -1,0 +1,313 @@
+//! The operator against the real local control plane: examples in, regional gateways and
+//! truthful status out.
+
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, REGIONS, repo_root, workspace_binary};
+use serde_json::Value;
+
+/// The cluster with the CRDs installed and one operator running for every test.
+fn cluster() -> &'static Cluster {
+    static READY: OnceLock<()> = OnceLock::new();
+    let c = Cluster::shared();
+    READY.get_or_init(|| {
+        let crds = repo_root()
+            .join("charts/switchyard/crds")
+            .display()
+            .to_string();
+        c.kubectl_ok(&["apply", "--server-side", "-f", &crds])
+            .expect("CRDs install");
+        c.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/providerpools.switchyard.dev",
+            "crd/routingpolicies.switchyard.dev",
+        ])
+        .expect("CRDs established");
+        let bin = workspace_binary("switchyard-operator", "switchyard-operator")
+            .expect("operator builds");
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--gateway-image",
+            "switchyard-gateway:e2e",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            "default",
+        ]);
+        c.spawn_process("switchyard-operator", cmd)
+            .expect("operator starts");
+    });
+    c
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; logs in {}",
+            Cluster::shared().logs_dir().display()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn get_json(c: &Cluster, args: &[&str]) -> Option<Value> {
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-o", "json"]);
+    c.kubectl_ok(&all)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+                c["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+#[test]
+fn the_examples_become_ready_gateways_in_every_region() {
+    let c = cluster();
+    for file in [
+        "00-namespace.yaml",
+        "10-secrets.yaml",
+        "20-providerpool.yaml",
+        "30-routingpolicy.yaml",
+    ] {
+        c.kubectl_ok(&[
+            "apply",
+            "-f",
+            &repo_root()
+                .join("examples")
+                .join(file)
+                .display()
+                .to_string(),
+        ])
+        .expect("applies");
+    }
+    let ns = "ai-platform";
+    let pool = wait_for("the pool to turn Ready", Duration::from_secs(90), || {
+        let pool = get_json(c, &["providerpool", "chat", "-n", ns])?;
+        (condition(&pool, "Ready")?.0 == "True").then_some(pool)
+    });
+    assert_eq!(pool["status"]["readyRegions"], "3/3");
+    assert_eq!(
+        pool["status"]["observedGeneration"],
+        pool["metadata"]["generation"]
+    );
+    for region in REGIONS {
+        let pods = get_json(
+            c,
+            &[
+                "pods",
+                "-n",
+                ns,
+                "-l",
+                &format!("switchyard.dev/region={region}"),
+            ],
+        )
+        .expect("pods");
+        let pods = pods["items"].as_array().cloned().unwrap_or_default();
+        assert_eq!(pods.len(), 2, "two replicas in {region}");
+        for pod in pods {
+            assert!(
+                pod["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with(&format!("kwok-{region}-")),
+                "{region}: {}",
+                pod["spec"]["nodeName"]
+            );
+            assert_eq!(pod["status"]["phase"], "Running");
+        }
+        let cm =
+            get_json(c, &["configmap", &format!("chat-{region}"), "-n", ns]).expect("configmap");
+        let config: crds::GatewayConfig =
+            serde_json::from_str(cm["data"]["gateway.json"].as_str().expect("config"))
+                .expect("valid config");
+        assert_eq!(config.region, region);
+        assert!(
+            !cm.to_string().contains("demo-openai-key"),
+            "no secret value in a ConfigMap"
+        );
+    }
+    let policy = wait_for("the policy to be Accepted", Duration::from_secs(30), || {
+        let p = get_json(c, &["routingpolicy", "chat", "-n", ns])?;
+        (condition(&p, "Accepted")?.0 == "True").then_some(p)
+    });
+    assert_eq!(
+        condition(&policy, "ResolvedRefs").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    let table = c
+        .kubectl_ok(&["get", "providerpools,routingpolicies", "-n", ns])
+        .expect("get");
+    assert!(table.contains("3/3") && table.contains("True"), "{table}");
+    assert!(
+        table.contains("gpt-4o,gpt-4o-mini,llama-3.1-8b,claude-sonnet"),
+        "{table}"
+    );
+}
+
+fn small_pool(c: &Cluster, ns: &str, regions: &[&str]) {
+    let regions: Vec<String> = regions
+        .iter()
+        .map(|r| format!("{{name: {r}, replicas: 1}}"))
+        .collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: key}}\nstringData: {{apiKey: k}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: small}}\nspec:\n  regions: [{}]\n  providers:\n  - {{name: p, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: small}}\nspec:\n  poolRef: {{name: small}}\n  routes: [{{model: m, targets: [{{provider: p}}]}}]\n",
+        regions.join(", ")
+    );
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns, "-f", "-"], &manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn deleting_a_providers_secret_turns_resolved_refs_false_naming_it() {
+    let c = cluster();
+    let ns = c.namespace("refs").expect("namespace");
+    small_pool(c, ns.name(), &["us-east"]);
+    wait_for("ResolvedRefs True", Duration::from_secs(60), || {
+        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
+        (condition(&p, "ResolvedRefs")?.0 == "True").then_some(())
+    });
+    c.kubectl_ok(&["delete", "secret", "key", "-n", ns.name()])
+        .expect("delete");
+    let (_, reason, message) = wait_for("ResolvedRefs False", Duration::from_secs(60), || {
+        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
+        condition(&p, "ResolvedRefs").filter(|c| c.0 == "False")
+    });
+    assert_eq!(reason, "SecretNotFound");
+    assert!(
+        message.contains("Secret \"key\" not found")
+            && message.contains("spec.providers[0].credentials.secretRef"),
+        "{message}"
+    );
+}
+
+#[test]
+fn removing_a_region_removes_exactly_its_objects() {
+    let c = cluster();
+    let ns = c.namespace("regions").expect("namespace");
+    small_pool(c, ns.name(), &["us-east", "eu-west"]);
+    let names = |kind: &str| -> Vec<String> {
+        c.kubectl_ok(&[
+            "get",
+            kind,
+            "-n",
+            ns.name(),
+            "-l",
+            "switchyard.dev/pool=small",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    };
+    wait_for("both regions", Duration::from_secs(60), || {
+        (names("deployments").len() == 2).then_some(())
+    });
+    // Something of the user's that carries a similar name must survive.
+    c.kubectl_ok(&[
+        "create",
+        "configmap",
+        "small-eu-west-notes",
+        "-n",
+        ns.name(),
+    ])
+    .expect("user configmap");
+    c.kubectl_ok(&[
+        "patch",
+        "providerpool",
+        "small",
+        "-n",
+        ns.name(),
+        "--type=json",
+        "-p",
+        "[{\"op\":\"remove\",\"path\":\"/spec/regions/1\"}]",
+    ])
+    .expect("patch");
+    wait_for("eu-west objects pruned", Duration::from_secs(60), || {
+        (names("deployments") == ["small-us-east"]
+            && names("configmaps") == ["small-us-east"]
+            && names("services") == ["small", "small-us-east"])
+        .then_some(())
+    });
+    c.kubectl_ok(&["get", "configmap", "small-eu-west-notes", "-n", ns.name()])
+        .expect("the user's object is untouched");
+}
+
+#[test]
+fn an_idle_operator_makes_no_writes() {
+    let c = cluster();
+    let ns = c.namespace("idle").expect("namespace");
+    small_pool(c, ns.name(), &["us-east"]);
+    wait_for("Ready", Duration::from_secs(60), || {
+        let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
+        (condition(&p, "Ready")?.0 == "True").then_some(())
+    });
+    let rv = |kind: &str, name: &str| -> String {
+        c.kubectl_ok(&[
+            "get",
+            kind,
+            name,
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.metadata.resourceVersion}",
+        ])
+        .unwrap_or_default()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before: Vec<String> = [
+        ("providerpool", "small"),
+        ("routingpolicy", "small"),
+        ("deployment", "small-us-east"),
+        ("configmap", "small-us-east"),
+        ("role", "small-gateway"),
+    ]
+    .iter()
+    .map(|(k, n)| rv(k, n))
+    .collect();
+    // Touch something the operator watches without changing anything it renders.
+    c.kubectl_ok(&["annotate", "secret", "key", "-n", ns.name(), "touched=yes"])
+        .expect("annotate");
+    std::thread::sleep(Duration::from_secs(5));
+    let after: Vec<String> = [
+        ("providerpool", "small"),
+        ("routingpolicy", "small"),
+        ("deployment", "small-us-east"),
+        ("configmap", "small-us-east"),
+        ("role", "small-gateway"),
+    ]
+    .iter()
+    .map(|(k, n)| rv(k, n))
+    .collect();
+    assert_eq!(
+        before, after,
+        "a reconcile with nothing to change wrote to the API server"
+    );
+}

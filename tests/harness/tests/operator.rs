@@ -1,14 +1,16 @@
 //! The operator against the real local control plane: examples in, regional gateways and
 //! truthful status out.
 
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Child, Command};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use harness::{Cluster, REGIONS, repo_root, workspace_binary};
 use serde_json::Value;
 
 /// The cluster with the CRDs installed and one operator running for every test.
+static OPERATOR: OnceLock<Mutex<Child>> = OnceLock::new();
+
 fn cluster() -> &'static Cluster {
     static READY: OnceLock<()> = OnceLock::new();
     let c = Cluster::shared();

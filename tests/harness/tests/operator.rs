@@ -40,8 +40,11 @@ fn cluster() -> &'static Cluster {
             "--leader-election-namespace",
             "default",
         ]);
-        c.spawn_process("switchyard-operator", cmd)
+        // Kept, never waited: the cluster's reaper stops it with the control plane.
+        let child = c
+            .spawn_process("switchyard-operator", cmd)
             .expect("operator starts");
+        OPERATOR.get_or_init(|| Mutex::new(child));
     });
     c
 }

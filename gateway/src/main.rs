@@ -7,10 +7,13 @@
 //!
 //! Standalone mode reads ProviderPool, RoutingPolicy and Secret manifests (what a user
 //! would `kubectl apply`), compiles them with the operator's `compile`, and reloads them
-//! when they change. In-cluster mode (watching the operator's ConfigMap) lands with the
-//! operator.
+//! when they change. In-cluster mode (`--configmap NAME --namespace NS`, what the
+//! operator's Deployments run) watches the operator's ConfigMap and the Secrets it
+//! references through the API (in-cluster credentials, or `KUBECONFIG`), and publishes
+//! provider health into the pool's status.
 
 mod auth;
+mod cluster;
 mod errors;
 mod gateway;
 mod health;
@@ -34,12 +37,14 @@ use anyhow::{Context, bail};
 use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
-const USAGE: &str = "usage: switchyard-gateway --manifests PATH --region REGION [--namespace NS] [--pool NAME] \
-[--listen ADDR] [--max-body-bytes N] [--drain-seconds N] [--log-format json|text]";
+const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
+[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
 
 #[derive(Debug)]
 struct Args {
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    config_map: Option<String>,
+    publish_health: bool,
     region: String,
     namespace: String,
     pool: Option<String>,
@@ -51,6 +56,8 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut manifests = None;
+    let mut config_map = None;
+    let mut publish_health = true;
     let mut region = None;
     let mut namespace = "default".to_owned();
     let mut pool = None;
@@ -66,6 +73,8 @@ fn parse_args() -> anyhow::Result<Args> {
         };
         match arg.as_str() {
             "--manifests" => manifests = Some(PathBuf::from(value()?)),
+            "--configmap" => config_map = Some(value()?),
+            "--no-publish-health" => publish_health = false,
             "--region" => region = Some(value()?),
             "--namespace" => namespace = value()?,
             "--pool" => pool = Some(value()?),
@@ -91,14 +100,16 @@ fn parse_args() -> anyhow::Result<Args> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
-    let Some(manifests) = manifests else {
-        bail!("--manifests is required (in-cluster mode lands with the operator)\n{USAGE}");
-    };
+    if manifests.is_some() == config_map.is_some() {
+        bail!("give exactly one of --manifests and --configmap\n{USAGE}");
+    }
     let Some(region) = region else {
         bail!("--region is required\n{USAGE}")
     };
     Ok(Args {
         manifests,
+        config_map,
+        publish_health,
         region,
         namespace,
         pool,
@@ -129,15 +140,40 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let gw = Arc::new(Gateway::new(args.region.clone(), args.max_body));
-    let source = ManifestSource {
-        path: args.manifests.clone(),
-        region: args.region.clone(),
-        namespace: args.namespace.clone(),
-        pool: args.pool.clone(),
-    };
-    source
-        .apply(&gw)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", args.manifests.display()))?;
+    if let Some(path) = &args.manifests {
+        let source = ManifestSource {
+            path: path.clone(),
+            region: args.region.clone(),
+            namespace: args.namespace.clone(),
+            pool: args.pool.clone(),
+        };
+        source
+            .apply(&gw)
+            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+        tokio::spawn(source.watch(gw.clone()));
+    }
+    if let Some(name) = &args.config_map {
+        let client = kube::Client::try_default()
+            .await
+            .context("cannot reach the Kubernetes API")?;
+        let source = cluster::ClusterSource {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            config_map: name.clone(),
+        };
+        tokio::spawn(source.run(gw.clone()));
+        if args.publish_health {
+            tokio::spawn(cluster::publish_health(client, gw.clone()));
+        }
+        // /readyz stays false until the first config arrives; wait briefly so the open-auth
+        // warning below sees it, without blocking start-up on a missing ConfigMap.
+        for _ in 0..50 {
+            if gw.table.load().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     if let Some(table) = gw.table.load_full()
         && table
             .routes()
@@ -155,7 +191,6 @@ async fn main() -> anyhow::Result<()> {
             "NO CLIENT AUTHENTICATION: these models accept requests from anyone who can reach this port; set spec.clientAuth on their RoutingPolicy"
         );
     }
-    tokio::spawn(source.watch(gw.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -278,12 +278,14 @@ impl Cluster {
     }
 
     /// Starts a process of the project (an operator, a gateway) against this cluster:
-    /// `KUBECONFIG` points at it, output goes to `logs/<name>.log`, and the reaper stops it
-    /// with the cluster.
+    /// `KUBECONFIG` points at it as admin unless `cmd` sets its own, output goes to
+    /// `logs/<name>.log`, and the reaper stops it with the cluster.
     pub fn spawn_process(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
         let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
+        if !cmd.get_envs().any(|(k, _)| k == "KUBECONFIG") {
+            cmd.env("KUBECONFIG", &self.kubeconfig);
+        }
         let child = cmd
-            .env("KUBECONFIG", &self.kubeconfig)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -337,6 +339,27 @@ impl Cluster {
     /// The admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// A kubeconfig that impersonates `user` (with `groups`), for running a component
+    /// under exactly the identity it would have in a pod, e.g. a ServiceAccount.
+    pub fn kubeconfig_as(&self, user: &str, groups: &[&str]) -> anyhow::Result<PathBuf> {
+        let base = std::fs::read_to_string(&self.kubeconfig)?;
+        let mut impersonation = format!("    as: {user}\n");
+        if !groups.is_empty() {
+            impersonation.push_str("    as-groups:\n");
+            for g in groups {
+                impersonation.push_str(&format!("    - {g}\n"));
+            }
+        }
+        let text = base.replace(
+            "    client-key: ",
+            &format!("{impersonation}    client-key: "),
+        );
+        let n = self.namespaces.fetch_add(1, Ordering::SeqCst);
+        let path = self.dir.join(format!("kubeconfig-as-{n}"));
+        std::fs::write(&path, text)?;
+        Ok(path)
     }
 
     /// The API server URL.

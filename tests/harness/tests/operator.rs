@@ -316,3 +316,206 @@ fn an_idle_operator_makes_no_writes() {
         "a reconcile with nothing to change wrote to the API server"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A minimal HTTP/1.0 client: (status, body).
+fn http(method: &str, port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    ))
+}
+
+fn provider_state(c: &Cluster, ns: &str, region: &str, provider: &str) -> Option<String> {
+    let pool = get_json(c, &["providerpool", "health", "-n", ns])?;
+    let regions = pool["status"]["regions"].as_array()?.clone();
+    let r = regions.iter().find(|r| r["name"] == region)?;
+    let p = r["providers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == provider)?;
+    p["state"].as_str().map(str::to_owned)
+}
+
+#[test]
+fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_status() {
+    let c = cluster();
+    let ns = c.namespace("health").expect("namespace");
+    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
+    let (alpha_port, beta_port, gw_port) = (free_port(), free_port(), free_port());
+    let mut fakes = Vec::new();
+    for (name, port) in [("alpha", alpha_port), ("beta", beta_port)] {
+        let mut cmd = Command::new(&fake);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", name]);
+        fakes.push(
+            c.spawn_process(&format!("fake-{name}-{}", ns.name()), cmd)
+                .expect("fake starts"),
+        );
+    }
+    let manifest = [
+        "apiVersion: v1".to_owned(),
+        "kind: Secret".to_owned(),
+        "metadata: {name: key}".to_owned(),
+        "stringData: {apiKey: sk-health-test}".to_owned(),
+        "---".to_owned(),
+        "apiVersion: switchyard.dev/v1alpha1".to_owned(),
+        "kind: ProviderPool".to_owned(),
+        "metadata: {name: health}".to_owned(),
+        "spec:".to_owned(),
+        "  regions: [{name: us-east, replicas: 1}]".to_owned(),
+        "  providers:".to_owned(),
+        format!("  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{alpha_port}', region: us-east, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}"),
+        format!("  - {{name: beta, type: openaiCompatible, endpoint: 'http://127.0.0.1:{beta_port}', region: eu-west, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}"),
+        "---".to_owned(),
+        "apiVersion: switchyard.dev/v1alpha1".to_owned(),
+        "kind: RoutingPolicy".to_owned(),
+        "metadata: {name: health}".to_owned(),
+        "spec:".to_owned(),
+        "  poolRef: {name: health}".to_owned(),
+        "  routes: [{model: m, targets: [{provider: alpha}, {provider: beta}]}]".to_owned(),
+        "  circuitBreaker: {consecutiveFailures: 2, openFor: 8s}".to_owned(),
+    ]
+    .join("\n");
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], &manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    wait_for("the gateway ConfigMap", Duration::from_secs(60), || {
+        c.kubectl_ok(&["get", "configmap", "health-us-east", "-n", ns.name()])
+            .ok()
+    });
+
+    // The gateway runs as the pool's ServiceAccount, exactly as in a pod.
+    let sa = format!("system:serviceaccount:{}:health-gateway", ns.name());
+    let groups = [
+        "system:serviceaccounts",
+        &format!("system:serviceaccounts:{}", ns.name()),
+        "system:authenticated",
+    ];
+    let kubeconfig = c.kubeconfig_as(&sa, &groups).expect("kubeconfig");
+    let gw_bin =
+        workspace_binary("switchyard-gateway", "switchyard-gateway").expect("gateway builds");
+    let mut cmd = Command::new(gw_bin);
+    cmd.args([
+        "--configmap",
+        "health-us-east",
+        "--namespace",
+        ns.name(),
+        "--region",
+        "us-east",
+        "--listen",
+        &format!("127.0.0.1:{gw_port}"),
+    ]);
+    cmd.env("KUBECONFIG", &kubeconfig);
+    let mut gateway = c
+        .spawn_process(&format!("gateway-{}", ns.name()), cmd)
+        .expect("gateway starts");
+
+    wait_for("the gateway to be ready", Duration::from_secs(30), || {
+        http("GET", gw_port, "/readyz", "").filter(|(s, _)| *s == 200)
+    });
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let (status, body) = http("POST", gw_port, "/v1/chat/completions", chat).expect("answer");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("Hello from alpha"),
+        "the local provider serves: {body}"
+    );
+    wait_for(
+        "alpha Healthy in the pool status",
+        Duration::from_secs(15),
+        || (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(()),
+    );
+
+    http(
+        "POST",
+        alpha_port,
+        "/admin/faults",
+        r#"{"fault":"status:503"}"#,
+    )
+    .expect("fault set");
+    for _ in 0..3 {
+        let (status, body) = http("POST", gw_port, "/v1/chat/completions", chat).expect("answer");
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("Hello from beta"),
+            "failover to the remote provider: {body}"
+        );
+    }
+    let started = Instant::now();
+    wait_for(
+        "alpha Ejected in the pool status",
+        Duration::from_secs(15),
+        || (provider_state(c, ns.name(), "us-east", "alpha")? == "Ejected").then_some(()),
+    );
+    eprintln!(
+        "provider failure visible in status after {:?}",
+        started.elapsed()
+    );
+    wait_for("the pool Degraded", Duration::from_secs(15), || {
+        let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
+        (condition(&pool, "Degraded")?.0 == "True").then_some(())
+    });
+
+    http("DELETE", alpha_port, "/admin/faults", "").expect("fault cleared");
+    std::thread::sleep(Duration::from_millis(8200));
+    let (_, body) = http("POST", gw_port, "/v1/chat/completions", chat).expect("answer");
+    assert!(
+        body.contains("Hello from alpha"),
+        "the breaker closes after a good probe: {body}"
+    );
+    wait_for("alpha Healthy again", Duration::from_secs(15), || {
+        (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(())
+    });
+    wait_for(
+        "the pool no longer Degraded",
+        Duration::from_secs(15),
+        || {
+            let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
+            (condition(&pool, "Degraded")?.0 == "False").then_some(())
+        },
+    );
+
+    // The gateway identity can do its job and nothing more.
+    let as_sa = |args: &[&str]| {
+        let mut all = vec!["--as", sa.as_str(), "-n", ns.name()];
+        all.extend_from_slice(args);
+        c.kubectl_ok(&all)
+    };
+    assert!(as_sa(&["get", "configmap", "health-us-east"]).is_ok());
+    assert!(as_sa(&["get", "secret", "key"]).is_ok());
+    let refused =
+        as_sa(&["create", "configmap", "intruder"]).expect_err("a write outside the grant");
+    assert!(refused.to_string().contains("forbidden"), "{refused}");
+    assert!(
+        as_sa(&["get", "secrets"]).is_err(),
+        "listing every Secret is refused"
+    );
+    assert!(as_sa(&["delete", "deployment", "health-us-east"]).is_err());
+
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    for mut f in fakes {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+}

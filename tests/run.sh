@@ -24,6 +24,10 @@ fi
 step "local control plane (built once through the Go module proxy, then cached)"
 bash tests/controlplane/build.sh >/dev/null
 
+tmp="${TMPDIR:-/tmp}"
+# Directories kept by earlier failed runs (they hold logs) are not this run's leftovers.
+before="$(ls -d "$tmp"/switchyard-cp-* 2>/dev/null || true)"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -47,9 +51,10 @@ leftover="$(pgrep -af 'switchyard-cp-|target/debug/(fake-provider|switchyard-gat
 if [ -n "$leftover" ]; then
   echo "processes left running:"; echo "$leftover"; exit 1
 fi
-tmp="${TMPDIR:-/tmp}"
-if compgen -G "$tmp/switchyard-cp-*" >/dev/null; then
-  echo "cluster directories left behind:"; ls -d "$tmp"/switchyard-cp-*; exit 1
+after="$(ls -d "$tmp"/switchyard-cp-* 2>/dev/null || true)"
+new="$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | grep . || true)"
+if [ -n "$new" ]; then
+  echo "cluster directories left behind:"; echo "$new"; exit 1
 fi
 echo "none"
 

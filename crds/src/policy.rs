@@ -260,8 +260,8 @@ pub struct RetryPolicy {
     pub retry_on: RetryOn,
 
     /// Retries allowed as a fraction of requests over the last ten seconds (0.2 = one retry
-    /// per five requests), so retries cannot multiply an outage. A request's first try is
-    /// never limited.
+    /// per five requests), on top of ten retries a second that are always allowed, so
+    /// retries cannot multiply an outage. A request's first try is never limited.
     #[serde(default = "default_budget")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub budget: f64,

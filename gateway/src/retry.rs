@@ -21,8 +21,10 @@ pub fn backoff_delay(backoff: &Backoff, retry: u32, unit: f64) -> Duration {
 /// Length of the window the budget counts over.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
-/// Retries a route may still make regardless of traffic, so a quiet route can retry at all.
-const BUDGET_FLOOR: f64 = 3.0;
+/// Retries a route may make per window regardless of traffic (ten a second, as Finagle's
+/// budget allows), so failover keeps working on a quiet route while a large outage still
+/// cannot multiply load by more than the ratio.
+const BUDGET_FLOOR: f64 = 100.0;
 
 /// Retries allowed as a share of requests over the last ten seconds (two five-second
 /// halves, so the window slides without storing every request).
@@ -123,8 +125,13 @@ mod tests {
         for _ in 0..100 {
             budget.record_request(now);
         }
-        let granted = (0..100).filter(|_| budget.try_retry(now, &policy)).count();
-        assert_eq!(granted, 20);
+        let granted = (0..200).filter(|_| budget.try_retry(now, &policy)).count();
+        assert_eq!(granted, 100, "the floor");
+        for _ in 0..900 {
+            budget.record_request(now);
+        }
+        let more = (0..400).filter(|_| budget.try_retry(now, &policy)).count();
+        assert_eq!(more, 100, "20% of 1000 requests");
         // Ten seconds later the window has moved on.
         let later = now + Duration::from_secs(11);
         budget.record_request(later);
@@ -135,12 +142,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_quiet_route_may_still_retry_a_few_times() {
+    async fn a_quiet_route_may_still_retry() {
         let policy = RetryPolicy::default();
         let now = Instant::now();
         let budget = RetryBudget::new(now);
         budget.record_request(now);
-        let granted = (0..10).filter(|_| budget.try_retry(now, &policy)).count();
-        assert_eq!(granted, 3);
+        let granted = (0..1000).filter(|_| budget.try_retry(now, &policy)).count();
+        assert_eq!(granted, 100);
     }
 }

@@ -1,25 +1,117 @@
-//! The Switchyard demo on this machine: a real local control plane, the CRDs, the
-//! examples, and what each region's gateways would be configured with.
+//! The Switchyard demo on this machine, end to end: a real local control plane, the
+//! CRDs, the operator, one gateway process per region (running as the pool's
+//! ServiceAccount, configured by the operator's ConfigMaps), fake providers on loopback
+//! standing in for OpenAI, Azure and vLLM, and the official `openai` SDK as the client.
+//! Then a provider goes down and the failover shows in the answers and in the status.
 //!
 //! ```text
 //! cargo run -p harness --bin switchyard-demo            # stays up until Ctrl-C
 //! cargo run -p harness --bin switchyard-demo -- --exit  # tears down at the end
 //! ```
 
-use std::time::Duration;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use harness::{Cluster, REGIONS, repo_root};
+use anyhow::{Context, bail};
+use harness::{Cluster, REGIONS, repo_root, workspace_binary};
+use serde_json::Value;
+
+const NS: &str = "ai-platform";
+const CLIENT_KEY: &str = "demo-client-key-checkout";
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn say(text: &str) {
+    println!("\n==> {text}");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Ok(())
+}
+
+/// The Python with the openai SDK: the repo's .venv, created if missing.
+fn python() -> anyhow::Result<PathBuf> {
+    let venv = repo_root().join(".venv");
+    let py = venv.join("bin/python");
+    let has_sdk = Command::new(&py)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_sdk {
+        println!("    installing the openai SDK into .venv (once)");
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()?
+            .success()
+            && Command::new(&py)
+                .args(["-m", "pip", "install", "-q", "-r"])
+                .arg(repo_root().join("tests/gateway/requirements.txt"))
+                .status()?
+                .success();
+        if !ok {
+            bail!("could not install the openai SDK into {}", venv.display());
+        }
+    }
+    Ok(py)
+}
+
+fn client(py: &PathBuf, port: u16, model: &str, count: u32) -> anyhow::Result<()> {
+    let status = Command::new(py)
+        .arg(repo_root().join("tests/demo/client.py"))
+        .args([
+            &format!("http://127.0.0.1:{port}/v1"),
+            CLIENT_KEY,
+            model,
+            &count.to_string(),
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("the openai client failed");
+    }
+    Ok(())
+}
+
+fn fault(port: u16, spec: &str) -> anyhow::Result<()> {
+    let out = Command::new("curl")
+        .args([
+            "-sf",
+            "-XPOST",
+            &format!("http://127.0.0.1:{port}/admin/faults"),
+            "-d",
+            &format!("{{\"fault\":\"{spec}\"}}"),
+        ])
+        .output()?;
+    if !out.status.success() {
+        bail!("could not set a fault on the fake provider at port {port}");
+    }
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
     let exit_at_end = std::env::args().any(|a| a == "--exit");
-    println!(
-        "==> starting the local control plane (the first run builds it from source: ~15 minutes)"
-    );
-    let cluster = Cluster::start()?;
-    let kubeconfig = cluster.kubeconfig().display().to_string();
+    let py = python()?;
+    say("building the operator, the gateway and the fake provider");
+    let operator_bin = workspace_binary("switchyard-operator", "switchyard-operator")?;
+    let gateway_bin = workspace_binary("switchyard-gateway", "switchyard-gateway")?;
+    let fake_bin = workspace_binary("fake-provider", "fake-provider")?;
 
-    println!("==> installing the CRDs from charts/switchyard/crds");
+    say("starting the local control plane (the first run builds it from source: ~15 minutes)");
+    let cluster = Cluster::start()?;
+    let mut children: Vec<Child> = Vec::new();
+
+    say("installing the CRDs from charts/switchyard/crds");
     let crds = repo_root()
         .join("charts/switchyard/crds")
         .display()
@@ -36,12 +128,47 @@ fn main() -> anyhow::Result<()> {
         "crd/routingpolicies.switchyard.dev",
     ])?;
 
-    println!("==> kubectl apply -f examples/");
+    say("starting the operator");
+    let mut cmd = Command::new(&operator_bin);
+    cmd.args([
+        "--gateway-image",
+        "switchyard-gateway:demo",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "text",
+    ]);
+    children.push(cluster.spawn_process("switchyard-operator", cmd)?);
+
+    // Every provider of the example pool gets a fake on loopback; nothing leaves this machine.
     let examples = repo_root().join("examples");
+    let manifests = crds::manifests::load(&examples, NS)?;
+    let mut pool = manifests
+        .pools
+        .first()
+        .context("the examples hold a ProviderPool")?
+        .clone();
+    let mut fakes = std::collections::BTreeMap::new();
+    say("starting fake providers standing in for the example pool's providers");
+    for p in &mut pool.spec.providers {
+        let port = free_port()?;
+        let mut cmd = Command::new(&fake_bin);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", &p.name]);
+        children.push(cluster.spawn_process(&format!("fake-{}", p.name), cmd)?);
+        println!(
+            "    {:<18} {:<17} {} -> http://127.0.0.1:{port}",
+            p.name,
+            p.provider_type.as_str(),
+            p.endpoint
+        );
+        p.endpoint = format!("http://127.0.0.1:{port}");
+        fakes.insert(p.name.clone(), port);
+    }
+
+    say("kubectl apply -f examples/ (provider endpoints pointed at the fakes)");
     for file in [
         "00-namespace.yaml",
         "10-secrets.yaml",
-        "20-providerpool.yaml",
         "30-routingpolicy.yaml",
     ] {
         print!(
@@ -49,22 +176,94 @@ fn main() -> anyhow::Result<()> {
             cluster.kubectl_ok(&["apply", "-f", &examples.join(file).display().to_string()])?
         );
     }
+    pool.metadata.namespace = Some(NS.into());
+    let (ok, out, err) =
+        cluster.kubectl_input(&["apply", "-f", "-"], &serde_json::to_string(&pool)?)?;
+    if !ok {
+        bail!("applying the pool failed: {err}");
+    }
+    print!("{out}");
 
-    println!("==> an invalid manifest is refused by the API server:");
+    say("an invalid manifest is refused by the API server");
     let bad = repo_root().join("examples/invalid/pool-azure-without-azure-block.yaml");
     let out = cluster
         .kubectl()
-        .args(["apply", "-n", "ai-platform", "-f"])
+        .args(["apply", "-n", NS, "-f"])
         .arg(&bad)
         .output()?;
-    println!(
-        "    {}",
-        String::from_utf8_lossy(&out.stderr)
-            .trim()
-            .replace('\n', "\n    ")
+    println!("    {}", String::from_utf8_lossy(&out.stderr).trim());
+
+    say("waiting for the operator to roll out a gateway Deployment per region");
+    wait_for("the pool to turn Ready", Duration::from_secs(120), || {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                "providerpool",
+                "chat",
+                "-n",
+                NS,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .is_ok_and(|s| s == "True")
+    })?;
+    print!(
+        "{}",
+        cluster.kubectl_ok(&["get", "deployments,pods", "-n", NS, "-o", "wide"])?
     );
 
-    println!("==> kubectl get providerpools,routingpolicies -o wide -n ai-platform");
+    say(
+        "starting one gateway process per region, as the pool's ServiceAccount, reading the operator's ConfigMaps",
+    );
+    let sa = format!("system:serviceaccount:{NS}:chat-gateway");
+    let groups = [
+        "system:serviceaccounts",
+        &format!("system:serviceaccounts:{NS}"),
+        "system:authenticated",
+    ];
+    let kubeconfig = cluster.kubeconfig_as(&sa, &groups)?;
+    let mut gateways = Vec::new();
+    for region in REGIONS {
+        let port = free_port()?;
+        let mut cmd = Command::new(&gateway_bin);
+        cmd.args([
+            "--configmap",
+            &format!("chat-{region}"),
+            "--namespace",
+            NS,
+            "--region",
+            region,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        cmd.env("KUBECONFIG", &kubeconfig);
+        children.push(cluster.spawn_process(&format!("gateway-{region}"), cmd)?);
+        println!("    {region:<8} http://127.0.0.1:{port}/v1");
+        gateways.push((region, port));
+    }
+    for (region, port) in &gateways {
+        wait_for(
+            &format!("the {region} gateway"),
+            Duration::from_secs(30),
+            || {
+                Command::new("curl")
+                    .args(["-sf", &format!("http://127.0.0.1:{port}/readyz")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            },
+        )?;
+    }
+    let us_east = gateways[0].1;
+    let eu_west = gateways[2].1;
+
+    say("requests with the official openai SDK to the us-east gateway");
+    client(&py, us_east, "gpt-4o", 4)?;
+    client(&py, us_east, "gpt-4o-mini", 4)?;
+    say("the same model from eu-west prefers the local Azure deployment");
+    client(&py, eu_west, "gpt-4o", 2)?;
+
+    std::thread::sleep(Duration::from_secs(4));
+    say("kubectl get providerpools,routingpolicies -o wide");
     print!(
         "{}",
         cluster.kubectl_ok(&[
@@ -73,55 +272,91 @@ fn main() -> anyhow::Result<()> {
             "-o",
             "wide",
             "-n",
-            "ai-platform"
+            NS
         ])?
     );
 
-    println!("==> what each region's gateways are told (compile, as the operator will write it):");
-    let manifests = crds::manifests::load(&examples, "default")?;
-    let pool = manifests
-        .pools
-        .first()
-        .context("the examples hold a ProviderPool")?;
-    for region in REGIONS {
-        let compiled = crds::compile(pool, &manifests.policies, region)?;
-        println!("  region {region}:");
-        for route in &compiled.config.routes {
-            let targets: Vec<String> = route
-                .targets
-                .iter()
-                .map(|t| format!("{}(tier {})", t.provider, t.tier))
-                .collect();
+    say("taking OpenAI and Azure us-east down (503s and connection resets)");
+    fault(fakes["openai"], "status:503")?;
+    fault(fakes["azure-eastus"], "reset")?;
+    client(&py, us_east, "gpt-4o", 8)?;
+
+    say("the failover shows in the pool status within seconds");
+    wait_for(
+        "the pool to report the ejections",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .kubectl_ok(&[
+                    "get",
+                    "providerpool",
+                    "chat",
+                    "-n",
+                    NS,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Degraded\")].message}",
+                ])
+                .is_ok_and(|m| m.contains("us-east/openai"))
+        },
+    )?;
+    print!(
+        "{}",
+        cluster.kubectl_ok(&["get", "providerpools", "-o", "wide", "-n", NS])?
+    );
+    let status: Value = serde_json::from_str(&cluster.kubectl_ok(&[
+        "get",
+        "providerpool",
+        "chat",
+        "-n",
+        NS,
+        "-o",
+        "json",
+    ])?)?;
+    for region in status["status"]["regions"].as_array().into_iter().flatten() {
+        for p in region["providers"].as_array().into_iter().flatten() {
             println!(
-                "    {:<14} {:?} -> {}",
-                route.model,
-                route.strategy,
-                targets.join(", ")
+                "    {:<8} {:<18} {:<9} {}",
+                region["name"].as_str().unwrap_or_default(),
+                p["name"].as_str().unwrap_or_default(),
+                p["state"].as_str().unwrap_or_default(),
+                p["reason"].as_str().unwrap_or_default()
             );
         }
     }
+    println!(
+        "    (anthropic shows DialectNotSupported: the gateway's Anthropic dialect is not built yet)"
+    );
 
     println!();
-    println!("The operator and the gateway are not implemented yet, so READY and the status");
-    println!("columns stay empty; see the README's status section.");
-    println!();
-    println!("Point kubectl at the cluster:  export KUBECONFIG={kubeconfig}");
     println!(
-        "                                {} get nodes -L topology.kubernetes.io/region",
+        "Point kubectl at the cluster:  export KUBECONFIG={}",
+        cluster.kubeconfig().display()
+    );
+    println!(
+        "                                {} get providerpools -n {NS} -w",
         cluster.binaries().path("kubectl").display()
     );
-    if exit_at_end {
-        return Ok(());
+    println!(
+        "Send your own requests:        OPENAI_BASE_URL=http://127.0.0.1:{us_east}/v1 OPENAI_API_KEY={CLIENT_KEY} ..."
+    );
+    println!(
+        "Component logs:                {}",
+        cluster.logs_dir().display()
+    );
+    if !exit_at_end {
+        println!("Everything stays up until Ctrl-C.");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
     }
-    println!("The cluster stays up until Ctrl-C.");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let _ = tokio::signal::ctrl_c().await;
-    });
-    println!("==> tearing down");
+    say("tearing down");
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     drop(cluster);
-    std::thread::sleep(Duration::from_millis(100));
     Ok(())
 }

@@ -228,6 +228,11 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     }
 
     let status = pool_status(&pool, &observations, problem.as_deref(), &now());
+    let ready = status["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    ctx.metrics.pool_ready(&ns, &name, ready);
     if pool_status_changed(pool.status.as_ref(), &status) {
         ctx.metrics.write("status");
         let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool", "status": status});

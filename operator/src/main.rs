@@ -16,7 +16,7 @@ use switchyard_operator::controller::{self, Context};
 use switchyard_operator::leader::LeaderElection;
 use switchyard_operator::metrics::Metrics;
 
-const USAGE: &str = "usage: switchyard-operator [--gateway-image IMAGE] [--namespace NS] [--metrics-listen ADDR] \
+const USAGE: &str = "usage: switchyard-operator [--gateway-image IMAGE] [--namespace NS]... [--metrics-listen ADDR] \
 [--leader-election-namespace NS] [--no-leader-election] [--log-format json|text]";
 
 #[tokio::main]
@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
         "ghcr.io/switchyard-dev/switchyard-gateway:{}",
         env!("CARGO_PKG_VERSION")
     );
-    let mut namespace = None;
+    let mut namespaces: Vec<String> = Vec::new();
     let mut listen: SocketAddr = "0.0.0.0:8081".parse()?;
     let mut lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let mut elect = true;
@@ -38,7 +38,7 @@ async fn main() -> anyhow::Result<()> {
         };
         match arg.as_str() {
             "--gateway-image" => image = value()?,
-            "--namespace" => namespace = Some(value()?),
+            "--namespace" => namespaces.push(value()?),
             "--metrics-listen" => listen = value()?.parse()?,
             "--leader-election-namespace" => lease_ns = value()?,
             "--no-leader-election" => elect = false,
@@ -118,7 +118,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    controller::run(ctx, namespace, stop).await;
+    // One pair of controllers per watched namespace (or one cluster-wide pair); all stop
+    // together.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let runs = scopes.into_iter().map(|ns| {
+        let mut rx = stop_rx.clone();
+        controller::run(ctx.clone(), ns, async move {
+            let _ = rx.changed().await;
+        })
+    });
+    tokio::select! {
+        _ = futures_util::future::join_all(runs) => {},
+        () = stop => {
+            let _ = stop_tx.send(true);
+        },
+    }
     Ok(())
 }
 

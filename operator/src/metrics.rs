@@ -16,6 +16,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     error: &'static str,
 }
@@ -32,6 +38,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     durations: Family<KindLabels, Histogram, fn() -> Histogram>,
     writes: Family<KindLabels, Counter>,
+    pool_ready: Family<PoolLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -42,6 +49,7 @@ impl Default for Metrics {
             errors: Family::default(),
             durations: Family::new_with_constructor(durations),
             writes: Family::default(),
+            pool_ready: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register("reconciles", "Reconciles by kind", m.reconciles.clone());
@@ -107,6 +115,15 @@ impl Metrics {
                 kind: kind.to_owned(),
             })
             .inc();
+    }
+
+    /// Records whether a pool is Ready.
+    pub fn pool_ready(&self, namespace: &str, name: &str, ready: bool) {
+        let labels = PoolLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.pool_ready.get_or_create(&labels).set(i64::from(ready));
     }
 
     /// Writes so far, all kinds.

@@ -1,0 +1,321 @@
+//! The Helm chart: lint, render with every documented option, validate against the real
+//! API server, install, run the operator under the chart's identity, uninstall.
+
+use std::process::{Child, Command, Output};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use harness::{Cluster, repo_root, workspace_binary};
+
+const NS: &str = "switchyard-system";
+const RELEASE: &str = "sy";
+
+fn chart() -> String {
+    repo_root().join("charts/switchyard").display().to_string()
+}
+
+fn helm(c: &Cluster, args: &[&str]) -> Output {
+    c.helm().args(args).output().expect("helm runs")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+fn cluster() -> &'static Cluster {
+    static NS_READY: OnceLock<()> = OnceLock::new();
+    let c = Cluster::shared();
+    NS_READY.get_or_init(|| {
+        c.kubectl_ok(&["create", "namespace", NS]).expect("namespace");
+        // Stand-ins for the Prometheus Operator CRDs (not reachable from this machine), so
+        // the optional ServiceMonitor and PrometheusRule pass server-side validation.
+        let standin = |plural: &str, kind: &str| {
+            format!(
+                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.monitoring.coreos.com}}\nspec:\n  group: monitoring.coreos.com\n  scope: Namespaced\n  names: {{plural: {plural}, kind: {kind}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n"
+            )
+        };
+        for (plural, kind) in [("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")] {
+            let (ok, _, err) = c.kubectl_input(&["apply", "-f", "-"], &standin(plural, kind)).expect("kubectl");
+            assert!(ok, "{err}");
+        }
+        c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com"])
+            .expect("established");
+    });
+    c
+}
+
+#[test]
+fn chart_version_follows_the_workspace_version() {
+    let cargo = std::fs::read_to_string(repo_root().join("Cargo.toml")).expect("Cargo.toml");
+    let version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("version = "))
+        .expect("workspace version")
+        .trim_matches('"');
+    let chart = std::fs::read_to_string(repo_root().join("charts/switchyard/Chart.yaml"))
+        .expect("Chart.yaml");
+    assert!(
+        chart.contains(&format!("\nversion: {version}\n")),
+        "chart version"
+    );
+    assert!(
+        chart.contains(&format!("\nappVersion: \"{version}\"\n")),
+        "appVersion"
+    );
+}
+
+#[test]
+fn lint_is_clean_in_strict_mode() {
+    let c = Cluster::shared();
+    let out = helm(c, &["lint", "--strict", &chart()]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn every_documented_option_renders_objects_the_api_server_accepts() {
+    let c = cluster();
+    let sets: &[&[&str]] = &[
+        &[],
+        &["--set", "watchNamespaces={team-a,team-b}"],
+        &[
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+        ],
+        &[
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "replicaCount=1",
+        ],
+        &[
+            "--set",
+            "serviceAccount.create=false",
+            "--set",
+            "serviceAccount.name=existing",
+        ],
+        &[
+            "--set",
+            "metrics.service.enabled=false",
+            "--set",
+            "podDisruptionBudget.enabled=false",
+            "--set",
+            "logFormat=text",
+        ],
+    ];
+    for ns in ["team-a", "team-b"] {
+        let _ = c.kubectl_ok(&["create", "namespace", ns]);
+    }
+    let path = chart();
+    for set in sets {
+        let mut args = vec!["template", RELEASE, &path, "-n", NS];
+        args.extend_from_slice(set);
+        let out = helm(c, &args);
+        assert!(out.status.success(), "{set:?}: {}", text(&out));
+        let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (ok, _, err) = c
+            .kubectl_input(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--dry-run=server",
+                    "-f",
+                    "-",
+                ],
+                &rendered,
+            )
+            .expect("kubectl");
+        assert!(
+            ok,
+            "{set:?}: the API server refused the rendered chart: {err}"
+        );
+        if set.iter().any(|s| s.contains("watchNamespaces")) {
+            assert!(
+                !rendered.contains("kind: ClusterRole\nmetadata:\n  name: sy-switchyard\n"),
+                "namespaced mode has no broad ClusterRole"
+            );
+            assert!(
+                rendered.contains("namespace: team-b") && rendered.contains("--namespace=team-a"),
+                "{rendered}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_values_schema_rejects_typos_and_wrong_types_clearly() {
+    let c = Cluster::shared();
+    let out = helm(
+        c,
+        &["template", RELEASE, &chart(), "--set", "replicaCount=two"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("/replicaCount") && text(&out).contains("want integer"),
+        "{}",
+        text(&out)
+    );
+    let out = helm(c, &["template", RELEASE, &chart(), "--set", "replicas=2"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("additional properties 'replicas' not allowed"),
+        "{}",
+        text(&out)
+    );
+}
+
+static OPERATOR: OnceLock<Mutex<Child>> = OnceLock::new();
+
+#[test]
+fn install_run_the_operator_as_the_charts_identity_and_uninstall_cleanly() {
+    let c = cluster();
+    let out = helm(
+        c,
+        &[
+            "install",
+            RELEASE,
+            &chart(),
+            "-n",
+            NS,
+            "--wait",
+            "--timeout",
+            "120s",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("kubectl get providerpools -A -w"),
+        "NOTES tell the user what to watch"
+    );
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/providerpools.switchyard.dev",
+    ])
+    .expect("CRDs from the chart");
+
+    // The operator process runs with exactly the chart's RBAC.
+    let sa = format!("system:serviceaccount:{NS}:sy-switchyard");
+    let kubeconfig = c
+        .kubeconfig_as(
+            &sa,
+            &[
+                "system:serviceaccounts",
+                &format!("system:serviceaccounts:{NS}"),
+                "system:authenticated",
+            ],
+        )
+        .expect("kubeconfig");
+    let mut cmd = Command::new(
+        workspace_binary("switchyard-operator", "switchyard-operator").expect("built"),
+    );
+    cmd.args([
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--leader-election-namespace",
+        NS,
+        "--log-format",
+        "text",
+    ]);
+    cmd.env("KUBECONFIG", &kubeconfig);
+    let child = c
+        .spawn_process("operator-as-chart-sa", cmd)
+        .expect("operator starts");
+    OPERATOR.get_or_init(|| Mutex::new(child));
+
+    let ns = c.namespace("chart").expect("namespace");
+    let manifest = "apiVersion: v1\nkind: Secret\nmetadata: {name: key}\nstringData: {apiKey: k}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {name: p}\nspec:\n  regions: [{name: us-east}, {name: eu-west, replicas: 1}]\n  providers:\n  - {name: a, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {secretRef: {name: key}}, models: [{name: m}]}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: p}\nspec:\n  poolRef: {name: p}\n  routes: [{model: m, targets: [{provider: a}]}]\n";
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let ready = c
+            .kubectl_ok(&[
+                "get",
+                "providerpool",
+                "p",
+                "-n",
+                ns.name(),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ])
+            .unwrap_or_default();
+        let accepted = c
+            .kubectl_ok(&[
+                "get",
+                "routingpolicy",
+                "p",
+                "-n",
+                ns.name(),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"ResolvedRefs\")].status}",
+            ])
+            .unwrap_or_default();
+        if ready == "True" && accepted == "True" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the operator under the chart's RBAC did not converge (Ready={ready:?}, ResolvedRefs={accepted:?}); see {}/operator-as-chart-sa.log",
+            c.logs_dir().display()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pdbs = c
+        .kubectl_ok(&["get", "pdb", "-n", ns.name(), "-o", "name"])
+        .expect("pdbs");
+    assert_eq!(
+        pdbs.trim(),
+        "poddisruptionbudget.policy/p-us-east",
+        "a PDB only where replicas > 1"
+    );
+
+    // ... and nothing more.
+    for (verb, resource) in [
+        ("create", "pods"),
+        ("delete", "nodes"),
+        ("update", "customresourcedefinitions"),
+        ("create", "clusterroles"),
+        ("delete", "namespaces"),
+    ] {
+        let answer = c
+            .kubectl()
+            .args(["auth", "can-i", verb, resource, "--as", &sa, "-A"])
+            .output()
+            .expect("kubectl");
+        assert_eq!(
+            String::from_utf8_lossy(&answer.stdout).trim(),
+            "no",
+            "the operator may {verb} {resource}"
+        );
+    }
+    let refused = c
+        .kubectl_ok(&[
+            "--as",
+            &sa,
+            "-n",
+            ns.name(),
+            "create",
+            "secret",
+            "generic",
+            "x",
+        ])
+        .expect_err("refused");
+    assert!(refused.to_string().contains("forbidden"), "{refused}");
+
+    let out = helm(c, &["uninstall", RELEASE, "-n", NS, "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let left = c
+        .kubectl_ok(&["get", "deployments,services,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings,pdb", "-A", "-l", &format!("app.kubernetes.io/instance={RELEASE}"), "-o", "name"])
+        .expect("get");
+    assert_eq!(left.trim(), "", "helm uninstall left objects behind");
+    c.kubectl_ok(&["get", "crd", "providerpools.switchyard.dev"])
+        .expect("CRDs stay, as Helm does");
+}

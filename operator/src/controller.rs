@@ -507,7 +507,11 @@ pub async fn run(
     let children =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
 
-    let pool_controller = Controller::new(pools.clone(), watcher::Config::default());
+    // Bounded parallelism keeps memory and API load flat when many pools change at once
+    // (a cold start over hundreds of pools).
+    let config = kube::runtime::controller::Config::default().concurrency(8);
+    let pool_controller =
+        Controller::new(pools.clone(), watcher::Config::default()).with_config(config.clone());
     let pool_store = pool_controller.store();
     let pool_controller = pool_controller
         .owns(deploys, children.clone())
@@ -536,7 +540,8 @@ pub async fn run(
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|_| async {});
 
-    let policy_controller = Controller::new(policies, watcher::Config::default());
+    let policy_controller =
+        Controller::new(policies, watcher::Config::default()).with_config(config);
     let policy_store = policy_controller.store();
     let policy_store2 = policy_store.clone();
     let policy_controller = policy_controller

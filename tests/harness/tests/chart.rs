@@ -319,3 +319,34 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: p}\ns
     c.kubectl_ok(&["get", "crd", "providerpools.switchyard.dev"])
         .expect("CRDs stay, as Helm does");
 }
+
+/// The Dockerfiles copy the binaries `cargo build --release` produces, and the chart's
+/// default images carry the names the README's kind instructions build.
+#[test]
+fn dockerfiles_copy_the_release_binaries_the_workspace_builds() {
+    for (file, package) in [
+        ("images/operator.Dockerfile", "switchyard-operator"),
+        ("images/gateway.Dockerfile", "switchyard-gateway"),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(file)).expect("Dockerfile");
+        assert!(
+            text.contains(&format!("cargo build --release --locked -p {package} ")),
+            "{file} builds {package}"
+        );
+        assert!(
+            text.contains(&format!("release/{package} /{package}")),
+            "{file} copies the {package} binary"
+        );
+        assert!(text.contains("USER 65532:65532"), "{file} runs as non-root");
+        let manifest = std::fs::read_to_string(
+            repo_root()
+                .join(package.trim_start_matches("switchyard-"))
+                .join("Cargo.toml"),
+        )
+        .expect("Cargo.toml");
+        assert!(
+            manifest.contains(&format!("name = \"{package}\"")),
+            "{package} is a binary of the workspace"
+        );
+    }
+}

@@ -1,0 +1,744 @@
+//! `switchyard-bench`: measures what BENCHMARKS.md reports, on this machine, in one run.
+//!
+//! ```text
+//! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator]
+//! ```
+//!
+//! Everything talks to loopback only, every load loop is bounded in count and time, and
+//! every process it starts is stopped at the end.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A body of about 1 KiB, like a short chat request.
+fn request_body() -> Bytes {
+    let filler = "lorem ipsum dolor sit amet ".repeat(34);
+    Bytes::from(format!(
+        "{{\"model\":\"m\",\"messages\":[{{\"role\":\"system\",\"content\":\"{filler}\"}},{{\"role\":\"user\",\"content\":\"hi\"}}]}}"
+    ))
+}
+
+fn client(conns: usize) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(conns)
+        .build(http)
+}
+
+async fn one(client: &HttpClient, url: &str, body: &Bytes) -> bool {
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()));
+    let Ok(req) = req else { return false };
+    match client.request(req).await {
+        Ok(resp) => {
+            let ok = resp.status().is_success();
+            ok && resp.into_body().collect().await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Latency summary.
+#[derive(Debug, Clone, Default)]
+struct Stats {
+    sent: usize,
+    errors: usize,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn summarize(mut latencies: Vec<Duration>, errors: usize, seconds: f64) -> Stats {
+    latencies.sort();
+    let pct = |p: f64| {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    Stats {
+        sent: latencies.len() + errors,
+        errors,
+        seconds,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+    }
+}
+
+/// Open loop at a fixed rate: request i is due at start + i/rate, and its latency is
+/// measured from when it was due (so a stall is not hidden by the generator waiting).
+async fn fixed_rate(url: &str, rate: u32, seconds: u32) -> Stats {
+    let client = client(256);
+    let body = request_body();
+    let total = rate * seconds;
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let mut handles = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+        tokio::time::sleep_until(due).await;
+        let (client, body, url) = (client.clone(), body.clone(), url.to_owned());
+        handles.push(tokio::spawn(async move {
+            let ok = tokio::time::timeout(Duration::from_secs(10), one(&client, &url, &body))
+                .await
+                .unwrap_or(false);
+            (ok, due.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(handles.len());
+    let mut errors = 0;
+    for h in handles {
+        match h.await {
+            Ok((true, d)) => latencies.push(d),
+            _ => errors += 1,
+        }
+    }
+    summarize(latencies, errors, start.elapsed().as_secs_f64())
+}
+
+/// Closed loop: `conns` workers send back to back for `seconds`.
+async fn saturate(url: &str, conns: usize, seconds: u32) -> Stats {
+    let client = client(conns);
+    let body = request_body();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(u64::from(seconds));
+    let mut workers = Vec::new();
+    for _ in 0..conns {
+        let (client, body, url) = (client.clone(), body.clone(), url.to_owned());
+        workers.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                if one(&client, &url, &body).await {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for w in workers {
+        if let Ok((l, e)) = w.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    summarize(latencies, errors, start.elapsed().as_secs_f64())
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Child processes stopped on drop.
+struct Procs(Vec<Child>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_http(port: u16, path: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let ok = Command::new("curl")
+            .args([
+                "-sf",
+                "-o",
+                "/dev/null",
+                &format!("http://127.0.0.1:{port}{path}"),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing answered on port {port}{path}")
+}
+
+fn release_binaries() -> anyhow::Result<PathBuf> {
+    let root = harness::repo_root();
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "switchyard-gateway",
+            "-p",
+            "fake-provider",
+            "-p",
+            "switchyard-operator",
+        ])
+        .current_dir(&root)
+        .status()?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("release"))
+}
+
+fn gateway_manifests(
+    dir: &Path,
+    primary: u16,
+    secondary: u16,
+    first_byte: &str,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join("bench.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: bench}}\nspec:\n  regions: [{{name: local}}]\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://127.0.0.1:{primary}', region: local, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://127.0.0.1:{secondary}', region: local, priority: 1, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: bench}}\nspec:\n  poolRef: {{name: bench}}\n  routes: [{{model: m, targets: [{{provider: primary}}, {{provider: secondary}}]}}]\n  timeouts: {{connect: 500ms, firstByte: {first_byte}, total: 30s}}\n  circuitBreaker: {{consecutiveFailures: 3, openFor: 60s}}\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+fn start_fake(bin: &Path, port: u16, name: &str, log: &Path) -> anyhow::Result<Child> {
+    Ok(Command::new(bin.join("fake-provider"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--name", name])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?)
+}
+
+fn start_gateway(bin: &Path, manifests: &Path, port: u16, log: &Path) -> anyhow::Result<Child> {
+    Ok(Command::new(bin.join("switchyard-gateway"))
+        .args([
+            "--manifests",
+            &manifests.display().to_string(),
+            "--region",
+            "local",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?)
+}
+
+fn start_nginx(dir: &Path, port: u16, upstream: u16) -> anyhow::Result<Option<Child>> {
+    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        return Ok(None);
+    };
+    let conf = dir.join("nginx.conf");
+    std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes auto;\nerror_log {dir}/nginx-error.log warn;\npid {dir}/nginx.pid;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/nginx-tmp; proxy_temp_path {dir}/nginx-tmp; fastcgi_temp_path {dir}/nginx-tmp; uwsgi_temp_path {dir}/nginx-tmp; scgi_temp_path {dir}/nginx-tmp;\n  upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://fake; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; }}\n  }}\n}}\n",
+            dir = dir.display()
+        ),
+    )?;
+    Ok(Some(
+        Command::new(nginx)
+            .args([
+                "-c",
+                &conf.display().to_string(),
+                "-p",
+                &dir.display().to_string(),
+                "-g",
+                "daemon off;",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    ))
+}
+
+fn cmd_output(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
+        .unwrap_or_default()
+        .trim()
+        .lines()
+        .next()
+        .unwrap_or("not found")
+        .to_owned()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    format!(
+        "- CPU: {} × {cpu}\n- {mem}\n- Kernel: {}\n- rustc: {}\n- nginx: {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cmd_output("uname", &["-r"]),
+        cmd_output("rustc", &["--version"]),
+        cmd_output("nginx", &["-v"]),
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut out_path = harness::repo_root().join("BENCHMARKS.md");
+    let mut seconds = 10u32;
+    let mut operator = true;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--out" => out_path = PathBuf::from(args.next().context("--out needs a path")?),
+            "--seconds" => seconds = args.next().context("--seconds needs a number")?.parse()?,
+            "--skip-operator" => operator = false,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let bin = release_binaries()?;
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut report = String::new();
+    writeln!(report, "# Benchmarks\n")?;
+    writeln!(
+        report,
+        "Written by `cargo run --release -p bench` on {} (UTC). Numbers are from one run on a shared 2-core machine where the load generator, the proxy under test and the fake provider all compete for the same cores; read them as orders of magnitude and re-run before relying on a digit.\n",
+        cmd_output("date", &["-u", "+%Y-%m-%d %H:%M"])
+    )?;
+    writeln!(report, "## Machine and versions\n\n{}", machine())?;
+    gateway_benchmarks(&bin, &dir, seconds, &mut report).await?;
+    if operator {
+        operator_benchmarks(&bin, &mut report).await?;
+    } else {
+        writeln!(
+            report,
+            "## Operator\n\nSkipped in this run (`--skip-operator`).\n"
+        )?;
+    }
+    std::fs::write(&out_path, &report)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("{report}");
+    println!("wrote {}", out_path.display());
+    Ok(())
+}
+
+async fn gateway_benchmarks(
+    bin: &Path,
+    dir: &Path,
+    seconds: u32,
+    report: &mut String,
+) -> anyhow::Result<()> {
+    let (fake_port, fake2_port, gw_port, nginx_port) =
+        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let mut procs = Procs(Vec::new());
+    procs.0.push(start_fake(
+        bin,
+        fake_port,
+        "primary",
+        &dir.join("fake.log"),
+    )?);
+    procs.0.push(start_fake(
+        bin,
+        fake2_port,
+        "secondary",
+        &dir.join("fake2.log"),
+    )?);
+    let manifests = gateway_manifests(dir, fake_port, fake2_port, "1s")?;
+    let gw = start_gateway(bin, &manifests, gw_port, &dir.join("gateway.log"))?;
+    let gw_pid = gw.id();
+    procs.0.push(gw);
+    let nginx = start_nginx(dir, nginx_port, fake_port)?;
+    let have_nginx = nginx.is_some();
+    procs.0.extend(nginx);
+    wait_http(fake_port, "/v1/models")?;
+    wait_http(gw_port, "/readyz")?;
+    let path = "/v1/chat/completions";
+    let mut targets = vec![
+        (
+            "direct to the fake provider",
+            format!("http://127.0.0.1:{fake_port}{path}"),
+        ),
+        (
+            "through switchyard-gateway",
+            format!("http://127.0.0.1:{gw_port}{path}"),
+        ),
+    ];
+    if have_nginx {
+        wait_http(nginx_port, "/v1/models")?;
+        targets.push((
+            "through nginx (plain reverse proxy)",
+            format!("http://127.0.0.1:{nginx_port}{path}"),
+        ));
+    }
+    let idle_rss = rss_kib(gw_pid, "VmRSS:");
+    for (_, url) in &targets {
+        let _ = saturate(url, 16, 1).await; // warm up connections and caches
+    }
+
+    writeln!(report, "## Gateway overhead\n")?;
+    writeln!(
+        report,
+        "Method: an open-loop generator (in this binary, hyper client, keep-alive) sends ~1 KiB chat-completion bodies at a fixed rate for {seconds} s per target; each latency is measured from the moment the request was due, so stalls are not hidden. The fake provider answers immediately. Added latency = through the gateway − direct, per percentile. Saturation: 64 closed-loop connections for {seconds} s.\n"
+    )?;
+    writeln!(
+        report,
+        "| rate | target | p50 ms | p99 ms | max ms | errors | sent |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    let mut fixed = Vec::new();
+    for rate in [1000u32, 3000] {
+        for (name, url) in &targets {
+            let s = fixed_rate(url, rate, seconds).await;
+            writeln!(
+                report,
+                "| {rate}/s | {name} | {:.3} | {:.3} | {:.1} | {} | {} |",
+                s.p50_ms, s.p99_ms, s.max_ms, s.errors, s.sent
+            )?;
+            fixed.push((rate, *name, s));
+        }
+    }
+    writeln!(report)?;
+    for rate in [1000u32, 3000] {
+        let get = |n: &str| {
+            fixed
+                .iter()
+                .find(|(r, name, _)| *r == rate && name.starts_with(n))
+                .map(|(_, _, s)| s.clone())
+        };
+        if let (Some(d), Some(g)) = (get("direct"), get("through switchyard")) {
+            let added = g.p99_ms - d.p99_ms;
+            let verdict = match rate {
+                1000 if added <= 0.5 => " — meets the 1k/s target (p99 ≤ 0.5 ms)",
+                1000 => " — **misses** the 1k/s target (p99 ≤ 0.5 ms)",
+                _ => "",
+            };
+            writeln!(
+                report,
+                "- **Added by the gateway at {rate}/s**: p50 {:+.3} ms, p99 {added:+.3} ms{verdict}.",
+                g.p50_ms - d.p50_ms
+            )?;
+        }
+        if let (Some(d), Some(n)) = (get("direct"), get("through nginx")) {
+            writeln!(
+                report,
+                "- Added by nginx at {rate}/s: p50 {:+.3} ms, p99 {:+.3} ms.",
+                n.p50_ms - d.p50_ms,
+                n.p99_ms - d.p99_ms
+            )?;
+        }
+    }
+    writeln!(
+        report,
+        "\n| saturation | requests/s | p50 ms | p99 ms | errors |\n| --- | --- | --- | --- | --- |"
+    )?;
+    let mut throughput = Vec::new();
+    for (name, url) in &targets {
+        let s = saturate(url, 64, seconds).await;
+        let rps = (s.sent - s.errors) as f64 / s.seconds;
+        throughput.push(rps);
+        writeln!(
+            report,
+            "| {name} | {rps:.0} | {:.3} | {:.3} | {} |",
+            s.p50_ms, s.p99_ms, s.errors
+        )?;
+    }
+    if let (Some(gw), Some(nginx)) = (throughput.get(1), throughput.get(2)) {
+        let verdict = if gw >= nginx { "meets" } else { "**misses**" };
+        writeln!(
+            report,
+            "\n- Saturation throughput: the gateway reaches {:.0}% of nginx's — {verdict} the target (at least nginx's).",
+            gw / nginx * 100.0
+        )?;
+    }
+    let peak_rss = rss_kib(gw_pid, "VmHWM:");
+    writeln!(
+        report,
+        "- Gateway RSS: {:.1} MB idle, {:.1} MB peak after the runs above (target ≤ 50 MB under load).\n",
+        idle_rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    )?;
+    if !have_nginx {
+        writeln!(
+            report,
+            "- nginx was not installed (`apt-get install nginx-light`), so its rows are missing.\n"
+        )?;
+    }
+    drop(procs);
+
+    // Failover time.
+    writeln!(report, "## Failover time\n")?;
+    writeln!(
+        report,
+        "Method: a fresh gateway with `primary` (tier 0) and `secondary` (tier 1), firstByte timeout 1 s, breaker opening after 3 consecutive failures. The primary is made hard down (process killed: connection refused) or silent (accepts, never answers). Reported: the first request after the fault (pays the failover), and the median of the next 50 once the breaker is open.\n"
+    )?;
+    writeln!(
+        report,
+        "| primary | first request ms | next 50, p50 ms | baseline p50 ms (healthy primary) |\n| --- | --- | --- | --- |"
+    )?;
+    for mode in ["hard down", "silent"] {
+        let (p1, p2, g) = (free_port()?, free_port()?, free_port()?);
+        let mut procs = Procs(Vec::new());
+        procs
+            .0
+            .push(start_fake(bin, p1, "primary", &dir.join("f1.log"))?);
+        procs
+            .0
+            .push(start_fake(bin, p2, "secondary", &dir.join("f2.log"))?);
+        let m = gateway_manifests(dir, p1, p2, "1s")?;
+        procs.0.push(start_gateway(bin, &m, g, &dir.join("g.log"))?);
+        wait_http(p1, "/v1/models")?;
+        wait_http(g, "/readyz")?;
+        let url = format!("http://127.0.0.1:{g}{path}");
+        let c = client(4);
+        let body = request_body();
+        let mut base = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            one(&c, &url, &body).await;
+            base.push(t.elapsed());
+        }
+        if mode == "hard down" {
+            let _ = procs.0[0].kill();
+            let _ = procs.0[0].wait();
+        } else {
+            let _ = Command::new("curl")
+                .args([
+                    "-sf",
+                    "-XPOST",
+                    &format!("http://127.0.0.1:{p1}/admin/faults"),
+                    "-d",
+                    "{\"fault\":\"hang\"}",
+                ])
+                .output();
+        }
+        let t = Instant::now();
+        let ok = one(&c, &url, &body).await;
+        let first = t.elapsed();
+        // Two more failures open the breaker.
+        for _ in 0..2 {
+            one(&c, &url, &body).await;
+        }
+        let mut after = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            one(&c, &url, &body).await;
+            after.push(t.elapsed());
+        }
+        let b = summarize(base, 0, 0.0);
+        let a = summarize(after, 0, 0.0);
+        writeln!(
+            report,
+            "| {mode} | {:.1}{} | {:.3} | {:.3} |",
+            first.as_secs_f64() * 1000.0,
+            if ok { "" } else { " (failed)" },
+            a.p50_ms,
+            b.p50_ms
+        )?;
+    }
+    writeln!(
+        report,
+        "\nA hard-down provider costs one refused connection; a silent one costs the firstByte timeout once per request until the breaker opens (here after 3 requests); after that the dead provider adds nothing.\n"
+    )?;
+    Ok(())
+}
+
+async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<()> {
+    writeln!(report, "## Operator\n")?;
+    let cluster = harness::Cluster::start()?;
+    let crds = harness::repo_root()
+        .join("charts/switchyard/crds")
+        .display()
+        .to_string();
+    cluster.kubectl_ok(&["apply", "--server-side", "-f", &crds])?;
+    cluster.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/providerpools.switchyard.dev",
+    ])?;
+    let metrics_port = free_port()?;
+    let start_operator = || -> anyhow::Result<Child> {
+        let mut cmd = Command::new(bin.join("switchyard-operator"));
+        cmd.args([
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--no-leader-election",
+            "--log-format",
+            "text",
+        ]);
+        cmd.env("RUST_LOG", "warn");
+        cluster.spawn_process("operator-bench", cmd)
+    };
+    let pool = |ns: &str, name: &str, replicas: u32| {
+        format!(
+            "---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  regions: [{{name: us-east, replicas: {replicas}}}, {{name: us-west, replicas: {replicas}}}, {{name: eu-west, replicas: {replicas}}}]\n  providers:\n  - {{name: p, type: openaiCompatible, endpoint: 'http://vllm:8000', region: us-east, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  poolRef: {{name: {name}}}\n  routes: [{{model: m, targets: [{{provider: p}}]}}]\n"
+        )
+    };
+    let ready_count = |ns: &str| -> usize {
+        cluster
+            .kubectl_ok(&["get", "providerpools", "-n", ns, "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "True")
+            .count()
+    };
+
+    let mut op = Procs(vec![start_operator()?]);
+    wait_http(metrics_port, "/healthz")?;
+    cluster.kubectl_ok(&["create", "namespace", "single"])?;
+    let t = Instant::now();
+    let (ok, _, err) = cluster.kubectl_input(&["apply", "-f", "-"], &pool("single", "chat", 2))?;
+    if !ok {
+        bail!("apply failed: {err}");
+    }
+    let mut children_at = None;
+    let ready_at;
+    loop {
+        if children_at.is_none() {
+            let n = cluster
+                .kubectl_ok(&[
+                    "get",
+                    "deployments,configmaps,services",
+                    "-n",
+                    "single",
+                    "-l",
+                    "switchyard.dev/pool=chat",
+                    "-o",
+                    "name",
+                ])
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if n == 3 + 3 + 4 {
+                children_at = Some(t.elapsed());
+            }
+        }
+        if ready_count("single") == 1 {
+            ready_at = t.elapsed();
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            bail!("the single pool never turned Ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writeln!(
+        report,
+        "Method: the real local control plane (tests/harness) with kwok nodes; the operator as a release build process; times from the end of `kubectl apply`, polled every 50 ms.\n"
+    )?;
+    writeln!(
+        report,
+        "- One three-region pool (2 replicas per region): all children present after {:.2} s, `Ready` after {:.2} s (includes the scheduler and kwok bringing 6 pods to Ready).",
+        children_at.unwrap_or(ready_at).as_secs_f64(),
+        ready_at.as_secs_f64()
+    )?;
+
+    // Cold start over 200 pools.
+    drop(op);
+    let pools = 200;
+    cluster.kubectl_ok(&["create", "namespace", "scale"])?;
+    let mut all = String::new();
+    for i in 0..pools {
+        all.push_str(&pool("scale", &format!("pool-{i}"), 1));
+    }
+    let (ok, _, err) = cluster.kubectl_input(&["apply", "--server-side", "-f", "-"], &all)?;
+    if !ok {
+        bail!("applying 200 pools failed: {err}");
+    }
+    let t = Instant::now();
+    op = Procs(vec![start_operator()?]);
+    let pid = op.0[0].id();
+    let done = loop {
+        let n = ready_count("scale");
+        if n == pools {
+            break Some(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let peak = rss_kib(pid, "VmHWM:");
+    match done {
+        Some(d) => writeln!(
+            report,
+            "- {pools} pools × 3 regions (600 Deployments, 600 pods) from a cold operator start: all `Ready` after {:.1} s.",
+            d.as_secs_f64()
+        )?,
+        None => writeln!(
+            report,
+            "- {pools} pools × 3 regions: not all Ready within 900 s ({} were).",
+            ready_count("scale")
+        )?,
+    }
+    let writes = || -> u64 {
+        let text = Command::new("curl")
+            .args(["-sf", &format!("http://127.0.0.1:{metrics_port}/metrics")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with("switchyard_operator_api_writes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let before = writes();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let after = writes();
+    writeln!(
+        report,
+        "- Operator RSS: peak {:.1} MB during that cold start, {:.1} MB afterwards.\n- API writes during the following idle minute: {} (target: 0).\n",
+        peak as f64 / 1024.0,
+        rss_kib(pid, "VmRSS:") as f64 / 1024.0,
+        after.saturating_sub(before)
+    )?;
+    drop(op);
+    Ok(())
+}

@@ -40,6 +40,40 @@ pub const API_GROUP: &str = "switchyard.dev";
 pub fn crds() -> Vec<k8s::CustomResourceDefinition> {
     use kube::CustomResourceExt;
     vec![ProviderPool::crd(), RoutingPolicy::crd()]
+        .into_iter()
+        .map(reflow_descriptions)
+        .collect()
+}
+
+/// Doc comments are wrapped for the source; `kubectl explain` wraps again, so single line
+/// breaks become spaces (blank lines still separate paragraphs).
+fn reflow_descriptions(crd: k8s::CustomResourceDefinition) -> k8s::CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map.iter_mut() {
+                    if key == "description"
+                        && let serde_json::Value::String(text) = value
+                    {
+                        *text = text
+                            .split("\n\n")
+                            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                            .collect::<Vec<_>>()
+                            .join("\n\n");
+                    } else {
+                        walk(value);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
 }
 
 /// The CRD file name in `charts/switchyard/crds/` for a CRD.

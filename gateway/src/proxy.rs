@@ -120,74 +120,37 @@ pub async fn serve(
             tries += 1;
             tried.push(choice.target.provider.clone());
             first_provider.get_or_insert_with(|| choice.target.provider.clone());
+            let served_by = choice.target.provider.clone();
+            let done = |mut resp: Response<Body>| {
+                decorate(&mut resp, &table, &served_by, tries, &req.request_id);
+                resp
+            };
             match attempt(gw, &table, route, choice.target, &req, deadline).await {
-                Tried::Answer(mut resp) => {
-                    if first_provider.as_deref() != Some(choice.target.provider.as_str()) {
+                Tried::Answer(resp) => {
+                    if first_provider.as_deref() != Some(served_by.as_str()) {
                         gw.metrics.failover(&req.model);
                     }
-                    decorate(
-                        &mut resp,
-                        &table,
-                        &choice.target.provider,
-                        tries,
-                        &req.request_id,
-                    );
-                    return resp;
+                    return done(resp);
                 }
                 Tried::Retry(why) => last_failure = why,
-                Tried::Final(mut resp) => {
-                    decorate(
-                        &mut resp,
-                        &table,
-                        &choice.target.provider,
-                        tries,
-                        &req.request_id,
-                    );
-                    return resp;
-                }
-                Tried::ContextLength(mut resp) => match &route.config.on_context_length_exceeded {
+                Tried::Final(resp) => return done(resp),
+                Tried::ContextLength(resp) => match &route.config.on_context_length_exceeded {
                     Some(model) if !visited.contains(model) => {
                         redirect = Some(model.clone());
                         break;
                     }
-                    _ => {
-                        decorate(
-                            &mut resp,
-                            &table,
-                            &choice.target.provider,
-                            tries,
-                            &req.request_id,
-                        );
-                        return resp;
-                    }
+                    _ => return done(resp),
                 },
-                Tried::ContentPolicy(mut resp) => match &route.config.on_content_policy {
+                Tried::ContentPolicy(resp) => match &route.config.on_content_policy {
                     Some(action) if action.response.is_some() => {
-                        let text = action.response.clone().unwrap_or_default();
-                        let mut resp = synthetic_answer(&req, &text, StatusCode::OK);
-                        decorate(
-                            &mut resp,
-                            &table,
-                            &choice.target.provider,
-                            tries,
-                            &req.request_id,
-                        );
-                        return resp;
+                        let text = action.response.as_deref().unwrap_or_default();
+                        return done(synthetic_answer(&req, text, StatusCode::OK));
                     }
                     Some(action) if action.model.as_ref().is_some_and(|m| !visited.contains(m)) => {
                         redirect = action.model.clone();
                         break;
                     }
-                    _ => {
-                        decorate(
-                            &mut resp,
-                            &table,
-                            &choice.target.provider,
-                            tries,
-                            &req.request_id,
-                        );
-                        return resp;
-                    }
+                    _ => return done(resp),
                 },
             }
         }

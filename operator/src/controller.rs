@@ -93,6 +93,27 @@ where
         .await?)
 }
 
+/// Server-side applies the status fields the operator owns.
+async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: Value,
+    metrics: &Metrics,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    metrics.write("status");
+    let body = json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Deletes the pool's children of one kind that are not in `keep`.
 async fn prune<K>(
     api: &Api<K>,
@@ -234,15 +255,13 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     });
     ctx.metrics.pool_ready(&ns, &name, ready);
     if pool_status_changed(pool.status.as_ref(), &status) {
-        ctx.metrics.write("status");
-        let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool", "status": status});
-        Api::<ProviderPool>::namespaced(client, &ns)
-            .patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        apply_status(
+            &Api::<ProviderPool>::namespaced(client, &ns),
+            &name,
+            status,
+            &ctx.metrics,
+        )
+        .await?;
     }
     Ok(Action::await_change())
 }
@@ -400,15 +419,13 @@ pub async fn reconcile_policy(
             current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null)
         });
     if changed {
-        ctx.metrics.write("status");
-        let body = json!({"apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy", "status": desired});
-        Api::<RoutingPolicy>::namespaced(client, &ns)
-            .patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        apply_status(
+            &Api::<RoutingPolicy>::namespaced(client, &ns),
+            &name,
+            desired,
+            &ctx.metrics,
+        )
+        .await?;
     }
     Ok(Action::await_change())
 }

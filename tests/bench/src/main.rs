@@ -162,11 +162,21 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-/// Child processes stopped on drop.
+/// Child processes stopped on drop: SIGTERM first (nginx's master takes its workers
+/// down only then), SIGKILL after two seconds.
 struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
         for c in &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .output();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for c in &mut self.0 {
+            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -16,6 +16,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -51,6 +52,8 @@ impl Error {
 
 /// Shared by every reconcile.
 pub struct Context {
+    /// Publishes Events when a condition flips.
+    pub recorder: Recorder,
     /// API client.
     pub client: Client,
     /// Gateway image for pools that name none.
@@ -91,6 +94,44 @@ where
             &Patch::Apply(&obj),
         )
         .await?)
+}
+
+/// Publishes one Event per condition that flipped between `before` and the `status` about
+/// to be written: transitions only, never on a steady state.
+async fn publish_transitions<K>(
+    ctx: &Context,
+    obj: &K,
+    before: &[crds::k8s::Condition],
+    status: &Value,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    let after: Vec<crds::k8s::Condition> =
+        serde_json::from_value(status["conditions"].clone()).unwrap_or_default();
+    for (type_, state, reason) in crate::conditions::transitions(before, &after) {
+        let good = matches!(
+            (type_.as_str(), state.as_str()),
+            ("Ready" | "Accepted" | "ResolvedRefs", "True") | ("Degraded" | "Progressing", "False")
+        );
+        let note = after
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| format!("{type_}={state}: {}", c.message));
+        let event = Event {
+            type_: if good {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason,
+            note,
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing an Event failed");
+        }
+    }
 }
 
 /// Server-side applies the status fields the operator owns.
@@ -255,6 +296,12 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     });
     ctx.metrics.pool_ready(&ns, &name, ready);
     if pool_status_changed(pool.status.as_ref(), &status) {
+        let before = pool
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        publish_transitions(&ctx, pool.as_ref(), &before, &status).await;
         apply_status(
             &Api::<ProviderPool>::namespaced(client, &ns),
             &name,
@@ -419,6 +466,7 @@ pub async fn reconcile_policy(
             current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null)
         });
     if changed {
+        publish_transitions(&ctx, policy.as_ref(), &existing.conditions, &desired).await;
         apply_status(
             &Api::<RoutingPolicy>::namespaced(client, &ns),
             &name,

@@ -86,7 +86,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
+    let reporter = kube::runtime::events::Reporter {
+        controller: "switchyard-operator".into(),
+        instance: Some(identity.clone()),
+    };
     let ctx = Arc::new(Context {
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
         client: client.clone(),
         gateway_image: image,
         metrics: Metrics::default(),
@@ -94,9 +102,6 @@ async fn main() -> anyhow::Result<()> {
     let leading = Arc::new(AtomicBool::new(!elect));
     tokio::spawn(admin(listen, ctx.clone(), leading.clone()));
 
-    let identity = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
     let lease = LeaderElection::new(
         client,
         &lease_ns,

@@ -257,19 +257,9 @@ impl Cluster {
     }
 
     fn spawn(&self, name: &str, args: &[String]) -> anyhow::Result<()> {
-        let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
-        let child = Command::new(self.bins.path(name))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let mut pids = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("pids"))?;
-        writeln!(pids, "{}", child.id())?;
+        let mut cmd = Command::new(self.bins.path(name));
+        cmd.args(args);
+        let child = self.start_logged(name, cmd)?;
         self.children
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
@@ -277,14 +267,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts a process of the project (an operator, a gateway) against this cluster:
-    /// `KUBECONFIG` points at it as admin unless `cmd` sets its own, output goes to
-    /// `logs/<name>.log`, and the reaper stops it with the cluster.
-    pub fn spawn_process(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
+    /// Starts `cmd` with its output in `logs/<name>.log` and its pid registered with the
+    /// reaper.
+    fn start_logged(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
         let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
-        if !cmd.get_envs().any(|(k, _)| k == "KUBECONFIG") {
-            cmd.env("KUBECONFIG", &self.kubeconfig);
-        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -297,6 +283,16 @@ impl Cluster {
             .open(self.dir.join("pids"))?;
         writeln!(pids, "{}", child.id())?;
         Ok(child)
+    }
+
+    /// Starts a process of the project (an operator, a gateway) against this cluster:
+    /// `KUBECONFIG` points at it as admin unless `cmd` sets its own, output goes to
+    /// `logs/<name>.log`, and the reaper stops it with the cluster.
+    pub fn spawn_process(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
+        if !cmd.get_envs().any(|(k, _)| k == "KUBECONFIG") {
+            cmd.env("KUBECONFIG", &self.kubeconfig);
+        }
+        self.start_logged(name, cmd)
     }
 
     /// Polls `ready` until it holds, failing early (with the log to read) if a component

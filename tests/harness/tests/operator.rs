@@ -11,6 +11,22 @@ use serde_json::Value;
 /// The cluster with the CRDs installed and one operator running for every test.
 static OPERATOR: OnceLock<Mutex<Child>> = OnceLock::new();
 
+fn start_operator(c: &Cluster) -> Child {
+    let bin =
+        workspace_binary("switchyard-operator", "switchyard-operator").expect("operator builds");
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--gateway-image",
+        "switchyard-gateway:e2e",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--leader-election-namespace",
+        "default",
+    ]);
+    c.spawn_process("switchyard-operator", cmd)
+        .expect("operator starts")
+}
+
 fn cluster() -> &'static Cluster {
     static READY: OnceLock<()> = OnceLock::new();
     let c = Cluster::shared();
@@ -29,22 +45,8 @@ fn cluster() -> &'static Cluster {
             "crd/routingpolicies.switchyard.dev",
         ])
         .expect("CRDs established");
-        let bin = workspace_binary("switchyard-operator", "switchyard-operator")
-            .expect("operator builds");
-        let mut cmd = Command::new(bin);
-        cmd.args([
-            "--gateway-image",
-            "switchyard-gateway:e2e",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--leader-election-namespace",
-            "default",
-        ]);
-        // Kept, never waited: the cluster's reaper stops it with the control plane.
-        let child = c
-            .spawn_process("switchyard-operator", cmd)
-            .expect("operator starts");
-        OPERATOR.get_or_init(|| Mutex::new(child));
+        // Kept, never waited here: the cluster's reaper stops it with the control plane.
+        OPERATOR.get_or_init(|| Mutex::new(start_operator(c)));
     });
     c
 }
@@ -518,4 +520,119 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
         let _ = f.kill();
         let _ = f.wait();
     }
+}
+
+#[test]
+fn the_newer_of_two_policies_claiming_a_model_reports_the_conflict() {
+    let c = cluster();
+    let ns = c.namespace("conflict").expect("namespace");
+    small_pool(c, ns.name(), &["us-east"]);
+    std::thread::sleep(Duration::from_millis(1100)); // creation timestamps have one-second resolution
+    let newer = "apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: newer}\nspec:\n  poolRef: {name: small}\n  routes: [{model: m, targets: [{provider: p}]}]\n";
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], newer)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    let (status, reason, message) = wait_for(
+        "the conflict on the newer policy",
+        Duration::from_secs(60),
+        || {
+            let p = get_json(c, &["routingpolicy", "newer", "-n", ns.name()])?;
+            condition(&p, "Accepted").filter(|c| c.1 == "RouteConflict")
+        },
+    );
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("model \"m\" is already served by the older RoutingPolicy \"small\""),
+        "{message}"
+    );
+    let older = get_json(c, &["routingpolicy", "small", "-n", ns.name()]).expect("older");
+    assert_eq!(
+        condition(&older, "Accepted").map(|c| c.0).as_deref(),
+        Some("True"),
+        "the older policy keeps the model"
+    );
+}
+
+#[test]
+fn transitions_are_recorded_as_events() {
+    let c = cluster();
+    let ns = c.namespace("events").expect("namespace");
+    small_pool(c, ns.name(), &["us-east"]);
+    let events = wait_for("a Ready event", Duration::from_secs(60), || {
+        let out = c
+            .kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                ns.name(),
+                "-o",
+                "jsonpath={range .items[*]}{.involvedObject.kind}/{.reason}{\"\\n\"}{end}",
+            ])
+            .ok()?;
+        out.contains("ProviderPool/AllRegionsReady").then_some(out)
+    });
+    assert!(events.contains("RoutingPolicy/Accepted"), "{events}");
+    let count = |reason: &str| events.lines().filter(|l| l.ends_with(reason)).count();
+    assert_eq!(
+        count("/AllRegionsReady"),
+        1,
+        "one Event per transition, not per reconcile: {events}"
+    );
+}
+
+#[test]
+fn an_operator_killed_mid_reconcile_converges_after_restart_without_duplicates() {
+    let c = cluster();
+    let ns = c.namespace("restart").expect("namespace");
+    let slot = OPERATOR.get().expect("operator started");
+    {
+        let mut op = slot.lock().expect("lock");
+        let _ = op.kill();
+        let _ = op.wait();
+    }
+    small_pool(c, ns.name(), &["us-east", "us-west", "eu-west"]);
+    // Start, let it get part-way through the pool's children, kill it, start again.
+    {
+        let mut op = slot.lock().expect("lock");
+        *op = start_operator(c);
+        std::thread::sleep(Duration::from_millis(700));
+        let _ = op.kill();
+        let _ = op.wait();
+        *op = start_operator(c);
+    }
+    wait_for("Ready after the restart", Duration::from_secs(90), || {
+        let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
+        (condition(&p, "Ready")?.0 == "True").then_some(())
+    });
+    for (kind, expected) in [
+        ("deployments", 3),
+        ("configmaps", 3),
+        ("services", 4),
+        ("roles", 1),
+        ("rolebindings", 1),
+        ("serviceaccounts", 1),
+    ] {
+        let names = c
+            .kubectl_ok(&[
+                "get",
+                kind,
+                "-n",
+                ns.name(),
+                "-l",
+                "switchyard.dev/pool=small",
+                "-o",
+                "name",
+            ])
+            .expect("get");
+        assert_eq!(names.lines().count(), expected, "{kind}: {names}");
+    }
+    let rs = c
+        .kubectl_ok(&["get", "replicasets", "-n", ns.name(), "-o", "name"])
+        .expect("get");
+    assert_eq!(
+        rs.lines().count(),
+        3,
+        "one ReplicaSet per Deployment: no spec churn across the restart: {rs}"
+    );
 }

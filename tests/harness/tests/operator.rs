@@ -533,7 +533,7 @@ fn the_newer_of_two_policies_claiming_a_model_reports_the_conflict() {
         .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], newer)
         .expect("kubectl");
     assert!(ok, "{err}");
-    let (status, reason, message) = wait_for(
+    let (status, _reason, message) = wait_for(
         "the conflict on the newer policy",
         Duration::from_secs(60),
         || {
@@ -634,5 +634,25 @@ fn an_operator_killed_mid_reconcile_converges_after_restart_without_duplicates()
         rs.lines().count(),
         3,
         "one ReplicaSet per Deployment: no spec churn across the restart: {rs}"
+    );
+}
+
+#[test]
+fn the_operator_says_clearly_when_the_crds_are_missing() {
+    // A cluster of its own: the shared one has the CRDs.
+    let bare = Cluster::start().expect("a second control plane");
+    let out = Command::new(
+        workspace_binary("switchyard-operator", "switchyard-operator").expect("built"),
+    )
+    .args(["--metrics-listen", "127.0.0.1:0", "--no-leader-election"])
+    .env("KUBECONFIG", bare.kubeconfig())
+    .output()
+    .expect("operator runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the CRD providerpools.switchyard.dev is not installed")
+            && stderr.contains("charts/switchyard/crds"),
+        "{stderr}"
     );
 }

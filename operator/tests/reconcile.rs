@@ -176,8 +176,7 @@ async fn run(objects: Vec<(String, Value)>) -> Vec<String> {
     .await;
     server.abort();
     assert!(matches!(result, Ok(Ok(_))), "reconcile failed: {result:?}");
-    let log = log.lock().expect("log").clone();
-    log
+    log.lock().expect("log").clone()
 }
 
 fn writes(log: &[String]) -> Vec<&String> {

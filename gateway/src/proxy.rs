@@ -48,6 +48,18 @@ pub struct ClientRequest {
     pub request_id: String,
 }
 
+/// What a stream needs to resume elsewhere after its provider broke mid-answer.
+#[derive(Clone)]
+struct Resume {
+    gw: Arc<Gateway>,
+    table: Arc<RoutingTable>,
+    route_model: String,
+    tried: Vec<String>,
+    deadline: Instant,
+    body: Value,
+    request_id: String,
+}
+
 /// How one try ended.
 enum Tried {
     /// The answer for the client.
@@ -125,7 +137,16 @@ pub async fn serve(
                 decorate(&mut resp, &table, &served_by, tries, &req.request_id);
                 resp
             };
-            match attempt(gw, &table, route, choice.target, &req, deadline).await {
+            let resume = Resume {
+                gw: gw.clone(),
+                table: table.clone(),
+                route_model: route.config.model.clone(),
+                tried: tried.clone(),
+                deadline,
+                body: Value::Null,
+                request_id: req.request_id.clone(),
+            };
+            match attempt(gw, &table, route, choice.target, &req, deadline, resume).await {
                 Tried::Answer(resp) => {
                     if first_provider.as_deref() != Some(served_by.as_str()) {
                         gw.metrics.failover(&req.model);
@@ -270,6 +291,7 @@ async fn attempt(
     target: &TargetConfig,
     req: &ClientRequest,
     deadline: Instant,
+    resume: Resume,
 ) -> Tried {
     let Some(provider) = table.provider(&target.provider) else {
         return Tried::Retry(format!(
@@ -340,6 +362,10 @@ async fn attempt(
 
     if status.is_success() {
         if req.stream && req.op == Operation::ChatCompletions {
+            let resume = Resume {
+                body: req.body.clone(),
+                ..resume
+            };
             return stream(
                 gw,
                 rc,
@@ -349,6 +375,7 @@ async fn attempt(
                 inflight,
                 latency,
                 first_byte.saturating_sub(latency),
+                resume,
             )
             .await;
         }
@@ -501,6 +528,7 @@ async fn stream(
     inflight: InFlight,
     latency: Duration,
     first_token_budget: Duration,
+    resume: Resume,
 ) -> Tried {
     let mut reader = SseReader::new(resp.into_body());
     let first_by = Instant::now() + first_token_budget;
@@ -534,42 +562,53 @@ async fn stream(
     tokio::spawn(async move {
         let mut state = StreamState::default();
         let mut next = Some(first);
+        let (mut reader, mut inflight, mut latency, mut provider) =
+            (reader, inflight, latency, provider);
+        let mut tried = resume.tried.clone();
+        let mut resumed = 0;
         loop {
             let data = match next.take() {
                 Some(d) => d,
                 None => match reader.next(idle).await {
                     Ok(Some(d)) => d,
-                    Ok(None) => {
-                        if state.finished {
-                            // Ended without [DONE]: finalise at once, with usage.
-                            if include_usage && !state.usage_seen {
-                                let _ = tx.send(Ok(event(&state.synthetic_usage()))).await;
-                            }
-                            let _ = tx
-                                .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
-                                .await;
-                            inflight.finish(Outcome::Success, Some(latency));
-                        } else {
-                            interrupted(
-                                &tx,
-                                &provider,
-                                "the provider ended the stream before the answer was complete",
-                            )
-                            .await;
-                            inflight.finish(Outcome::Failure, Some(latency));
+                    Ok(None) if state.finished => {
+                        // Ended without [DONE]: finalise at once, with usage.
+                        if include_usage && !state.usage_seen {
+                            let _ = tx.send(Ok(event(&state.synthetic_usage()))).await;
                         }
+                        let _ = tx
+                            .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
+                            .await;
+                        inflight.finish(Outcome::Success, Some(latency));
                         return;
                     }
-                    Err(e) => {
-                        let message = match &e {
-                            StreamError::Stalled(d) => format!(
-                                "the provider stalled for {} mid-answer",
-                                crds::Duration::new(*d)
-                            ),
-                            other => other.to_string(),
+                    cut => {
+                        let why = match cut {
+                            Err(StreamError::Stalled(d)) => {
+                                format!(
+                                    "the provider stalled for {} mid-answer",
+                                    crds::Duration::new(d)
+                                )
+                            }
+                            Err(other) => other.to_string(),
+                            Ok(_) => "the provider ended the stream before the answer was complete"
+                                .to_owned(),
                         };
-                        interrupted(&tx, &provider, &message).await;
                         inflight.finish(Outcome::Failure, Some(latency));
+                        if resumed < 2
+                            && !state.text.is_empty()
+                            && let Some((r, name, infl, lat)) =
+                                continue_elsewhere(&resume, &state.text, &mut tried).await
+                        {
+                            tracing::info!(from = %provider, to = %name, why = %why, "resuming a broken stream on another provider");
+                            (reader, inflight, latency, provider) = (r, infl, lat, name);
+                            resumed += 1;
+                            state.continuing = true;
+                            continue;
+                        }
+                        interrupted(&tx, &provider, &why).await;
+                        // The original failure stands; a continuation target's own
+                        // refusal is never what the client sees.
                         return;
                     }
                 },
@@ -581,10 +620,23 @@ async fn stream(
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
-            let Ok(chunk) = serde_json::from_str::<Value>(&data) else {
+            let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
                 tracing::warn!(provider = %provider, "skipped a malformed stream chunk");
                 continue;
             };
+            if state.continuing {
+                // The continuation's opening role chunk would restart the message.
+                for choice in chunk
+                    .get_mut("choices")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) {
+                        delta.remove("role");
+                    }
+                }
+            }
             state.observe(&chunk);
             if tx.send(Ok(event(&chunk))).await.is_err() {
                 // The client went away; the provider did nothing wrong.
@@ -603,6 +655,95 @@ async fn stream(
         hyper::header::HeaderValue::from_static("no-cache"),
     );
     Tried::Answer(resp)
+}
+
+/// Whether a provider continues an assistant message given as the last message (a
+/// prefill). OpenAI and Azure OpenAI start a new answer instead, so they are never used
+/// to resume a broken stream.
+fn accepts_prefill(t: crds::pool::ProviderType) -> bool {
+    matches!(
+        t,
+        crds::pool::ProviderType::OpenAiCompatible | crds::pool::ProviderType::Anthropic
+    )
+}
+
+/// Asks another target of the route to continue `prefix`; returns its stream once its
+/// response headers arrived. Targets that refuse or fail are skipped silently.
+async fn continue_elsewhere(
+    r: &Resume,
+    prefix: &str,
+    tried: &mut Vec<String>,
+) -> Option<(SseReader, String, InFlight, Duration)> {
+    let route = r.table.route_for(&r.route_model)?;
+    let rc = &route.config;
+    if !route.budget.try_retry(Instant::now(), &rc.retry) {
+        return None;
+    }
+    loop {
+        let now = Instant::now();
+        if now >= r.deadline {
+            return None;
+        }
+        let choice = pick(&r.table, route, tried, now)?;
+        tried.push(choice.target.provider.clone());
+        let provider = r.table.provider(&choice.target.provider)?;
+        if !accepts_prefill(provider.config.provider_type) {
+            continue;
+        }
+        let mut body = r.body.clone();
+        let messages = body.get_mut("messages").and_then(Value::as_array_mut)?;
+        messages.push(json!({"role": "assistant", "content": prefix}));
+        if provider.config.provider_type == crds::pool::ProviderType::OpenAiCompatible
+            && let Some(obj) = body.as_object_mut()
+        {
+            // vLLM's and llama.cpp's way of saying "continue this message".
+            obj.insert("continue_final_message".into(), Value::Bool(true));
+            obj.insert("add_generation_prompt".into(), Value::Bool(false));
+        }
+        let Ok(upstream) = build_request(
+            provider,
+            choice.target,
+            Operation::ChatCompletions,
+            &body,
+            &r.request_id,
+        ) else {
+            continue;
+        };
+        let client = r.gw.client(rc.timeouts.connect.get());
+        let first_byte = rc
+            .timeouts
+            .first_byte
+            .get()
+            .min(r.deadline.saturating_duration_since(now));
+        let inflight =
+            InFlight::start(provider.health.clone(), rc, &provider.config.health.passive);
+        let t0 = Instant::now();
+        match tokio::time::timeout(first_byte, client.request(upstream)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                let latency = t0.elapsed();
+                r.gw.metrics.attempt(
+                    &provider.config.name,
+                    "continuation",
+                    Some(latency.as_secs_f64()),
+                );
+                return Some((
+                    SseReader::new(resp.into_body()),
+                    provider.config.name.clone(),
+                    inflight,
+                    latency,
+                ));
+            }
+            Ok(Ok(resp)) => {
+                let outcome = if resp.status().is_server_error() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                inflight.finish(outcome, Some(t0.elapsed()));
+            }
+            _ => inflight.finish(Outcome::Failure, None),
+        }
+    }
 }
 
 fn event(value: &Value) -> Frame<Bytes> {
@@ -632,6 +773,10 @@ async fn interrupted(
 #[derive(Debug, Default)]
 struct StreamState {
     finished: bool,
+    /// The answer so far, to resume from (bounded).
+    text: String,
+    /// Chunks now come from a continuation.
+    continuing: bool,
     usage_seen: bool,
     id: Option<Value>,
     model: Option<Value>,
@@ -656,6 +801,9 @@ impl StreamState {
             }
             if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
                 self.completion_chars += text.len();
+                if self.text.len() + text.len() <= 1 << 20 {
+                    self.text.push_str(text);
+                }
             }
         }
     }

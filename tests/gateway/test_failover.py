@@ -88,9 +88,22 @@ def test_a_stream_without_done_is_finalised_with_usage(stack, client_for):
     assert usage is not None
 
 
-@pytest.mark.parametrize("fault", ["cut-after:3", "stall-after:3"])
-def test_a_stream_broken_mid_answer_ends_with_an_explicit_error_not_a_silent_truncation(stack, client_for, fault):
+@pytest.mark.parametrize("fault", ["cut-after:5", "stall-after:5"])
+def test_a_stream_broken_mid_answer_is_resumed_on_a_provider_that_continues_prefills(stack, client_for, fault):
     gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
+    fakes["alpha"].fault(fault)
+    text, usage = stream_text(client_for(gw), stream_options={"include_usage": True})
+    assert text == f"Hello from alpha. {FULL}", "one complete answer, no repetition"
+    assert usage is not None
+    continuation = fakes["beta"].attempts()[0]["body"]
+    assert continuation["messages"][-1] == {"role": "assistant", "content": "Hello from alpha. The quick "}
+    assert continuation["continue_final_message"] is True
+
+
+@pytest.mark.parametrize("fault", ["cut-after:3", "stall-after:3"])
+def test_a_stream_broken_mid_answer_ends_with_an_explicit_error_when_no_target_can_continue(stack, client_for, fault):
+    # Azure OpenAI cannot continue a prefill, so nothing can resume the answer.
+    gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST, provider_extra={"beta": {"type_": "azureOpenAI"}})
     fakes["alpha"].fault(fault)
     received = ""
     with pytest.raises(openai.APIError) as err:
@@ -99,6 +112,7 @@ def test_a_stream_broken_mid_answer_ends_with_an_explicit_error_not_a_silent_tru
                 received += choice.delta.content or ""
     assert "incomplete" in str(err.value)
     assert received and not received.endswith("dog."), "part of the answer arrived before the break"
+    assert fakes["beta"].attempts() == [], "no continuation is attempted on a target that cannot continue"
 
 
 def test_retry_after_is_honoured_and_the_provider_rests_exactly_that_long(stack, client_for):

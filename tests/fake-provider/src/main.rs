@@ -458,8 +458,18 @@ fn answer(name: &str, request: &Value) -> String {
     let prefill = last
         .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
         .and_then(|m| m.get("content").and_then(Value::as_str));
+    // Another provider's partial answer ("Hello from alpha. The quick ") is continued
+    // from the shared sentence, so a resumed stream reads as one answer.
+    let tail = |s: &str| {
+        s.split_once(". ")
+            .map(|(_, t)| t.to_owned())
+            .unwrap_or_default()
+    };
     match prefill {
         Some(p) if full.starts_with(p) => full[p.len()..].to_owned(),
+        Some(p) if p.starts_with("Hello from ") && tail(&full).starts_with(&tail(p)) => {
+            tail(&full)[tail(p).len()..].to_owned()
+        }
         _ => full,
     }
 }

@@ -23,6 +23,9 @@ use crate::gateway::Gateway;
 use crate::proxy::{ClientRequest, serve};
 use crate::upstream::Operation;
 
+/// Largest request head (request line and headers) accepted, in bytes.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Response body type of every handler.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -36,7 +39,16 @@ pub async fn run(
 ) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Bounded headers: a client cannot make the gateway buffer more than this per request
+    // (HTTP/1.1 answers 431 beyond it).
+    builder
+        .http1()
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(128);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
     loop {
         tokio::select! {
             accepted = listener.accept() => {

@@ -120,3 +120,30 @@ def test_sigterm_finishes_requests_in_flight(stack, client_for):
     t.join(10)
     assert result["answer"].choices[0].message.content.startswith("Hello from alpha")
     assert gw.proc.wait(10) == 0
+
+
+def test_oversized_headers_are_refused(stack):
+    import socket
+
+    gw, _ = stack(["alpha"])
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 * 1024) + b"\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:80]
+
+
+def test_http2_cleartext_is_served(stack):
+    import shutil
+    import subprocess
+
+    if not shutil.which("curl"):
+        pytest.fail("curl is needed for the h2c check")
+    gw, _ = stack(["alpha"])
+    out = subprocess.run(
+        ["curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+         "-H", "authorization: Bearer " + __import__("conftest").CLIENT_KEY,
+         "-d", json.dumps({"model": "gpt-4o", "messages": MSG}), f"{gw.url}/v1/chat/completions"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out == "2 200", out

@@ -88,6 +88,9 @@ struct Inner {
     minute_requests: u64,
     /// `x-ratelimit-remaining-requests` from the last response.
     reported_remaining: Option<u64>,
+    /// Active probing: consecutive results, and whether probes took the provider out.
+    probe_streak: (u32, u32),
+    probe_down: bool,
 }
 
 /// Health of one provider, shared by every route that targets it and carried across
@@ -140,6 +143,8 @@ impl ProviderHealth {
                 minute_start: now,
                 minute_requests: 0,
                 reported_remaining: None,
+                probe_streak: (0, 0),
+                probe_down: false,
             }),
             in_flight: AtomicU32::new(0),
         }
@@ -159,6 +164,10 @@ impl ProviderHealth {
         let blocked = s.ejected_until.max(s.rate_limited_until);
         if blocked > now {
             return Availability::Until(blocked);
+        }
+        if s.probe_down {
+            // Down until probes say otherwise; "soon" keeps it a least-bad candidate.
+            return Availability::Until(now + Duration::from_secs(1));
         }
         match s.breaker {
             BreakerState::Closed => Availability::Ready,
@@ -273,6 +282,28 @@ impl ProviderHealth {
         }
     }
 
+    /// Records an active probe: `unhealthy` failures in a row take the provider out,
+    /// `healthy` successes in a row bring it back.
+    pub fn record_probe(&self, ok: bool, healthy: u32, unhealthy: u32) {
+        let mut s = self.lock();
+        let (successes, failures) = &mut s.probe_streak;
+        if ok {
+            *successes += 1;
+            *failures = 0;
+        } else {
+            *failures += 1;
+            *successes = 0;
+        }
+        let (successes, failures) = s.probe_streak;
+        if !s.probe_down && failures >= unhealthy.max(1) {
+            s.probe_down = true;
+            s.last_reason = Some("ProbeFailed");
+        } else if s.probe_down && successes >= healthy.max(1) {
+            s.probe_down = false;
+            s.last_reason = None;
+        }
+    }
+
     /// Records `x-ratelimit-remaining-requests` from a response.
     pub fn report_remaining(&self, remaining: u64) {
         self.lock().reported_remaining = Some(remaining);
@@ -329,7 +360,7 @@ impl ProviderHealth {
         } else {
             failures as f64 / s.window.len() as f64
         };
-        let state = if blocked > now {
+        let state = if blocked > now || s.probe_down {
             "ejected"
         } else if s.breaker != BreakerState::Closed
             || s.consecutive_failures > 0
@@ -353,9 +384,14 @@ impl ProviderHealth {
             error_rate,
             latency_ms: s.latency_ewma_ms,
             in_flight: self.in_flight(),
-            unavailable_for_ms: (blocked > now).then(|| {
-                u64::try_from(blocked.duration_since(now).as_millis()).unwrap_or(u64::MAX)
-            }),
+            // Probed down: unusable until probes recover, with no known end.
+            unavailable_for_ms: if s.probe_down {
+                Some(0)
+            } else {
+                (blocked > now).then(|| {
+                    u64::try_from(blocked.duration_since(now).as_millis()).unwrap_or(u64::MAX)
+                })
+            },
         }
     }
 }
@@ -565,6 +601,29 @@ mod tests {
             h.availability(now, &b),
             Availability::Until(now + Duration::from_secs(10))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_take_a_provider_out_and_bring_it_back_with_hysteresis() {
+        let b = breaker();
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        h.record_probe(false, 2, 3);
+        h.record_probe(false, 2, 3);
+        assert_eq!(
+            h.availability(now, &b),
+            Availability::Ready,
+            "two failures are below the threshold"
+        );
+        h.record_probe(false, 2, 3);
+        assert!(matches!(h.availability(now, &b), Availability::Until(_)));
+        h.record_probe(true, 2, 3);
+        assert!(
+            matches!(h.availability(now, &b), Availability::Until(_)),
+            "one success is not enough"
+        );
+        h.record_probe(true, 2, 3);
+        assert_eq!(h.availability(now, &b), Availability::Ready);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ mod errors;
 mod gateway;
 mod health;
 mod metrics;
+mod probe;
 mod proxy;
 mod retry;
 mod select;
@@ -191,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
             "NO CLIENT AUTHENTICATION: these models accept requests from anyone who can reach this port; set spec.clientAuth on their RoutingPolicy"
         );
     }
+    tokio::spawn(probe::run(gw.clone()));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -656,3 +656,74 @@ fn the_operator_says_clearly_when_the_crds_are_missing() {
         "{stderr}"
     );
 }
+
+#[test]
+fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
+    let c = cluster();
+    let ns = c.namespace("leader").expect("namespace");
+    let bin = workspace_binary("switchyard-operator", "switchyard-operator").expect("built");
+    let start = |id: &str, port: u16| {
+        let mut cmd = Command::new(&bin);
+        // Watching only this namespace keeps the pair apart from the shared operator.
+        cmd.args([
+            "--namespace",
+            ns.name(),
+            "--leader-election-namespace",
+            ns.name(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ]);
+        cmd.env("POD_NAME", id);
+        c.spawn_process(&format!("operator-{id}"), cmd)
+            .expect("starts")
+    };
+    let readyz = |port: u16| {
+        http("GET", port, "/readyz", "")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    let holder = || {
+        c.kubectl_ok(&[
+            "get",
+            "lease",
+            "switchyard-operator",
+            "-n",
+            ns.name(),
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap_or_default()
+    };
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = start("op-a", pa);
+    wait_for("op-a to lead", Duration::from_secs(30), || {
+        (readyz(pa) == "leading").then_some(())
+    });
+    let mut b = start("op-b", pb);
+    wait_for("op-b to answer", Duration::from_secs(30), || {
+        (!readyz(pb).is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(readyz(pb), "standby");
+    assert_eq!(holder(), "op-a");
+
+    let _ = a.kill();
+    let _ = a.wait();
+    let took_over = Instant::now();
+    wait_for("op-b to take over", Duration::from_secs(40), || {
+        (readyz(pb) == "leading").then_some(())
+    });
+    assert_eq!(holder(), "op-b");
+    eprintln!("standby took over after {:?}", took_over.elapsed());
+    small_pool(c, ns.name(), &["us-east"]);
+    wait_for(
+        "the new leader to reconcile",
+        Duration::from_secs(60),
+        || {
+            let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
+            (condition(&p, "Ready")?.0 == "True").then_some(())
+        },
+    );
+    let _ = b.kill();
+    let _ = b.wait();
+}

@@ -39,6 +39,7 @@ pub struct Metrics {
     durations: Family<KindLabels, Histogram, fn() -> Histogram>,
     writes: Family<KindLabels, Counter>,
     pool_ready: Family<PoolLabels, prometheus_client::metrics::gauge::Gauge>,
+    in_flight: Family<KindLabels, prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl Default for Metrics {
@@ -50,6 +51,7 @@ impl Default for Metrics {
             durations: Family::new_with_constructor(durations),
             writes: Family::default(),
             pool_ready: Family::default(),
+            in_flight: Family::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register("reconciles", "Reconciles by kind", m.reconciles.clone());
@@ -68,6 +70,18 @@ impl Default for Metrics {
                 "Writes to the API server by object kind",
                 m.writes.clone(),
             );
+            r.register(
+                "pool_ready",
+                "1 when the ProviderPool's Ready condition is True",
+                m.pool_ready.clone(),
+            );
+            // kube-runtime does not expose its scheduler's queue; reconciles running is the
+            // closest honest measure of backlog (bounded by the concurrency of 8).
+            r.register(
+                "reconciles_in_flight",
+                "Reconciles running now, by kind",
+                m.in_flight.clone(),
+            );
         }
         m
     }
@@ -77,6 +91,7 @@ impl Default for Metrics {
 #[derive(Debug)]
 pub struct Timer<'a> {
     histogram: Histogram,
+    in_flight: prometheus_client::metrics::gauge::Gauge,
     started: Instant,
     _metrics: &'a Metrics,
 }
@@ -84,6 +99,7 @@ pub struct Timer<'a> {
 impl Drop for Timer<'_> {
     fn drop(&mut self) {
         self.histogram.observe(self.started.elapsed().as_secs_f64());
+        self.in_flight.dec();
     }
 }
 
@@ -94,7 +110,10 @@ impl Metrics {
             kind: kind.to_owned(),
         };
         self.reconciles.get_or_create(&labels).inc();
+        let in_flight = self.in_flight.get_or_create(&labels).clone();
+        in_flight.inc();
         Timer {
+            in_flight,
             histogram: self.durations.get_or_create(&labels).clone(),
             started: Instant::now(),
             _metrics: self,

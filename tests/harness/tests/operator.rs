@@ -727,3 +727,59 @@ fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let _ = b.kill();
     let _ = b.wait();
 }
+
+#[test]
+fn the_operator_stops_cleanly_on_sigterm_and_serves_its_metrics() {
+    let c = cluster();
+    let ns = c.namespace("sigterm").expect("namespace");
+    let port = free_port();
+    let mut cmd = Command::new(
+        workspace_binary("switchyard-operator", "switchyard-operator").expect("built"),
+    );
+    cmd.args([
+        "--namespace",
+        ns.name(),
+        "--no-leader-election",
+        "--metrics-listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let mut op = c
+        .spawn_process(&format!("operator-{}", ns.name()), cmd)
+        .expect("starts");
+    small_pool(c, ns.name(), &["us-east"]);
+    let metrics = wait_for("metrics after a reconcile", Duration::from_secs(60), || {
+        let (_, body) = http("GET", port, "/metrics", "")?;
+        body.contains("switchyard_operator_pool_ready{").then_some(body)
+    });
+    for name in [
+        "reconcile_duration_seconds",
+        "reconciles_in_flight",
+        "api_writes_total",
+        "pool_ready",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    Command::new("kill")
+        .args(["-TERM", &op.id().to_string()])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = op.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the operator ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "exit status {status}");
+    let log = std::fs::read_to_string(c.logs_dir().join(format!("operator-{}.log", ns.name())))
+        .expect("log");
+    assert!(
+        log.lines().count() > 0
+            && log
+                .lines()
+                .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "JSON logs:\n{log}"
+    );
+    assert!(log.contains("signal received"), "{log}");
+}

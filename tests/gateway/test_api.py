@@ -76,6 +76,8 @@ def test_readyz_healthz_metrics_status(stack, client_for):
     text = metrics.decode()
     assert 'switchyard_gateway_requests_total{model="gpt-4o",status="200"} 1' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="success"} 1' in text
+    assert 'switchyard_gateway_provider_usable{provider="alpha"} 1' in text
+    assert 'switchyard_gateway_breaker_state{provider="alpha"} 0' in text
     assert gw.status()["providers"][0]["health"]["state"] == "healthy"
 
 

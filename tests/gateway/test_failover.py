@@ -285,3 +285,13 @@ def test_active_probes_take_a_failing_provider_out_before_real_traffic_and_bring
     time.sleep(1.0)
     _, headers = chat(client_for(gw))
     assert headers["x-switchyard-provider"] == "alpha", "two good probes bring it back"
+
+
+def test_failovers_are_counted_for_the_alerts(stack, client_for):
+    gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
+    fakes["alpha"].fault("status:503", times=1)
+    chat(client_for(gw))
+    _, _, metrics = http("GET", f"{gw.url}/metrics")
+    text = metrics.decode()
+    assert 'switchyard_gateway_failovers_total{model="gpt-4o"} 1' in text
+    assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="server_error"} 1' in text

@@ -24,9 +24,9 @@ fi
 step "local control plane (built once through the Go module proxy, then cached)"
 bash tests/controlplane/build.sh >/dev/null
 
-tmp="${TMPDIR:-/tmp}"
-# Directories kept by earlier failed runs (they hold logs) are not this run's leftovers.
-before="$(ls -d "$tmp"/switchyard-cp-* 2>/dev/null || true)"
+# This run's temporary files (cluster directories among them) live in a directory of its
+# own, so leftovers are this run's alone, whatever else the machine is doing.
+export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-run-XXXXXX")"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -47,14 +47,13 @@ step "gateway tier: real gateway and fake providers, driven by the openai SDK"
 
 step "no test left a process or cluster directory behind"
 sleep 3
-leftover="$(pgrep -af 'switchyard-cp-|target/debug/(fake-provider|switchyard-gateway)' || true)"
+leftover="$(pgrep -af "$TMPDIR/switchyard-cp-|target/debug/(fake-provider|switchyard-gateway)" || true)"
 if [ -n "$leftover" ]; then
   echo "processes left running:"; echo "$leftover"; exit 1
 fi
-after="$(ls -d "$tmp"/switchyard-cp-* 2>/dev/null || true)"
-new="$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | grep . || true)"
-if [ -n "$new" ]; then
-  echo "cluster directories left behind:"; echo "$new"; exit 1
+left="$(ls -d "$TMPDIR"/switchyard-cp-* 2>/dev/null || true)"
+if [ -n "$left" ]; then
+  echo "cluster directories left behind:"; echo "$left"; exit 1
 fi
 echo "none"
 
@@ -65,3 +64,4 @@ awk '
     for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
   }
   END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+rm -rf "$TMPDIR"

@@ -749,7 +749,8 @@ fn the_operator_stops_cleanly_on_sigterm_and_serves_its_metrics() {
     small_pool(c, ns.name(), &["us-east"]);
     let metrics = wait_for("metrics after a reconcile", Duration::from_secs(60), || {
         let (_, body) = http("GET", port, "/metrics", "")?;
-        body.contains("switchyard_operator_pool_ready{").then_some(body)
+        body.contains("switchyard_operator_pool_ready{")
+            .then_some(body)
     });
     for name in [
         "reconcile_duration_seconds",

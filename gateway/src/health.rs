@@ -93,6 +93,17 @@ struct Inner {
     probe_down: bool,
 }
 
+impl Inner {
+    /// The breaker as callers should see it: an open breaker whose time is up is
+    /// half-open, even before the next availability check moves it there.
+    fn effective_breaker(&self, now: Instant) -> BreakerState {
+        match self.breaker {
+            BreakerState::Open if self.open_until <= now => BreakerState::HalfOpen,
+            other => other,
+        }
+    }
+}
+
 /// Health of one provider, shared by every route that targets it and carried across
 /// configuration reloads.
 #[derive(Debug)]
@@ -336,11 +347,7 @@ impl ProviderHealth {
 
     /// The breaker's state (an open breaker whose time is up reads as half-open).
     pub fn breaker(&self, now: Instant) -> BreakerState {
-        let s = self.lock();
-        match s.breaker {
-            BreakerState::Open if s.open_until <= now => BreakerState::HalfOpen,
-            other => other,
-        }
+        self.lock().effective_breaker(now)
     }
 
     /// A snapshot for `/status` and the pool status.
@@ -377,10 +384,7 @@ impl ProviderHealth {
             } else {
                 s.last_reason
             },
-            breaker: match s.breaker {
-                BreakerState::Open if s.open_until <= now => BreakerState::HalfOpen,
-                other => other,
-            },
+            breaker: s.effective_breaker(now),
             error_rate,
             latency_ms: s.latency_ewma_ms,
             in_flight: self.in_flight(),

@@ -49,7 +49,6 @@ pub struct ClientRequest {
 }
 
 /// What a stream needs to resume elsewhere after its provider broke mid-answer.
-#[derive(Clone)]
 struct Resume {
     gw: Arc<Gateway>,
     table: Arc<RoutingTable>,
@@ -137,16 +136,7 @@ pub async fn serve(
                 decorate(&mut resp, &table, &served_by, tries, &req.request_id);
                 resp
             };
-            let resume = Resume {
-                gw: gw.clone(),
-                table: table.clone(),
-                route_model: route.config.model.clone(),
-                tried: tried.clone(),
-                deadline,
-                body: Value::Null,
-                request_id: req.request_id.clone(),
-            };
-            match attempt(gw, &table, route, choice.target, &req, deadline, resume).await {
+            match attempt(gw, &table, route, choice.target, &req, deadline, &tried).await {
                 Tried::Answer(resp) => {
                     if first_provider.as_deref() != Some(served_by.as_str()) {
                         gw.metrics.failover(&req.model);
@@ -285,13 +275,13 @@ impl Drop for InFlight {
 }
 
 async fn attempt(
-    gw: &Gateway,
-    table: &RoutingTable,
+    gw: &Arc<Gateway>,
+    table: &Arc<RoutingTable>,
     route: &RouteEntry,
     target: &TargetConfig,
     req: &ClientRequest,
     deadline: Instant,
-    resume: Resume,
+    tried: &[String],
 ) -> Tried {
     let Some(provider) = table.provider(&target.provider) else {
         return Tried::Retry(format!(
@@ -362,9 +352,16 @@ async fn attempt(
 
     if status.is_success() {
         if req.stream && req.op == Operation::ChatCompletions {
+            // Only a stream can break after its first byte, so only a stream carries what
+            // it needs to resume elsewhere.
             let resume = Resume {
+                gw: gw.clone(),
+                table: table.clone(),
+                route_model: route.config.model.clone(),
+                tried: tried.to_vec(),
+                deadline,
                 body: req.body.clone(),
-                ..resume
+                request_id: req.request_id.clone(),
             };
             return stream(
                 gw,

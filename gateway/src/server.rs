@@ -81,6 +81,16 @@ pub async fn run(
     }
 }
 
+/// The answer while no configuration has loaded yet (readiness is false then too).
+fn not_ready() -> Response<Body> {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "not_ready",
+        "no configuration loaded yet",
+    )
+}
+
 fn request_id(req: &Request<Incoming>) -> String {
     req.headers()
         .get("x-request-id")
@@ -106,12 +116,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
                 StatusCode::OK,
                 Bytes::from_static(b"{\"status\":\"ready\"}"),
             ),
-            None => error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "not_ready",
-                "no configuration loaded yet",
-            ),
+            None => not_ready(),
         },
         (&Method::GET, "/metrics") => {
             let text = gw.metrics.render(gw.table.load().as_deref());
@@ -165,12 +170,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
 async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str) -> Response<Body> {
     let started = Instant::now();
     let Some(table) = gw.table.load_full() else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "not_ready",
-            "no configuration loaded yet",
-        );
+        return not_ready();
     };
     let (parts, body) = req.into_parts();
     let bytes = match Limited::new(body, gw.max_body).collect().await {
@@ -277,12 +277,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
 
 fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let Some(table) = gw.table.load_full() else {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "not_ready",
-            "no configuration loaded yet",
-        );
+        return not_ready();
     };
     // Only the models the caller's key may use, when routes require keys.
     let key = presented_key(req.headers());

@@ -145,19 +145,6 @@ impl Metrics {
         self.pool_ready.get_or_create(&labels).set(i64::from(ready));
     }
 
-    /// Writes so far, all kinds.
-    pub fn total_writes(&self) -> u64 {
-        let Ok(r) = self.registry.lock() else {
-            return 0;
-        };
-        let mut text = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut text, &r);
-        text.lines()
-            .filter(|l| l.starts_with("switchyard_operator_api_writes_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    }
-
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

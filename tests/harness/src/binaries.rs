@@ -71,11 +71,6 @@ impl Binaries {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// A binary of this workspace, built (debug) if needed: `switchyard-operator`,

@@ -358,11 +358,6 @@ impl Cluster {
         Ok(path)
     }
 
-    /// The API server URL.
-    pub fn server(&self) -> &str {
-        &self.server
-    }
-
     /// Where each component writes its log (`<component>.log`).
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")

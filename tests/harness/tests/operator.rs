@@ -66,6 +66,23 @@ fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<
     }
 }
 
+/// Waits until `resource` (kind/name) in `ns` has condition `type_` with `status`, and
+/// returns the object.
+fn wait_condition(
+    c: &Cluster,
+    ns: &str,
+    resource: &str,
+    type_: &str,
+    status: &str,
+    timeout: Duration,
+) -> Value {
+    let (kind, name) = resource.split_once('/').expect("kind/name");
+    wait_for(&format!("{resource} {type_}={status}"), timeout, || {
+        let obj = get_json(c, &[kind, name, "-n", ns])?;
+        (condition(&obj, type_)?.0 == status).then_some(obj)
+    })
+}
+
 fn get_json(c: &Cluster, args: &[&str]) -> Option<Value> {
     let mut all = vec!["get"];
     all.extend_from_slice(args);
@@ -110,10 +127,14 @@ fn the_examples_become_ready_gateways_in_every_region() {
         .expect("applies");
     }
     let ns = "ai-platform";
-    let pool = wait_for("the pool to turn Ready", Duration::from_secs(90), || {
-        let pool = get_json(c, &["providerpool", "chat", "-n", ns])?;
-        (condition(&pool, "Ready")?.0 == "True").then_some(pool)
-    });
+    let pool = wait_condition(
+        c,
+        ns,
+        "providerpool/chat",
+        "Ready",
+        "True",
+        Duration::from_secs(90),
+    );
     assert_eq!(pool["status"]["readyRegions"], "3/3");
     assert_eq!(
         pool["status"]["observedGeneration"],
@@ -155,10 +176,14 @@ fn the_examples_become_ready_gateways_in_every_region() {
             "no secret value in a ConfigMap"
         );
     }
-    let policy = wait_for("the policy to be Accepted", Duration::from_secs(30), || {
-        let p = get_json(c, &["routingpolicy", "chat", "-n", ns])?;
-        (condition(&p, "Accepted")?.0 == "True").then_some(p)
-    });
+    let policy = wait_condition(
+        c,
+        ns,
+        "routingpolicy/chat",
+        "Accepted",
+        "True",
+        Duration::from_secs(30),
+    );
     assert_eq!(
         condition(&policy, "ResolvedRefs").map(|c| c.0).as_deref(),
         Some("True")
@@ -195,10 +220,14 @@ fn deleting_a_providers_secret_turns_resolved_refs_false_naming_it() {
     let c = cluster();
     let ns = c.namespace("refs").expect("namespace");
     small_pool(c, ns.name(), &["us-east"]);
-    wait_for("ResolvedRefs True", Duration::from_secs(60), || {
-        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
-        (condition(&p, "ResolvedRefs")?.0 == "True").then_some(())
-    });
+    wait_condition(
+        c,
+        ns.name(),
+        "routingpolicy/small",
+        "ResolvedRefs",
+        "True",
+        Duration::from_secs(60),
+    );
     c.kubectl_ok(&["delete", "secret", "key", "-n", ns.name()])
         .expect("delete");
     let (_, reason, message) = wait_for("ResolvedRefs False", Duration::from_secs(60), || {
@@ -272,10 +301,14 @@ fn an_idle_operator_makes_no_writes() {
     let c = cluster();
     let ns = c.namespace("idle").expect("namespace");
     small_pool(c, ns.name(), &["us-east"]);
-    wait_for("Ready", Duration::from_secs(60), || {
-        let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
-        (condition(&p, "Ready")?.0 == "True").then_some(())
-    });
+    wait_condition(
+        c,
+        ns.name(),
+        "providerpool/small",
+        "Ready",
+        "True",
+        Duration::from_secs(60),
+    );
     let rv = |kind: &str, name: &str| -> String {
         c.kubectl_ok(&[
             "get",
@@ -473,10 +506,14 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
         "provider failure visible in status after {:?}",
         started.elapsed()
     );
-    wait_for("the pool Degraded", Duration::from_secs(15), || {
-        let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
-        (condition(&pool, "Degraded")?.0 == "True").then_some(())
-    });
+    wait_condition(
+        c,
+        ns.name(),
+        "providerpool/health",
+        "Degraded",
+        "True",
+        Duration::from_secs(15),
+    );
 
     http("DELETE", alpha_port, "/admin/faults", "").expect("fault cleared");
     std::thread::sleep(Duration::from_millis(8200));
@@ -488,13 +525,13 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
     wait_for("alpha Healthy again", Duration::from_secs(15), || {
         (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(())
     });
-    wait_for(
-        "the pool no longer Degraded",
+    wait_condition(
+        c,
+        ns.name(),
+        "providerpool/health",
+        "Degraded",
+        "False",
         Duration::from_secs(15),
-        || {
-            let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
-            (condition(&pool, "Degraded")?.0 == "False").then_some(())
-        },
     );
 
     // The gateway identity can do its job and nothing more.
@@ -601,10 +638,14 @@ fn an_operator_killed_mid_reconcile_converges_after_restart_without_duplicates()
         let _ = op.wait();
         *op = start_operator(c);
     }
-    wait_for("Ready after the restart", Duration::from_secs(90), || {
-        let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
-        (condition(&p, "Ready")?.0 == "True").then_some(())
-    });
+    wait_condition(
+        c,
+        ns.name(),
+        "providerpool/small",
+        "Ready",
+        "True",
+        Duration::from_secs(90),
+    );
     for (kind, expected) in [
         ("deployments", 3),
         ("configmaps", 3),
@@ -716,13 +757,13 @@ fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     assert_eq!(holder(), "op-b");
     eprintln!("standby took over after {:?}", took_over.elapsed());
     small_pool(c, ns.name(), &["us-east"]);
-    wait_for(
-        "the new leader to reconcile",
+    wait_condition(
+        c,
+        ns.name(),
+        "providerpool/small",
+        "Ready",
+        "True",
         Duration::from_secs(60),
-        || {
-            let p = get_json(c, &["providerpool", "small", "-n", ns.name()])?;
-            (condition(&p, "Ready")?.0 == "True").then_some(())
-        },
     );
     let _ = b.kill();
     let _ = b.wait();

@@ -26,7 +26,7 @@ use crate::select::pick;
 use crate::server::Body;
 use crate::sse::{SseReader, StreamError};
 use crate::table::{RouteEntry, RoutingTable};
-use crate::upstream::{Operation, build_request, retry_after};
+use crate::upstream::{self, Operation, Step, StreamDecoder, build_request, retry_after};
 
 /// Largest upstream error or non-streamed body read.
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
@@ -57,6 +57,7 @@ struct Resume {
     deadline: Instant,
     body: Value,
     request_id: String,
+    include_usage: bool,
 }
 
 /// How one try ended.
@@ -290,6 +291,7 @@ async fn attempt(
         ));
     };
     let name = provider.config.name.as_str();
+    let kind = provider.config.provider_type;
     let upstream = match build_request(provider, target, req.op, &req.body, &req.request_id) {
         Ok(r) => r,
         Err(e) => return Tried::Retry(format!("{name}: {e}")),
@@ -341,11 +343,14 @@ async fn attempt(
     };
     let latency = t0.elapsed();
     let status = resp.status();
-    if let Some(remaining) = resp
-        .headers()
-        .get("x-ratelimit-remaining-requests")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    if let Some(remaining) = [
+        "x-ratelimit-remaining-requests",
+        "anthropic-ratelimit-requests-remaining",
+    ]
+    .iter()
+    .find_map(|h| resp.headers().get(*h))
+    .and_then(|v| v.to_str().ok())
+    .and_then(|v| v.parse().ok())
     {
         provider.health.report_remaining(remaining);
     }
@@ -362,11 +367,13 @@ async fn attempt(
                 deadline,
                 body: req.body.clone(),
                 request_id: req.request_id.clone(),
+                include_usage: req.include_usage,
             };
             return stream(
                 gw,
                 rc,
                 name,
+                kind,
                 resp,
                 req,
                 inflight,
@@ -397,13 +404,21 @@ async fn attempt(
                 return Tried::Retry(format!("{name}: the response body did not finish in time"));
             }
         };
-        if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-            inflight.finish(Outcome::Failure, Some(latency));
-            gw.metrics
-                .attempt(name, "malformed", Some(latency.as_secs_f64()));
-            return Tried::Retry(format!("{name}: the response body is not valid JSON"));
-        }
+        let (body, refusal) = match upstream::answer(kind, body) {
+            Ok(answer) => answer,
+            Err(e) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "malformed", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: {e}"));
+            }
+        };
         inflight.finish(Outcome::Success, Some(latency));
+        if refusal {
+            gw.metrics
+                .attempt(name, "content_policy", Some(latency.as_secs_f64()));
+            return Tried::ContentPolicy(json_response(status, body));
+        }
         gw.metrics
             .attempt(name, "success", Some(latency.as_secs_f64()));
         return Tried::Answer(json_response(status, body));
@@ -420,15 +435,15 @@ async fn attempt(
             Ok(Ok(b)) => b.to_bytes(),
             _ => Bytes::new(),
         };
+    let (code, error) = upstream::error(kind, status.as_u16(), &body);
+    let status = StatusCode::from_u16(code).unwrap_or(status);
     let passthrough = || {
-        let body = if serde_json::from_slice::<Value>(&body).is_ok() {
-            body.clone()
-        } else {
-            Bytes::from(json!({"error": {"message": String::from_utf8_lossy(&body), "type": "upstream_error", "code": status.as_u16().to_string(), "param": null}}).to_string())
+        let body = match &error {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::from(json!({"error": {"message": String::from_utf8_lossy(&body), "type": "upstream_error", "code": code.to_string(), "param": null}}).to_string()),
         };
         json_response(status, body)
     };
-    let code = status.as_u16();
     let retryable = rc
         .retry
         .retry_on
@@ -447,12 +462,12 @@ async fn attempt(
             Tried::Final(passthrough())
         };
     }
-    let error: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let err_code = error
+    let parsed = error.clone().unwrap_or(Value::Null);
+    let err_code = parsed
         .pointer("/error/code")
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let message = error
+    let message = parsed
         .pointer("/error/message")
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -468,7 +483,7 @@ async fn attempt(
             return Tried::ContextLength(passthrough());
         }
         if matches!(err_code, "content_policy_violation" | "content_filter")
-            || error
+            || parsed
                 .pointer("/error/innererror/code")
                 .and_then(Value::as_str)
                 == Some("ResponsibleAIPolicyViolation")
@@ -490,7 +505,12 @@ async fn attempt(
             .attempt(name, "client_error", Some(latency.as_secs_f64()));
     }
     if retryable {
-        Tried::Retry(format!("{name} answered {code}"))
+        let said = parsed
+            .pointer("/error/message")
+            .and_then(Value::as_str)
+            .map(|m| format!(" ({})", m.chars().take(200).collect::<String>()))
+            .unwrap_or_default();
+        Tried::Retry(format!("{name} answered {code}{said}"))
     } else {
         Tried::Final(passthrough())
     }
@@ -512,14 +532,15 @@ fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
     text
 }
 
-/// A stream: fail over invisibly until the first event; afterwards forward events,
-/// skip malformed ones, and end a broken stream with an explicit error event (never
-/// `[DONE]` after a truncated answer).
+/// A stream: fail over invisibly until the first token; afterwards forward chunks, skip
+/// malformed ones, resume elsewhere if the provider breaks, and otherwise end with an
+/// explicit error event (never `[DONE]` after a truncated answer).
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     gw: &Gateway,
     rc: &RouteConfig,
     name: &str,
+    kind: crds::pool::ProviderType,
     resp: Response<Incoming>,
     req: &ClientRequest,
     inflight: InFlight,
@@ -528,27 +549,37 @@ async fn stream(
     resume: Resume,
 ) -> Tried {
     let mut reader = SseReader::new(resp.into_body());
+    let mut decoder = StreamDecoder::new(kind, req.include_usage);
     let first_by = Instant::now() + first_token_budget;
-    let first = loop {
+    // Chunks that carry no token yet (the opening role chunk) are held back, so a provider
+    // that breaks before its first token is still failed over invisibly.
+    let mut pending: VecDeque<Value> = VecDeque::new();
+    let complete = loop {
         let wait = first_by.saturating_duration_since(Instant::now());
-        match reader.next(wait).await {
-            Ok(Some(data)) if data == "[DONE]" || serde_json::from_str::<Value>(&data).is_ok() => {
-                break data;
-            }
-            Ok(Some(_)) => continue,
-            Ok(None) => {
-                inflight.finish(Outcome::Failure, Some(latency));
-                gw.metrics
-                    .attempt(name, "empty_stream", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name} ended the stream before the first token"));
-            }
-            Err(e) => {
-                inflight.finish(Outcome::Failure, Some(latency));
-                gw.metrics
-                    .attempt(name, "stream_error", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name}: {e} before the first token"));
-            }
-        }
+        let why = match reader.next(wait).await {
+            Ok(Some(data)) => match decoder.event(&data) {
+                Step::Chunks(chunks) => {
+                    let token = chunks.iter().any(carries_token);
+                    pending.extend(chunks);
+                    if token {
+                        break false;
+                    }
+                    continue;
+                }
+                Step::Done(chunks) => {
+                    pending.extend(chunks);
+                    break true;
+                }
+                Step::Malformed => continue,
+                Step::Failed(why) => why,
+            },
+            Ok(None) => "ended the stream".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        inflight.finish(Outcome::Failure, Some(latency));
+        gw.metrics
+            .attempt(name, "stream_error", Some(latency.as_secs_f64()));
+        return Tried::Retry(format!("{name}: {why} before the first token"));
     };
     gw.metrics
         .attempt(name, "success", Some(latency.as_secs_f64()));
@@ -558,87 +589,93 @@ async fn stream(
     let provider = name.to_owned();
     tokio::spawn(async move {
         let mut state = StreamState::default();
-        let mut next = Some(first);
-        let (mut reader, mut inflight, mut latency, mut provider) =
-            (reader, inflight, latency, provider);
+        let (mut reader, mut decoder, mut inflight, mut latency, mut provider) =
+            (reader, decoder, inflight, latency, provider);
+        let mut complete = complete;
         let mut tried = resume.tried.clone();
         let mut resumed = 0;
         loop {
-            let data = match next.take() {
-                Some(d) => d,
-                None => match reader.next(idle).await {
-                    Ok(Some(d)) => d,
-                    Ok(None) if state.finished => {
-                        // Ended without [DONE]: finalise at once, with usage.
-                        if include_usage && !state.usage_seen {
-                            let _ = tx.send(Ok(event(&state.synthetic_usage()))).await;
-                        }
-                        let _ = tx
-                            .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
-                            .await;
-                        inflight.finish(Outcome::Success, Some(latency));
-                        return;
-                    }
-                    cut => {
-                        let why = match cut {
-                            Err(StreamError::Stalled(d)) => {
-                                format!(
-                                    "the provider stalled for {} mid-answer",
-                                    crds::Duration::new(d)
-                                )
-                            }
-                            Err(other) => other.to_string(),
-                            Ok(_) => "the provider ended the stream before the answer was complete"
-                                .to_owned(),
-                        };
-                        inflight.finish(Outcome::Failure, Some(latency));
-                        if resumed < 2
-                            && !state.text.is_empty()
-                            && let Some((r, name, infl, lat)) =
-                                continue_elsewhere(&resume, &state.text, &mut tried).await
-                        {
-                            tracing::info!(from = %provider, to = %name, why = %why, "resuming a broken stream on another provider");
-                            (reader, inflight, latency, provider) = (r, infl, lat, name);
-                            resumed += 1;
-                            state.continuing = true;
-                            continue;
-                        }
-                        interrupted(&tx, &provider, &why).await;
-                        // The original failure stands; a continuation target's own
-                        // refusal is never what the client sees.
-                        return;
-                    }
-                },
-            };
-            if data == "[DONE]" {
+            while let Some(mut chunk) = pending.pop_front() {
+                if state.continuing {
+                    strip_role(&mut chunk);
+                }
+                if state.trim_leading {
+                    trim_leading(&mut chunk, &mut state.trim_leading);
+                }
+                state.observe(&chunk);
+                if tx.send(Ok(event(&chunk))).await.is_err() {
+                    // The client went away; the provider did nothing wrong.
+                    return;
+                }
+            }
+            if complete {
                 let _ = tx
                     .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
                     .await;
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
-            let Ok(mut chunk) = serde_json::from_str::<Value>(&data) else {
-                tracing::warn!(provider = %provider, "skipped a malformed stream chunk");
-                continue;
-            };
-            if state.continuing {
-                // The continuation's opening role chunk would restart the message.
-                for choice in chunk
-                    .get_mut("choices")
-                    .and_then(Value::as_array_mut)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) {
-                        delta.remove("role");
+            let why = match reader.next(idle).await {
+                Ok(Some(data)) => match decoder.event(&data) {
+                    Step::Chunks(chunks) => {
+                        pending.extend(chunks);
+                        continue;
                     }
+                    Step::Done(chunks) => {
+                        pending.extend(chunks);
+                        complete = true;
+                        continue;
+                    }
+                    Step::Malformed => {
+                        tracing::warn!(provider = %provider, "skipped a malformed stream chunk");
+                        continue;
+                    }
+                    Step::Failed(why) => why,
+                },
+                Ok(None) if state.finished => {
+                    // The answer is whole but the stream ended without its closing
+                    // event: finalise at once, with usage.
+                    if include_usage && !state.usage_seen {
+                        let usage = decoder
+                            .reported_usage()
+                            .unwrap_or_else(|| state.synthetic_usage());
+                        pending.push_back(usage);
+                    }
+                    complete = true;
+                    continue;
                 }
+                Ok(None) => {
+                    "the provider ended the stream before the answer was complete".to_owned()
+                }
+                Err(StreamError::Stalled(d)) => format!(
+                    "the provider stalled for {} mid-answer",
+                    crds::Duration::new(d)
+                ),
+                Err(other) => other.to_string(),
+            };
+            inflight.finish(Outcome::Failure, Some(latency));
+            if resumed < 2
+                && !state.text.is_empty()
+                && let Some(next) = continue_elsewhere(&resume, &state.text, &mut tried).await
+            {
+                tracing::info!(from = %provider, to = %next.provider, why = %why, "resuming a broken stream on another provider");
+                state.trim_leading =
+                    next.trimmed_prefill && state.text.ends_with(char::is_whitespace);
+                (reader, decoder, inflight, latency, provider) = (
+                    next.reader,
+                    next.decoder,
+                    next.inflight,
+                    next.latency,
+                    next.provider,
+                );
+                resumed += 1;
+                state.continuing = true;
+                continue;
             }
-            state.observe(&chunk);
-            if tx.send(Ok(event(&chunk))).await.is_err() {
-                // The client went away; the provider did nothing wrong.
-                return;
-            }
+            // The original failure stands; a continuation target's own refusal is never
+            // what the client sees.
+            interrupted(&tx, &provider, &why).await;
+            return;
         }
     });
     let mut resp = Response::new(StreamBody::new(receiver_stream(rx)).boxed());
@@ -654,6 +691,61 @@ async fn stream(
     Tried::Answer(resp)
 }
 
+/// Whether a chunk carries part of the answer (text, a tool call, the finish, usage or
+/// an error) rather than only opening the message.
+fn carries_token(chunk: &Value) -> bool {
+    if chunk.get("usage").is_some_and(|u| !u.is_null()) || chunk.get("error").is_some() {
+        return true;
+    }
+    chunk
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c.get("finish_reason").is_some_and(|f| !f.is_null())
+                || c.pointer("/delta/tool_calls").is_some()
+                || c.pointer("/delta/content")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| !t.is_empty())
+        })
+}
+
+/// Drops the whitespace a continuation repeats because its prefill had to be sent without
+/// it, until the first visible character.
+fn trim_leading(chunk: &mut Value, trimming: &mut bool) {
+    for choice in chunk
+        .get_mut("choices")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(content) = choice.pointer_mut("/delta/content")
+            && let Some(text) = content.as_str()
+        {
+            let rest = text.trim_start();
+            if !rest.is_empty() {
+                *trimming = false;
+            }
+            *content = Value::String(rest.to_owned());
+        }
+    }
+}
+
+/// A continuation's opening role chunk would restart the message.
+fn strip_role(chunk: &mut Value) {
+    for choice in chunk
+        .get_mut("choices")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(delta) = choice.get_mut("delta").and_then(Value::as_object_mut) {
+            delta.remove("role");
+        }
+    }
+}
+
 /// Whether a provider continues an assistant message given as the last message (a
 /// prefill). OpenAI and Azure OpenAI start a new answer instead, so they are never used
 /// to resume a broken stream.
@@ -664,13 +756,24 @@ fn accepts_prefill(t: crds::pool::ProviderType) -> bool {
     )
 }
 
+/// A continuation of a broken stream on another provider.
+struct Continuation {
+    /// The prefill was sent without its trailing whitespace (Anthropic refuses it).
+    trimmed_prefill: bool,
+    reader: SseReader,
+    decoder: StreamDecoder,
+    provider: String,
+    inflight: InFlight,
+    latency: Duration,
+}
+
 /// Asks another target of the route to continue `prefix`; returns its stream once its
 /// response headers arrived. Targets that refuse or fail are skipped silently.
 async fn continue_elsewhere(
     r: &Resume,
     prefix: &str,
     tried: &mut Vec<String>,
-) -> Option<(SseReader, String, InFlight, Duration)> {
+) -> Option<Continuation> {
     let route = r.table.route_for(&r.route_model)?;
     let rc = &route.config;
     if !route.budget.try_retry(Instant::now(), &rc.retry) {
@@ -723,12 +826,15 @@ async fn continue_elsewhere(
                     "continuation",
                     Some(latency.as_secs_f64()),
                 );
-                return Some((
-                    SseReader::new(resp.into_body()),
-                    provider.config.name.clone(),
+                return Some(Continuation {
+                    trimmed_prefill: provider.config.provider_type
+                        == crds::pool::ProviderType::Anthropic,
+                    reader: SseReader::new(resp.into_body()),
+                    decoder: StreamDecoder::new(provider.config.provider_type, r.include_usage),
+                    provider: provider.config.name.clone(),
                     inflight,
                     latency,
-                ));
+                });
             }
             Ok(Ok(resp)) => {
                 let outcome = if resp.status().is_server_error() {
@@ -774,6 +880,8 @@ struct StreamState {
     text: String,
     /// Chunks now come from a continuation.
     continuing: bool,
+    /// The continuation may repeat whitespace the answer already ends with.
+    trim_leading: bool,
     usage_seen: bool,
     id: Option<Value>,
     model: Option<Value>,

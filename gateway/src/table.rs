@@ -8,7 +8,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use crds::pool::ProviderType;
 use crds::{GatewayConfig, ProviderConfig, RouteConfig};
 use tokio::time::Instant;
 
@@ -118,8 +117,6 @@ impl RoutingTable {
                 Some("Drained")
             } else if p.credentials.is_some() && api_key.is_none() {
                 Some("MissingCredentials")
-            } else if p.provider_type == ProviderType::Anthropic {
-                Some("DialectNotSupported")
             } else {
                 None
             };

@@ -1,7 +1,8 @@
 //! A fake LLM provider for tests, the demo and benchmarks.
 //!
 //! Speaks the OpenAI wire format (`/v1/chat/completions`, `/v1/completions`,
-//! `/v1/embeddings`, `/v1/models`, streaming and not) and Azure OpenAI's deployment paths.
+//! `/v1/embeddings`, `/v1/models`, streaming and not), Azure OpenAI's deployment paths,
+//! and Anthropic's Messages API (`/v1/messages`, with its event stream).
 //! Faults are switched at run time through a small admin API and apply to every request,
 //! or only to one model, for a number of requests or until cleared:
 //!
@@ -16,7 +17,11 @@
 //! `reset` (connection closed before headers), `hang` (no response at all),
 //! `slow-first-byte:<ms>`, `cut-after:<chunks>`, `stall-after:<chunks>`,
 //! `malformed-after:<chunks>`, `no-done`, `context-length`, `content-policy`,
-//! `flap:<down-ms>` (503 for that long after the fault is set, then healthy).
+//! `flap:<down-ms>` (503 for that long after the fault is set, then healthy),
+//! `error-after:<chunks>` (Anthropic only: an `overloaded_error` event mid-stream).
+//! On `/v1/messages` every fault takes Anthropic's shape: `status:529` is
+//! `overloaded_error`, `context-length` is "prompt is too long", `content-policy` is a
+//! `refusal` stop reason.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,6 +36,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+
+mod anthropic;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -161,8 +168,11 @@ impl Fake {
         let headers = json!({
             "authorization": header("authorization").map(|v| if v.starts_with("Bearer ") { "Bearer <redacted>" } else { "<malformed>" }),
             "api-key": header("api-key").map(|_| "<redacted>"),
+            "x-api-key": header("x-api-key").map(|_| "<redacted>"),
+            "anthropic-version": header("anthropic-version"),
             "x-request-id": header("x-request-id"),
         });
+        let req_headers = req.headers().clone();
         let body = req
             .into_body()
             .collect()
@@ -230,6 +240,12 @@ impl Fake {
             "slow-first-byte" => {
                 tokio::time::sleep(Duration::from_millis(arg.parse().unwrap_or(1000))).await
             }
+            _ => {}
+        }
+        if method == Method::POST && endpoint == "/v1/messages" {
+            return Ok(self.messages(&req_headers, &request, &model, stream, kind, arg));
+        }
+        match kind {
             "status" => return Ok(status_fault(arg)),
             "flap" => {
                 return Ok(error(
@@ -335,6 +351,75 @@ impl Fake {
             headers.insert("x-fake-provider", v);
         }
         Ok(resp)
+    }
+
+    /// Anthropic's Messages API, faults in its shape.
+    fn messages(
+        &self,
+        headers: &hyper::HeaderMap,
+        request: &Value,
+        model: &str,
+        stream: bool,
+        kind: &str,
+        arg: &str,
+    ) -> Response<Body> {
+        if let Some(refused) = anthropic::invalid(headers, request) {
+            return refused;
+        }
+        match kind {
+            "status" | "flap" => {
+                let mut resp = status_fault(if kind == "flap" { "529" } else { arg });
+                let code = resp.status().as_u16();
+                let (error_type, message) = match code {
+                    429 => (
+                        "rate_limit_error",
+                        "Number of requests has exceeded your rate limit",
+                    ),
+                    529 => ("overloaded_error", "Overloaded"),
+                    401 => ("authentication_error", "invalid x-api-key"),
+                    500..=599 => ("api_error", "Internal server error"),
+                    _ => ("invalid_request_error", "fault injected"),
+                };
+                let headers = resp.headers().clone();
+                resp = anthropic::error(resp.status(), error_type, message);
+                resp.headers_mut().extend(
+                    headers
+                        .into_iter()
+                        .filter_map(|(k, v)| k.filter(|k| k != "content-type").map(|k| (k, v))),
+                );
+                return resp;
+            }
+            "context-length" => {
+                return anthropic::error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "prompt is too long: 9000 tokens > 8192 maximum",
+                );
+            }
+            _ => {}
+        }
+        let name = self
+            .state
+            .lock()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let text = answer(&name, &anthropic::as_openai_messages(request));
+        let mut resp = if stream {
+            anthropic::stream(&name, model, request, &text, kind, arg)
+        } else {
+            let message =
+                anthropic::message(&name, model, request, &text, kind == "content-policy");
+            if kind == "cut-after" {
+                cut_body(message)
+            } else {
+                full(StatusCode::OK, message)
+            }
+        };
+        resp.headers_mut().insert(
+            "anthropic-ratelimit-requests-remaining",
+            hyper::header::HeaderValue::from_static("999"),
+        );
+        resp
     }
 
     /// The first rule matching `model` (or every model); decrements its count.

@@ -323,9 +323,6 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!(
-        "    (anthropic shows DialectNotSupported: the gateway's Anthropic dialect is not built yet)"
-    );
 
     println!();
     println!(

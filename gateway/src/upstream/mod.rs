@@ -15,6 +15,8 @@ use serde_json::Value;
 
 use crate::table::ProviderEntry;
 
+pub mod anthropic;
+
 /// The upstream client: pooled keep-alive connections, TLS by rustls with the web PKI
 /// roots, HTTP/2 where the provider offers it through ALPN.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -69,7 +71,8 @@ impl Operation {
 }
 
 /// Builds the upstream request for one try. `body` is the client's JSON; its `model` is
-/// replaced by the target's upstream model (or kept, for pattern routes that pass it on).
+/// replaced by the target's upstream model (or kept, for pattern routes that pass it on),
+/// and it is translated for providers that do not speak the OpenAI API.
 pub fn build_request(
     provider: &ProviderEntry,
     target: &TargetConfig,
@@ -82,7 +85,9 @@ pub fn build_request(
         obj.insert("model".into(), Value::String(model.clone()));
     }
     let endpoint = provider.config.endpoint.trim_end_matches('/');
-    let (url, auth_header) = match provider.config.provider_type {
+    let key = provider.api_key.as_ref().map(|k| k.0.as_str());
+    let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(2);
+    let url = match provider.config.provider_type {
         ProviderType::AzureOpenAi => {
             let deployment = target
                 .deployment
@@ -93,23 +98,33 @@ pub fn build_request(
                 .azure_api_version
                 .as_deref()
                 .unwrap_or("2024-10-21");
-            (
-                format!(
-                    "{endpoint}/openai/deployments/{deployment}/{}?api-version={version}",
-                    op.suffix()
-                ),
-                ("api-key", provider.api_key.as_ref().map(|k| k.0.clone())),
+            headers.extend(key.map(|k| ("api-key", k.to_owned())));
+            format!(
+                "{endpoint}/openai/deployments/{deployment}/{}?api-version={version}",
+                op.suffix()
             )
         }
-        ProviderType::OpenAi | ProviderType::OpenAiCompatible => (
-            format!("{endpoint}/v1/{}", op.suffix()),
-            (
-                "authorization",
-                provider.api_key.as_ref().map(|k| format!("Bearer {}", k.0)),
-            ),
-        ),
+        ProviderType::OpenAi | ProviderType::OpenAiCompatible => {
+            headers.extend(key.map(|k| ("authorization", format!("Bearer {k}"))));
+            format!("{endpoint}/v1/{}", op.suffix())
+        }
         ProviderType::Anthropic => {
-            return Err("the anthropic dialect is not implemented yet".into());
+            if op != Operation::ChatCompletions {
+                return Err(format!(
+                    "Anthropic serves chat completions only, not /v1/{}",
+                    op.suffix()
+                ));
+            }
+            let settings = provider.config.anthropic.clone().unwrap_or_default();
+            let model = body
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            body = anthropic::request(&body, &model, &settings)?;
+            headers.extend(key.map(|k| ("x-api-key", k.to_owned())));
+            headers.push(("anthropic-version", settings.version));
+            format!("{endpoint}/v1/messages")
         }
     };
     let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
@@ -119,7 +134,7 @@ pub fn build_request(
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .header("x-request-id", request_id);
-    if let (name, Some(value)) = auth_header {
+    for (name, value) in headers {
         builder = builder.header(name, value);
     }
     // The error names the URL, never the headers (which hold the key).
@@ -128,9 +143,100 @@ pub fn build_request(
         .map_err(|e| format!("invalid upstream request to {url}: {e}"))
 }
 
+/// A successful non-streamed answer in OpenAI's shape, and whether it is a content-policy
+/// refusal.
+pub fn answer(kind: ProviderType, body: Bytes) -> Result<(Bytes, bool), String> {
+    match kind {
+        ProviderType::Anthropic => {
+            let message: Value = serde_json::from_slice(&body)
+                .map_err(|_| "the response body is not valid JSON".to_owned())?;
+            let refusal = anthropic::is_refusal(&message);
+            let out = anthropic::response(&message)?;
+            Ok((Bytes::from(out.to_string()), refusal))
+        }
+        _ => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+                .map_err(|_| "the response body is not valid JSON".to_owned())?;
+            Ok((body, false))
+        }
+    }
+}
+
+/// A provider's error answer as an OpenAI error: the status an OpenAI client expects and
+/// the body (`None` for a body that is not JSON).
+pub fn error(kind: ProviderType, status: u16, body: &[u8]) -> (u16, Option<Value>) {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    match (kind, parsed) {
+        (ProviderType::Anthropic, Some(v))
+            if v.get("type").and_then(Value::as_str) == Some("error") =>
+        {
+            let (status, body) = anthropic::error(status, &v);
+            (status, Some(body))
+        }
+        (ProviderType::Anthropic, parsed) if status == 529 => (503, parsed),
+        (_, parsed) => (status, parsed),
+    }
+}
+
+/// One step of a stream, translated to chat-completion chunks.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Chunks to forward (possibly none, for events with no OpenAI counterpart).
+    Chunks(Vec<Value>),
+    /// The answer is complete; forward these chunks, then `[DONE]`.
+    Done(Vec<Value>),
+    /// The provider reported an error mid-stream; the answer is incomplete.
+    Failed(String),
+    /// Not a well-formed event; skipped, never forwarded.
+    Malformed,
+}
+
+/// Reads one provider's stream events as chat-completion chunks.
+#[derive(Debug)]
+pub enum StreamDecoder {
+    /// OpenAI, Azure OpenAI and compatible servers: chunks pass through.
+    OpenAi,
+    /// Anthropic's event stream, translated.
+    Anthropic(anthropic::StreamTranslator),
+}
+
+impl StreamDecoder {
+    /// The decoder for a provider's wire format.
+    pub fn new(kind: ProviderType, include_usage: bool) -> Self {
+        match kind {
+            ProviderType::Anthropic => {
+                Self::Anthropic(anthropic::StreamTranslator::new(include_usage))
+            }
+            _ => Self::OpenAi,
+        }
+    }
+
+    /// Translates one event's data.
+    pub fn event(&mut self, data: &str) -> Step {
+        match self {
+            Self::OpenAi if data == "[DONE]" => Step::Done(Vec::new()),
+            Self::OpenAi => match serde_json::from_str::<Value>(data) {
+                Ok(chunk) if chunk.is_object() => Step::Chunks(vec![chunk]),
+                _ => Step::Malformed,
+            },
+            Self::Anthropic(t) => t.event(data),
+        }
+    }
+
+    /// The usage the provider itself reported, for finalising a stream that ended
+    /// without its closing event.
+    pub fn reported_usage(&self) -> Option<Value> {
+        match self {
+            Self::OpenAi => None,
+            Self::Anthropic(t) => Some(t.usage_chunk()),
+        }
+    }
+}
+
 /// How long a 429 asks the gateway to stay away: `retry-after-ms`, `x-ms-retry-after-ms`,
-/// `retry-after` (seconds or an HTTP date), or the longer of `x-ratelimit-reset-requests`
-/// and `-tokens`. One second when the provider says nothing.
+/// `retry-after` (seconds or an HTTP date), the longer of `x-ratelimit-reset-requests` and
+/// `-tokens`, or the latest of Anthropic's `anthropic-ratelimit-*-reset` timestamps. One
+/// second when the provider says nothing.
 pub fn retry_after(headers: &hyper::HeaderMap) -> Duration {
     let text = |name: &str| {
         headers
@@ -158,7 +264,22 @@ pub fn retry_after(headers: &hyper::HeaderMap) -> Duration {
         .filter_map(|name| text(name).and_then(|v| crds::Duration::parse(v).ok()))
         .map(crds::Duration::get)
         .max();
-    resets.unwrap_or(Duration::from_secs(1))
+    if let Some(d) = resets {
+        return d;
+    }
+    let now = k8s_openapi::jiff::Timestamp::now();
+    [
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-tokens-reset",
+        "anthropic-ratelimit-input-tokens-reset",
+        "anthropic-ratelimit-output-tokens-reset",
+    ]
+    .iter()
+    .filter_map(|name| text(name).and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok()))
+    .filter_map(|at| Duration::try_from(at.duration_since(now)).ok())
+    .map(|d| d.min(Duration::from_secs(3600)))
+    .max()
+    .unwrap_or(Duration::from_secs(1))
 }
 
 #[cfg(test)]

@@ -20,6 +20,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import openai, pytest' 2>
   .venv/bin/pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q -r tests/gateway/requirements.txt
+if [ ! -x .venv-litellm/bin/python ] || ! .venv-litellm/bin/python -c 'import litellm' 2>/dev/null; then
+  python3 -m venv .venv-litellm
+  .venv-litellm/bin/pip install -q --upgrade pip
+fi
+.venv-litellm/bin/pip install -q -r tests/gateway/requirements-litellm.txt
 
 step "local control plane (built once through the Go module proxy, then cached)"
 bash tests/controlplane/build.sh >/dev/null

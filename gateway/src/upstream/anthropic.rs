@@ -501,6 +501,9 @@ impl StreamTranslator {
                             .get("partial_json")
                             .and_then(Value::as_str)
                             .unwrap_or("");
+                        if part.is_empty() {
+                            return Step::Chunks(Vec::new());
+                        }
                         Step::Chunks(vec![self.chunk(
                             json!({"tool_calls": [{"index": call, "function": {"arguments": part}}]}),
                             None,
@@ -675,5 +678,76 @@ mod tests {
             t.event(r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#),
             Step::Failed(m) if m.contains("Overloaded")
         ));
+    }
+
+    /// Each case in `tests/golden/anthropic` against its `.expected.json`; `UPDATE_GOLDEN=1`
+    /// rewrites the expectations instead.
+    #[test]
+    fn translations_match_the_golden_files() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/anthropic");
+        let mut cases = 0;
+        for entry in std::fs::read_dir(&dir).expect("golden dir") {
+            let path = entry.expect("entry").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_owned();
+            if name.ends_with(".expected.json") {
+                continue;
+            }
+            let input = std::fs::read_to_string(&path).expect("case");
+            let mut actual = if name.ends_with(".request.json") {
+                let body: Value = serde_json::from_str(&input).expect("case json");
+                let model = body["model"].as_str().unwrap_or_default().to_owned();
+                request(&body, &model, &settings()).expect("translates")
+            } else if name.ends_with(".response.json") {
+                response(&serde_json::from_str(&input).expect("case json")).expect("translates")
+            } else if name.ends_with(".stream.sse") {
+                let mut t = StreamTranslator::new(true);
+                let mut out = Vec::new();
+                for data in input.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                    match t.event(data) {
+                        Step::Chunks(c) => out.extend(c),
+                        Step::Done(c) => {
+                            out.extend(c);
+                            out.push(json!("[DONE]"));
+                        }
+                        other => out.push(json!(format!("{other:?}"))),
+                    }
+                }
+                Value::Array(out)
+            } else {
+                continue;
+            };
+            normalise_created(&mut actual);
+            let text = serde_json::to_string_pretty(&actual).expect("json") + "\n";
+            let stem = name.split('.').next().unwrap_or_default();
+            let expected_path = dir.join(format!("{stem}.expected.json"));
+            if std::env::var_os("UPDATE_GOLDEN").is_some() {
+                std::fs::write(&expected_path, &text).expect("golden written");
+            }
+            let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+            assert!(
+                expected == text,
+                "{} differs; inspect and rerun with UPDATE_GOLDEN=1\n--- actual ---\n{text}",
+                expected_path.display()
+            );
+            cases += 1;
+        }
+        assert!(cases >= 5, "only {cases} golden cases found");
+    }
+
+    fn normalise_created(v: &mut Value) {
+        match v {
+            Value::Object(o) => {
+                if o.contains_key("created") {
+                    o.insert("created".into(), json!(0));
+                }
+                o.values_mut().for_each(normalise_created);
+            }
+            Value::Array(a) => a.iter_mut().for_each(normalise_created),
+            _ => {}
+        }
     }
 }

@@ -165,8 +165,23 @@ fn tool_call(request: &Value) -> Option<(String, Value)> {
     ))
 }
 
+/// Input tokens are the words of the prompt's text, so two requests that say the same
+/// thing in different block layouts cost the same.
 fn usage(request: &Value, text: &str) -> (u64, u64) {
-    let input = request.to_string().split_whitespace().count();
+    fn words(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.split_whitespace().count(),
+            Value::Array(a) => a.iter().map(words).sum(),
+            Value::Object(o) => ["text", "content"]
+                .iter()
+                .filter_map(|k| o.get(*k))
+                .map(words)
+                .sum(),
+            _ => 0,
+        }
+    }
+    let input = words(request.get("system").unwrap_or(&Value::Null))
+        + words(request.get("messages").unwrap_or(&Value::Null));
     let output = text.split_whitespace().count().max(1);
     (
         u64::try_from(input).unwrap_or(0),

@@ -291,6 +291,13 @@ fn compile_policy(
                 circuit_breaker: spec.circuit_breaker.clone(),
                 degraded_response: spec.degraded_response.clone(),
                 client_auth_secret: spec.client_auth.as_ref().map(|a| a.secret_ref.name.clone()),
+                client_models: spec
+                    .client_auth
+                    .iter()
+                    .flat_map(|a| &a.clients)
+                    .map(|c| (c.name.clone(), c.models.clone()))
+                    .collect(),
+                idempotency_window: spec.idempotency.window,
             }),
             Err(mut route_errors) => errors.append(&mut route_errors),
         }

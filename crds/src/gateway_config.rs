@@ -5,10 +5,11 @@
 //! every target's tier computed for the region — so the gateway needs no Kubernetes
 //! knowledge to route. It never holds a secret value, only Secret references.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::duration::Duration;
 use crate::policy::{
     CircuitBreaker, ContentPolicyAction, RegionalMode, RetryPolicy, StaticResponse, Strategy,
     Timeouts,
@@ -106,6 +107,30 @@ pub struct RouteConfig {
     /// Secret holding the client API keys accepted for this route; `None` means open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth_secret: Option<String>,
+    /// Models particular clients are limited to (exact names or `*` patterns), by client
+    /// name; clients not listed may use every model.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_models: BTreeMap<String, Vec<String>>,
+    /// How long answers to requests carrying an `Idempotency-Key` are replayed; zero
+    /// turns replay off.
+    #[serde(default = "no_idempotency")]
+    pub idempotency_window: Duration,
+}
+
+fn no_idempotency() -> Duration {
+    Duration::from_secs(0)
+}
+
+impl RouteConfig {
+    /// Whether `client` may ask for `model` on this route.
+    pub fn allows(&self, client: &str, model: &str) -> bool {
+        self.client_models.get(client).is_none_or(|allowed| {
+            allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => model.starts_with(prefix),
+                None => a == model,
+            })
+        })
+    }
 }
 
 /// A provider that can serve a route.

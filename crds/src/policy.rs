@@ -92,6 +92,10 @@ pub struct RoutingPolicySpec {
     /// API keys clients must present. Without it the gateway accepts any caller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuth>,
+
+    /// Replay of answers to requests retried with the same `Idempotency-Key` header.
+    #[serde(default)]
+    pub idempotency: Idempotency,
 }
 
 /// A reference to a ProviderPool in the same namespace.
@@ -531,6 +535,58 @@ pub struct ClientAuth {
     /// A Secret in the same namespace; every value in its data is an API key clients may
     /// present as `Authorization: Bearer <key>`. The data key names the client in logs.
     pub secret_ref: SecretRef,
+
+    /// Models particular clients are limited to, by client name (a data key of the
+    /// Secret). A client not listed may use every model of the policy; a listed client
+    /// asking for another model gets 403 and sees only its models in `/v1/models`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub clients: Vec<ClientModels>,
+}
+
+/// The models one client may use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientModels {
+    /// The client's name: the data key of its API key in the client-key Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub name: String,
+
+    /// Public model names the client may ask for; an entry ending in `*` allows every
+    /// model starting with what precedes it (`gpt-4o*`).
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^([A-Za-z0-9][A-Za-z0-9._:/@-]*\*?|\*)$")
+        )
+    )]
+    pub models: Vec<String>,
+}
+
+/// An idempotency window.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Idempotency {
+    /// How long a successful answer to a request carrying an `Idempotency-Key` header is
+    /// kept and replayed to a retry with the same key (from the same client), instead of
+    /// a second billed upstream call. `0s` turns replay off. Each gateway replica keeps
+    /// its own answers, in memory bounded by its `--idempotency-max-bytes`.
+    #[serde(default = "default_idempotency_window")]
+    pub window: Duration,
+}
+
+fn default_idempotency_window() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Self {
+            window: default_idempotency_window(),
+        }
+    }
 }
 
 /// A reference to a whole Secret in the same namespace.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use crate::idempotency::Replays;
 use crate::metrics::Metrics;
 use crate::table::RoutingTable;
 use crate::upstream::{HttpClient, new_client};
@@ -22,6 +23,8 @@ pub struct Gateway {
     pub max_body: usize,
     /// Prometheus metrics.
     pub metrics: Metrics,
+    /// Answers kept for requests retried with the same `Idempotency-Key`.
+    pub replays: Arc<Replays>,
     clients: Mutex<HashMap<Duration, HttpClient>>,
     config_state: Mutex<ConfigState>,
 }
@@ -38,12 +41,13 @@ pub struct ConfigState {
 
 impl Gateway {
     /// A gateway with no configuration yet.
-    pub fn new(region: String, max_body: usize) -> Self {
+    pub fn new(region: String, max_body: usize, replay_bytes: usize) -> Self {
         Self {
             table: ArcSwapOption::empty(),
             region,
             max_body,
             metrics: Metrics::default(),
+            replays: Arc::new(Replays::new(replay_bytes)),
             clients: Mutex::new(HashMap::new()),
             config_state: Mutex::new(ConfigState::default()),
         }

@@ -17,6 +17,7 @@ mod cluster;
 mod errors;
 mod gateway;
 mod health;
+mod idempotency;
 mod metrics;
 mod probe;
 mod proxy;
@@ -39,7 +40,7 @@ use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
 const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
-[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
+[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
 
 #[derive(Debug)]
 struct Args {
@@ -51,6 +52,7 @@ struct Args {
     pool: Option<String>,
     listen: SocketAddr,
     max_body: usize,
+    replay_bytes: usize,
     drain: Duration,
     json_logs: bool,
 }
@@ -64,6 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut pool = None;
     let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
     let mut max_body = 16 << 20;
+    let mut replay_bytes = 64 << 20;
     let mut drain = Duration::from_secs(30);
     let mut json_logs = true;
     let mut args = std::env::args().skip(1);
@@ -88,6 +91,11 @@ fn parse_args() -> anyhow::Result<Args> {
                 max_body = value()?
                     .parse()
                     .context("--max-body-bytes needs a number")?
+            }
+            "--idempotency-max-bytes" => {
+                replay_bytes = value()?
+                    .parse()
+                    .context("--idempotency-max-bytes needs a number")?
             }
             "--drain-seconds" => {
                 drain =
@@ -116,6 +124,7 @@ fn parse_args() -> anyhow::Result<Args> {
         pool,
         listen,
         max_body,
+        replay_bytes,
         drain,
         json_logs,
     })
@@ -140,7 +149,11 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
-    let gw = Arc::new(Gateway::new(args.region.clone(), args.max_body));
+    let gw = Arc::new(Gateway::new(
+        args.region.clone(),
+        args.max_body,
+        args.replay_bytes,
+    ));
     if let Some(path) = &args.manifests {
         let source = ManifestSource {
             path: path.clone(),

@@ -53,6 +53,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     failovers: Family<ModelLabels, Counter>,
+    replays: Family<ModelLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
     breaker_state: Family<ProviderLabels, Gauge>,
@@ -67,6 +68,7 @@ impl Default for Metrics {
             requests: Family::default(),
             attempts: Family::default(),
             failovers: Family::default(),
+            replays: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             request_duration: Family::new_with_constructor(latency_histogram),
             breaker_state: Family::default(),
@@ -88,6 +90,11 @@ impl Default for Metrics {
                 "failovers",
                 "Requests served by another target than the first one tried",
                 m.failovers.clone(),
+            );
+            r.register(
+                "idempotent_replays",
+                "Requests answered from a kept answer to an earlier request with the same Idempotency-Key",
+                m.replays.clone(),
             );
             r.register(
                 "upstream_latency_seconds",
@@ -155,6 +162,15 @@ impl Metrics {
     /// A request rescued by a target other than its first.
     pub fn failover(&self, model: &str) {
         self.failovers
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request answered by idempotent replay.
+    pub fn idempotent_replay(&self, model: &str) {
+        self.replays
             .get_or_create(&ModelLabels {
                 model: model.to_owned(),
             })

@@ -20,11 +20,15 @@ use tokio::time::Instant;
 use crate::auth::presented_key;
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
+use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
 use crate::proxy::{ClientRequest, serve};
 use crate::upstream::Operation;
 
 /// Largest request head (request line and headers) accepted, in bytes.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Largest answer kept for idempotent replay; longer ones are served but not kept.
+const MAX_REPLAY_BYTES: usize = 8 << 20;
 
 /// Response body type of every handler.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -240,9 +244,9 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             problem,
         );
     }
-    if let Some(keys) = &route.client_keys {
-        match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
-            Some(client) => tracing::debug!(request_id = %id, client, "authenticated"),
+    let client = match &route.client_keys {
+        Some(keys) => match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
+            Some(client) => client.to_owned(),
             None => {
                 return error_response(
                     StatusCode::UNAUTHORIZED,
@@ -251,8 +255,66 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
                     "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
                 );
             }
-        }
+        },
+        None => String::new(),
+    };
+    if !route.config.allows(&client, &model) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            &format!(
+                "the API key of client {client:?} may not use model {model:?}; GET /v1/models lists the models it may use"
+            ),
+        );
     }
+    let lease = match idempotency_key(&parts.headers) {
+        Err(()) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_idempotency_key",
+                &format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+            );
+        }
+        Ok(Some(key)) if !route.config.idempotency_window.get().is_zero() => {
+            let wait_until = started + route.config.timeouts.total.get();
+            match gw
+                .replays
+                .claim(
+                    &client,
+                    key,
+                    fingerprint(parts.uri.path(), &bytes),
+                    route.config.idempotency_window.get(),
+                    wait_until,
+                )
+                .await
+            {
+                Claim::Lead(lease) => Some(lease),
+                Claim::Replay(stored) => {
+                    gw.metrics.idempotent_replay(&model);
+                    return replay(&stored);
+                }
+                Claim::Mismatch => {
+                    return error_response(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_request_error",
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was already used for a different request; use a new key for a new request",
+                    );
+                }
+                Claim::StillRunning => {
+                    return error_response(
+                        StatusCode::CONFLICT,
+                        "invalid_request_error",
+                        "idempotency_key_in_use",
+                        "the first request with this Idempotency-Key is still running; retry later",
+                    );
+                }
+            }
+        }
+        Ok(_) => None,
+    };
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let include_usage = body
         .pointer("/stream_options/include_usage")
@@ -266,11 +328,49 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         include_usage,
         request_id: id.to_owned(),
     };
-    let resp = serve(gw, table.clone(), route, request).await;
+    let mut resp = serve(gw, table.clone(), route, request).await;
+    if let Some(lease) = lease
+        && resp.status().is_success()
+    {
+        let (head, body) = resp.into_parts();
+        let recording = Recording::new(
+            body,
+            lease,
+            head.status,
+            head.headers.clone(),
+            MAX_REPLAY_BYTES,
+        );
+        resp = Response::from_parts(head, recording.boxed());
+    }
     gw.metrics.request(
         &model,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// The `Idempotency-Key` header, if the request has one; `Err` if it is unusable.
+fn idempotency_key(headers: &hyper::HeaderMap) -> Result<Option<&str>, ()> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= MAX_KEY_LEN => Ok(Some(key)),
+        _ => Err(()),
+    }
+}
+
+/// A kept answer, sent again.
+fn replay(stored: &Stored) -> Response<Body> {
+    let mut resp = json_response(stored.status, stored.body.clone());
+    let h = resp.headers_mut();
+    for (k, v) in &stored.headers {
+        h.insert(k.clone(), v.clone());
+    }
+    h.insert(
+        "x-switchyard-idempotent-replay",
+        hyper::header::HeaderValue::from_static("true"),
     );
     resp
 }
@@ -285,7 +385,12 @@ fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
         .routes()
         .iter()
         .filter(|r| !r.config.model.ends_with('*'))
-        .filter(|r| r.client_keys.as_ref().is_none_or(|keys| key.and_then(|k| keys.identify(k)).is_some()))
+        .filter(|r| match &r.client_keys {
+            None => true,
+            Some(keys) => key
+                .and_then(|k| keys.identify(k))
+                .is_some_and(|client| r.config.allows(client, &r.config.model)),
+        })
         .map(|r| json!({"id": r.config.model, "object": "model", "created": 0, "owned_by": format!("switchyard/{}", r.config.policy)}))
         .collect();
     json_response(
@@ -316,6 +421,7 @@ fn status(gw: &Gateway) -> Response<Body> {
         "routes": table.iter().flat_map(|t| t.routes()).map(|r| r.config.model.clone()).collect::<Vec<_>>(),
         "providers": providers,
         "config": gw.config_state(),
+        "idempotency": {"bytesHeld": gw.replays.bytes()},
     });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
 }

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
 PROVIDER_KEY = "sk-provider-7c1f9e2d-never-log-me"
 CLIENT_KEY = "client-key-3b8a51-never-log-me"
+INTERN_KEY = "intern-key-90d2c4-never-log-me"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -120,7 +121,7 @@ def manifests(providers, routes, **policy):
     """The documents a user would kubectl apply, as JSON (which is YAML)."""
     docs = [
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "provider-keys"}, "stringData": {"apiKey": PROVIDER_KEY}},
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "client-keys"}, "stringData": {"app": CLIENT_KEY}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "client-keys"}, "stringData": {"app": CLIENT_KEY, "intern": INTERN_KEY}},
         {"apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool", "metadata": {"name": "chat"},
          "spec": {"regions": [{"name": "us-east"}, {"name": "eu-west"}], "providers": providers}},
         {"apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "chat"},

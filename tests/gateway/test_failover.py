@@ -115,6 +115,18 @@ def test_a_stream_broken_mid_answer_ends_with_an_explicit_error_when_no_target_c
     assert fakes["beta"].attempts() == [], "no continuation is attempted on a target that cannot continue"
 
 
+def test_a_continuation_target_refusing_the_prefill_leaves_the_original_failure(stack, client_for):
+    gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
+    fakes["alpha"].fault("cut-after:3")
+    fakes["beta"].fault("status:400")
+    with pytest.raises(openai.APIError) as err:
+        for _ in client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
+            pass
+    assert len(fakes["beta"].attempts()) == 1, "the continuation was tried"
+    assert "incomplete" in str(err.value)
+    assert "400" not in str(err.value), "the continuation's refusal is not what the client sees"
+
+
 def test_retry_after_is_honoured_and_the_provider_rests_exactly_that_long(stack, client_for):
     routes = [{"model": "gpt-4o", "strategy": "roundRobin", "targets": [{"provider": "alpha"}, {"provider": "beta"}]}]
     gw, fakes = stack(["alpha", "beta"], routes=routes, policy=FAST)
@@ -256,11 +268,17 @@ def test_the_retry_budget_stops_retries_from_multiplying_an_outage(stack, client
 
 
 def test_secrets_never_appear_in_gateway_output(stack, client_for):
-    gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "beta", "priority": 1},
+                                              {"provider": "claude", "model": "claude-sonnet-4", "priority": 2}]}]
+    gw, fakes = stack(["alpha", "beta", "claude"], routes=routes, policy=FAST,
+                      provider_extra={"beta": {"type_": "azureOpenAI"},
+                                      "claude": {"type_": "anthropic", "models": ["claude-sonnet-4"]}})
     fakes["alpha"].fault("reset")
     fakes["beta"].fault("status:500")
+    fakes["claude"].fault("status:401")
     with pytest.raises(openai.APIError):
         chat(client_for(gw))
+    assert len(fakes["claude"].attempts()) == 1, "every dialect was tried with the key"
     with pytest.raises(openai.AuthenticationError):
         chat(client_for(gw, key="wrong-key"))
     _, _, status = http("GET", f"{gw.url}/status")

@@ -80,10 +80,12 @@ pub fn build_request(
     body: &Value,
     request_id: &str,
 ) -> Result<Request<Full<Bytes>>, String> {
-    let mut body = body.clone();
-    if let (Some(model), Some(obj)) = (&target.upstream_model, body.as_object_mut()) {
-        obj.insert("model".into(), Value::String(model.clone()));
-    }
+    let requested = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let model = target.upstream_model.as_deref().unwrap_or(requested);
+    let mut translated = None;
     let endpoint = provider.config.endpoint.trim_end_matches('/');
     let key = provider.api_key.as_ref().map(|k| k.0.as_str());
     let mut headers: Vec<(&'static str, String)> = Vec::with_capacity(2);
@@ -116,18 +118,19 @@ pub fn build_request(
                 ));
             }
             let settings = provider.config.anthropic.clone().unwrap_or_default();
-            let model = body
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
-            body = anthropic::request(&body, &model, &settings)?;
+            translated = Some(anthropic::request(body, model, &settings)?);
             headers.extend(key.map(|k| ("x-api-key", k.to_owned())));
             headers.push(("anthropic-version", settings.version));
             format!("{endpoint}/v1/messages")
         }
     };
-    let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    let bytes = match (&translated, body.as_object()) {
+        (Some(t), _) => serde_json::to_vec(t),
+        // The client's body as it came, but for the model: no copy of the parsed body.
+        (None, Some(fields)) => serde_json::to_vec(&WithModel { fields, model }),
+        (None, None) => serde_json::to_vec(body),
+    }
+    .map_err(|e| e.to_string())?;
     let mut builder = Request::builder()
         .method(Method::POST)
         .uri(&url)
@@ -141,6 +144,27 @@ pub fn build_request(
     builder
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| format!("invalid upstream request to {url}: {e}"))
+}
+
+/// A JSON object serialised with its `model` replaced.
+struct WithModel<'a> {
+    fields: &'a serde_json::Map<String, Value>,
+    model: &'a str,
+}
+
+impl serde::Serialize for WithModel<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.fields.len()))?;
+        for (k, v) in self.fields {
+            if k == "model" {
+                map.serialize_entry(k, self.model)?;
+            } else {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
 }
 
 /// A successful non-streamed answer in OpenAI's shape, and whether it is a content-policy

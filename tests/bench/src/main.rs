@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator]
+//! cargo run --release -p bench -- --saturate URL [--seconds 10]   # load only, for profiling
 //! ```
 //!
 //! Everything talks to loopback only, every load loop is bounded in count and time, and
@@ -343,14 +344,27 @@ async fn main() -> anyhow::Result<()> {
     let mut out_path = harness::repo_root().join("BENCHMARKS.md");
     let mut seconds = 10u32;
     let mut operator = true;
+    let mut saturate_url = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => out_path = PathBuf::from(args.next().context("--out needs a path")?),
             "--seconds" => seconds = args.next().context("--seconds needs a number")?.parse()?,
             "--skip-operator" => operator = false,
+            "--saturate" => saturate_url = Some(args.next().context("--saturate needs a URL")?),
             other => bail!("unknown argument {other}"),
         }
+    }
+    if let Some(url) = saturate_url {
+        let s = saturate(&url, 64, seconds).await;
+        println!(
+            "{:.0} requests/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
+            s.sent as f64 / s.seconds,
+            s.p50_ms,
+            s.p99_ms,
+            s.errors
+        );
+        return Ok(());
     }
     let bin = release_binaries()?;
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));

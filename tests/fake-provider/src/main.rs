@@ -9,7 +9,7 @@
 //! ```text
 //! POST   /admin/faults    {"fault": "status:503", "model": "gpt-4o", "times": 2}
 //! DELETE /admin/faults
-//! GET    /admin/attempts  every request seen, in order, with the fault applied
+//! GET    /admin/attempts  the requests seen (the latest 10,000), in order, with the fault applied
 //! POST   /admin/reset     clears faults and attempts
 //! ```
 //!
@@ -41,6 +41,8 @@ mod anthropic;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+const MAX_ATTEMPTS: usize = 10_000;
+
 #[derive(Debug, Clone)]
 struct FaultRule {
     spec: String,
@@ -54,7 +56,9 @@ struct State {
     name: String,
     models: Vec<String>,
     faults: Vec<FaultRule>,
-    attempts: Vec<Value>,
+    /// The latest [`MAX_ATTEMPTS`] attempts; a benchmark's millions are not kept.
+    attempts: std::collections::VecDeque<Value>,
+    seen: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -97,7 +101,8 @@ async fn main() -> anyhow::Result<()> {
                     set_at: started,
                 })
                 .collect(),
-            attempts: Vec::new(),
+            attempts: std::collections::VecDeque::new(),
+            seen: 0,
         })),
         started,
     };
@@ -209,8 +214,12 @@ impl Fake {
         let fault = self.take_fault(&model);
         {
             let mut state = self.state.lock().map_err(|_| Reset)?;
-            let seq = state.attempts.len();
-            state.attempts.push(json!({
+            let seq = state.seen;
+            state.seen += 1;
+            if state.attempts.len() == MAX_ATTEMPTS {
+                state.attempts.pop_front();
+            }
+            state.attempts.push_back(json!({
                 "seq": seq,
                 "atMs": u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "method": method.as_str(),
@@ -480,12 +489,14 @@ impl Fake {
                 state.faults.clear();
                 full(StatusCode::OK, json!({"faults": 0}))
             }
-            (&Method::GET, "/admin/attempts") => {
-                full(StatusCode::OK, Value::Array(state.attempts.clone()))
-            }
+            (&Method::GET, "/admin/attempts") => full(
+                StatusCode::OK,
+                Value::Array(state.attempts.iter().cloned().collect()),
+            ),
             (&Method::POST, "/admin/reset") => {
                 state.faults.clear();
                 state.attempts.clear();
+                state.seen = 0;
                 full(StatusCode::OK, json!({}))
             }
             _ => error(

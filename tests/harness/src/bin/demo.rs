@@ -261,6 +261,8 @@ fn main() -> anyhow::Result<()> {
     client(&py, us_east, "gpt-4o-mini", 4)?;
     say("the same model from eu-west prefers the local Azure deployment");
     client(&py, eu_west, "gpt-4o", 2)?;
+    say("claude-sonnet is served by Anthropic's Messages API, translated both ways");
+    client(&py, us_east, "claude-sonnet", 2)?;
 
     std::thread::sleep(Duration::from_secs(4));
     say("kubectl get providerpools,routingpolicies -o wide");

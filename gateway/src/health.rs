@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crds::policy::CircuitBreaker;
-use crds::pool::PassiveHealth;
+use crds::pool::{Limits, PassiveHealth};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -83,17 +83,26 @@ struct Inner {
     window: VecDeque<(Instant, bool)>,
     latency_ewma_ms: Option<f64>,
     last_reason: Option<&'static str>,
-    /// Requests started in the current minute, for capacity-aware routing.
+    /// Requests started and tokens used in the current minute, for capacity-aware routing.
     minute_start: Instant,
     minute_requests: u64,
-    /// `x-ratelimit-remaining-requests` from the last response.
-    reported_remaining: Option<u64>,
+    minute_tokens: u64,
+    /// What the provider's rate-limit headers last said.
+    reported: RateLimitReport,
     /// Active probing: consecutive results, and whether probes took the provider out.
     probe_streak: (u32, u32),
     probe_down: bool,
 }
 
 impl Inner {
+    fn roll_minute(&mut self, now: Instant) {
+        if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
+            self.minute_start = now;
+            self.minute_requests = 0;
+            self.minute_tokens = 0;
+        }
+    }
+
     /// The breaker as callers should see it: an open breaker whose time is up is
     /// half-open, even before the next availability check moves it there.
     fn effective_breaker(&self, now: Instant) -> BreakerState {
@@ -110,6 +119,19 @@ impl Inner {
 pub struct ProviderHealth {
     inner: Mutex<Inner>,
     in_flight: AtomicU32,
+}
+
+/// What a provider's rate-limit headers say about its quota.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitReport {
+    /// Requests left in the provider's window.
+    pub remaining_requests: Option<u64>,
+    /// Tokens left in the provider's window.
+    pub remaining_tokens: Option<u64>,
+    /// The provider's request limit.
+    pub limit_requests: Option<u64>,
+    /// The provider's token limit.
+    pub limit_tokens: Option<u64>,
 }
 
 /// A snapshot for `/status`.
@@ -153,7 +175,8 @@ impl ProviderHealth {
                 last_reason: None,
                 minute_start: now,
                 minute_requests: 0,
-                reported_remaining: None,
+                minute_tokens: 0,
+                reported: RateLimitReport::default(),
                 probe_streak: (0, 0),
                 probe_down: false,
             }),
@@ -203,10 +226,7 @@ impl ProviderHealth {
         if s.breaker == BreakerState::HalfOpen {
             s.probes_in_flight += 1;
         }
-        if now.duration_since(s.minute_start) >= Duration::from_secs(60) {
-            s.minute_start = now;
-            s.minute_requests = 0;
-        }
+        s.roll_minute(now);
         s.minute_requests += 1;
     }
 
@@ -315,9 +335,22 @@ impl ProviderHealth {
         }
     }
 
-    /// Records `x-ratelimit-remaining-requests` from a response.
-    pub fn report_remaining(&self, remaining: u64) {
-        self.lock().reported_remaining = Some(remaining);
+    /// Records what a response's rate-limit headers said; absent headers keep the last
+    /// value.
+    pub fn report_rate_limits(&self, report: RateLimitReport) {
+        let mut s = self.lock();
+        let r = &mut s.reported;
+        r.remaining_requests = report.remaining_requests.or(r.remaining_requests);
+        r.remaining_tokens = report.remaining_tokens.or(r.remaining_tokens);
+        r.limit_requests = report.limit_requests.or(r.limit_requests);
+        r.limit_tokens = report.limit_tokens.or(r.limit_tokens);
+    }
+
+    /// Records tokens an answer used (prompt and completion).
+    pub fn record_tokens(&self, now: Instant, tokens: u64) {
+        let mut s = self.lock();
+        s.roll_minute(now);
+        s.minute_tokens += tokens;
     }
 
     /// Requests in flight from this replica.
@@ -330,19 +363,47 @@ impl ProviderHealth {
         self.lock().latency_ewma_ms
     }
 
-    /// Requests this replica may still send this minute: the smaller of what the
-    /// configured limit leaves and what the provider last reported.
-    pub fn remaining_capacity(&self, now: Instant, rpm_limit: Option<i64>) -> u64 {
+    /// The share of the provider's quota still free this minute, from 0 to 1: the
+    /// tighter of requests and tokens, each the smaller of what the configured limit
+    /// leaves after this replica's use and what the provider last reported. A dimension
+    /// with no limit known counts as free unless the provider reported none left.
+    pub fn headroom(&self, now: Instant, limits: &Limits) -> f64 {
         let s = self.lock();
-        let used = if now.duration_since(s.minute_start) >= Duration::from_secs(60) {
-            0
+        let fresh = now.duration_since(s.minute_start) < Duration::from_secs(60);
+        let (used_requests, used_tokens) = if fresh {
+            (s.minute_requests, s.minute_tokens)
         } else {
-            s.minute_requests
+            (0, 0)
         };
-        let by_limit = rpm_limit.map_or(u64::MAX, |l| {
-            u64::try_from(l).unwrap_or(0).saturating_sub(used)
-        });
-        by_limit.min(s.reported_remaining.unwrap_or(u64::MAX))
+        let share = |configured: Option<i64>,
+                     used: u64,
+                     reported_limit: Option<u64>,
+                     reported_remaining: Option<u64>| {
+            let configured = configured.and_then(|l| u64::try_from(l).ok());
+            let Some(limit) = configured.or(reported_limit).filter(|l| *l > 0) else {
+                return if reported_remaining == Some(0) {
+                    0.0
+                } else {
+                    1.0
+                };
+            };
+            let by_config = configured.map_or(u64::MAX, |l| l.saturating_sub(used));
+            let remaining = by_config.min(reported_remaining.unwrap_or(u64::MAX));
+            (remaining as f64 / limit as f64).clamp(0.0, 1.0)
+        };
+        let r = &s.reported;
+        share(
+            limits.requests_per_minute,
+            used_requests,
+            r.limit_requests,
+            r.remaining_requests,
+        )
+        .min(share(
+            limits.tokens_per_minute,
+            used_tokens,
+            r.limit_tokens,
+            r.remaining_tokens,
+        ))
     }
 
     /// The breaker's state (an open breaker whose time is up reads as half-open).

@@ -343,17 +343,9 @@ async fn attempt(
     };
     let latency = t0.elapsed();
     let status = resp.status();
-    if let Some(remaining) = [
-        "x-ratelimit-remaining-requests",
-        "anthropic-ratelimit-requests-remaining",
-    ]
-    .iter()
-    .find_map(|h| resp.headers().get(*h))
-    .and_then(|v| v.to_str().ok())
-    .and_then(|v| v.parse().ok())
-    {
-        provider.health.report_remaining(remaining);
-    }
+    provider
+        .health
+        .report_rate_limits(upstream::rate_limits(resp.headers()));
 
     if status.is_success() {
         if req.stream && req.op == Operation::ChatCompletions {
@@ -404,7 +396,7 @@ async fn attempt(
                 return Tried::Retry(format!("{name}: the response body did not finish in time"));
             }
         };
-        let (body, refusal) = match upstream::answer(kind, body) {
+        let answer = match upstream::answer(kind, body) {
             Ok(answer) => answer,
             Err(e) => {
                 inflight.finish(Outcome::Failure, Some(latency));
@@ -413,15 +405,16 @@ async fn attempt(
                 return Tried::Retry(format!("{name}: {e}"));
             }
         };
+        provider.health.record_tokens(Instant::now(), answer.tokens);
         inflight.finish(Outcome::Success, Some(latency));
-        if refusal {
+        if answer.refusal {
             gw.metrics
                 .attempt(name, "content_policy", Some(latency.as_secs_f64()));
-            return Tried::ContentPolicy(json_response(status, body));
+            return Tried::ContentPolicy(json_response(status, answer.body));
         }
         gw.metrics
             .attempt(name, "success", Some(latency.as_secs_f64()));
-        return Tried::Answer(json_response(status, body));
+        return Tried::Answer(json_response(status, answer.body));
     }
 
     let headers = resp.headers().clone();
@@ -612,6 +605,9 @@ async fn stream(
                 let _ = tx
                     .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
                     .await;
+                inflight
+                    .health
+                    .record_tokens(Instant::now(), state.tokens_used());
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
@@ -883,6 +879,7 @@ struct StreamState {
     /// The continuation may repeat whitespace the answer already ends with.
     trim_leading: bool,
     usage_seen: bool,
+    usage_total: Option<u64>,
     id: Option<Value>,
     model: Option<Value>,
     completion_chars: usize,
@@ -892,8 +889,9 @@ impl StreamState {
     fn observe(&mut self, chunk: &Value) {
         self.id = chunk.get("id").cloned().or(self.id.take());
         self.model = chunk.get("model").cloned().or(self.model.take());
-        if chunk.get("usage").is_some_and(|u| !u.is_null()) {
+        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
             self.usage_seen = true;
+            self.usage_total = usage.get("total_tokens").and_then(Value::as_u64);
         }
         for choice in chunk
             .get("choices")
@@ -911,6 +909,12 @@ impl StreamState {
                 }
             }
         }
+    }
+
+    /// Tokens the answer used: as reported, or estimated from what was streamed.
+    fn tokens_used(&self) -> u64 {
+        self.usage_total
+            .unwrap_or_else(|| u64::try_from(self.completion_chars.div_ceil(4)).unwrap_or(0))
     }
 
     /// A usage chunk estimated from what was streamed (about four characters a token).

@@ -52,6 +52,15 @@ pub fn pick<'a>(
             if p.unusable.is_some() {
                 continue;
             }
+            // A provider at its concurrency limit takes nothing more from this replica,
+            // not even as the least bad.
+            if p.config
+                .limits
+                .max_concurrent
+                .is_some_and(|max| i64::from(p.health.in_flight()) >= i64::from(max))
+            {
+                continue;
+            }
             match p.health.availability(now, breaker) {
                 Availability::Ready => usable.push(t),
                 Availability::Until(when) => {
@@ -122,17 +131,23 @@ fn by_strategy<'a>(
                 .unwrap_or(usable[0])
         }
         Strategy::Capacity => {
-            let remaining = |t: &TargetConfig| {
-                let limit = table
+            let headroom = |t: &TargetConfig| {
+                table
                     .provider(&t.provider)
-                    .and_then(|p| p.config.limits.requests_per_minute);
-                health(t).map_or(0, |h| h.remaining_capacity(now, limit))
+                    .map_or(0.0, |p| p.health.headroom(now, &p.config.limits))
             };
-            usable
-                .iter()
-                .copied()
-                .max_by_key(|t| remaining(t))
-                .unwrap_or(usable[0])
+            // Ties (typically: nothing known yet) go round the targets.
+            let start = route.next.fetch_add(1, Ordering::Relaxed);
+            let mut best = usable[start % usable.len()];
+            let mut most = headroom(best);
+            for k in 1..usable.len() {
+                let t = usable[(start + k) % usable.len()];
+                let h = headroom(t);
+                if h > most {
+                    (best, most) = (t, h);
+                }
+            }
+            best
         }
     }
 }
@@ -140,21 +155,26 @@ fn by_strategy<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::Outcome;
+    use crate::health::{Outcome, RateLimitReport};
     use crate::table::Secrets;
     use crds::GatewayConfig;
     use serde_json::json;
     use std::time::Duration;
 
     fn table(strategy: &str) -> RoutingTable {
-        let provider = |name: &str| {
+        table_with_limits(strategy, [json!({}), json!({}), json!({})])
+    }
+
+    fn table_with_limits(strategy: &str, limits: [serde_json::Value; 3]) -> RoutingTable {
+        let [la, lb, lc] = limits;
+        let provider = |name: &str, limits: serde_json::Value| {
             json!({"name": name, "type": "openaiCompatible", "endpoint": "http://127.0.0.1:1", "region": "r", "local": true,
-                   "enabled": true, "limits": {}, "health": {"passive": {}}})
+                   "enabled": true, "limits": limits, "health": {"passive": {}}})
         };
         let target = |name: &str, tier: u32, weight: u32| json!({"provider": name, "upstreamModel": "m", "weight": weight, "priority": tier / 2, "tier": tier});
         let config: GatewayConfig = serde_json::from_value(json!({
             "version": 1, "namespace": "ns", "pool": "p", "region": "r",
-            "providers": [provider("a"), provider("b"), provider("c")],
+            "providers": [provider("a", la), provider("b", lb), provider("c", lc)],
             "routes": [{"model": "m", "policy": "p", "strategy": strategy, "regional": "preferLocal",
                         "targets": [target("a", 0, 90), target("b", 0, 10), target("c", 2, 100)],
                         "retry": {}, "timeouts": {}, "circuitBreaker": {"consecutiveFailures": 1}}]
@@ -299,5 +319,58 @@ mod tests {
                 "b"
             );
         }
+    }
+
+    fn picks(t: &RoutingTable, now: Instant, n: usize) -> Vec<String> {
+        let route = t.route_for("m").expect("route");
+        (0..n)
+            .map(|_| {
+                pick(t, route, &[], now)
+                    .expect("choice")
+                    .target
+                    .provider
+                    .clone()
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_goes_where_the_most_quota_is_left() {
+        let tpm = json!({"tokensPerMinute": 1000, "requestsPerMinute": 100});
+        let t = table_with_limits("capacity", [tpm.clone(), tpm, json!({})]);
+        let now = Instant::now();
+        // Nothing used yet: the two share the load.
+        let first = picks(&t, now, 4);
+        assert_eq!(first.iter().filter(|p| *p == "a").count(), 2, "{first:?}");
+        // a used 900 of its 1000 tokens this minute.
+        t.provider("a").expect("a").health.record_tokens(now, 900);
+        assert_eq!(picks(&t, now, 5), vec!["b"; 5]);
+        // b's own headers say it has 5% of its tokens left: a's 10% is more.
+        let b = t.provider("b").expect("b");
+        b.health.report_rate_limits(RateLimitReport {
+            remaining_tokens: Some(50),
+            limit_tokens: Some(1000),
+            ..RateLimitReport::default()
+        });
+        assert_eq!(picks(&t, now, 3), vec!["a"; 3]);
+        // A new minute frees what this replica used, but not what b reported.
+        let later = now + Duration::from_secs(61);
+        t.provider("a").expect("a").health.start(later);
+        assert_eq!(picks(&t, later, 3), vec!["a"; 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_at_its_concurrency_limit_takes_nothing_more() {
+        let one = json!({"maxConcurrent": 1});
+        let t = table_with_limits("roundRobin", [one.clone(), one, json!({})]);
+        let now = Instant::now();
+        t.provider("a").expect("a").health.start(now);
+        assert_eq!(picks(&t, now, 3), vec!["b"; 3]);
+        t.provider("b").expect("b").health.start(now);
+        assert_eq!(
+            picks(&t, now, 2),
+            vec!["c"; 2],
+            "the next tier serves while the first is full"
+        );
     }
 }

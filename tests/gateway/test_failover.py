@@ -313,3 +313,17 @@ def test_failovers_are_counted_for_the_alerts(stack, client_for):
     text = metrics.decode()
     assert 'switchyard_gateway_failovers_total{model="gpt-4o"} 1' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="server_error"} 1' in text
+
+
+def test_capacity_routing_follows_the_quota_providers_report(stack, client_for):
+    routes = [{"model": "gpt-4o", "strategy": "capacity", "targets": [{"provider": "alpha"}, {"provider": "beta"}]}]
+    gw, fakes = stack(["alpha", "beta"], routes=routes, policy=FAST)
+    fakes["alpha"].fault("quota:40:1000")
+    fakes["beta"].fault("quota:600:1000")
+    client = client_for(gw)
+    for _ in range(8):
+        chat(client)
+    # One request each teaches the gateway their quotas; then beta, with 60% left, takes
+    # everything while alpha has 4%.
+    assert len(fakes["alpha"].attempts()) == 1, [a["seq"] for a in fakes["alpha"].attempts()]
+    assert len(fakes["beta"].attempts()) == 7

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+use crate::health::RateLimitReport;
 use crate::table::ProviderEntry;
 
 pub mod anthropic;
@@ -167,21 +168,51 @@ impl serde::Serialize for WithModel<'_> {
     }
 }
 
-/// A successful non-streamed answer in OpenAI's shape, and whether it is a content-policy
-/// refusal.
-pub fn answer(kind: ProviderType, body: Bytes) -> Result<(Bytes, bool), String> {
+/// A successful non-streamed answer in OpenAI's shape.
+#[derive(Debug)]
+pub struct Answer {
+    /// The chat completion (or completion, or embeddings) body.
+    pub body: Bytes,
+    /// Whether it is a content-policy refusal.
+    pub refusal: bool,
+    /// `usage.total_tokens`, zero when the provider did not say.
+    pub tokens: u64,
+}
+
+/// Reads a successful answer; an error means it is not a well-formed answer.
+pub fn answer(kind: ProviderType, body: Bytes) -> Result<Answer, String> {
+    /// Only `usage` is looked at, but every byte is checked to be JSON.
+    #[derive(serde::Deserialize)]
+    struct UsageOnly {
+        #[serde(default)]
+        usage: Option<Value>,
+    }
+    let total = |usage: Option<&Value>| {
+        usage
+            .and_then(|u| u.get("total_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
     match kind {
         ProviderType::Anthropic => {
             let message: Value = serde_json::from_slice(&body)
                 .map_err(|_| "the response body is not valid JSON".to_owned())?;
             let refusal = anthropic::is_refusal(&message);
             let out = anthropic::response(&message)?;
-            Ok((Bytes::from(out.to_string()), refusal))
+            Ok(Answer {
+                tokens: total(out.get("usage")),
+                body: Bytes::from(out.to_string()),
+                refusal,
+            })
         }
         _ => {
-            serde_json::from_slice::<serde::de::IgnoredAny>(&body)
+            let parsed: UsageOnly = serde_json::from_slice(&body)
                 .map_err(|_| "the response body is not valid JSON".to_owned())?;
-            Ok((body, false))
+            Ok(Answer {
+                tokens: total(parsed.usage.as_ref()),
+                body,
+                refusal: false,
+            })
         }
     }
 }
@@ -254,6 +285,37 @@ impl StreamDecoder {
             Self::OpenAi => None,
             Self::Anthropic(t) => Some(t.usage_chunk()),
         }
+    }
+}
+
+/// The quota a response's rate-limit headers describe (OpenAI's and Azure's
+/// `x-ratelimit-*`, Anthropic's `anthropic-ratelimit-*`).
+pub fn rate_limits(headers: &hyper::HeaderMap) -> RateLimitReport {
+    let number = |names: &[&str]| {
+        names.iter().find_map(|n| {
+            headers
+                .get(*n)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+    };
+    RateLimitReport {
+        remaining_requests: number(&[
+            "x-ratelimit-remaining-requests",
+            "anthropic-ratelimit-requests-remaining",
+        ]),
+        remaining_tokens: number(&[
+            "x-ratelimit-remaining-tokens",
+            "anthropic-ratelimit-tokens-remaining",
+        ]),
+        limit_requests: number(&[
+            "x-ratelimit-limit-requests",
+            "anthropic-ratelimit-requests-limit",
+        ]),
+        limit_tokens: number(&[
+            "x-ratelimit-limit-tokens",
+            "anthropic-ratelimit-tokens-limit",
+        ]),
     }
 }
 
@@ -349,6 +411,39 @@ mod tests {
         let d = retry_after(&headers(&[("retry-after", &future)]));
         assert!(
             d > Duration::from_secs(28) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn quota_and_anthropic_reset_headers_are_read() {
+        let openai = rate_limits(&headers(&[
+            ("x-ratelimit-remaining-requests", "9"),
+            ("x-ratelimit-limit-requests", "10"),
+            ("x-ratelimit-remaining-tokens", "1200"),
+        ]));
+        assert_eq!(
+            openai,
+            RateLimitReport {
+                remaining_requests: Some(9),
+                limit_requests: Some(10),
+                remaining_tokens: Some(1200),
+                limit_tokens: None,
+            }
+        );
+        let anthropic = rate_limits(&headers(&[
+            ("anthropic-ratelimit-tokens-remaining", "5"),
+            ("anthropic-ratelimit-tokens-limit", "80000"),
+        ]));
+        assert_eq!(anthropic.remaining_tokens, Some(5));
+        assert_eq!(anthropic.limit_tokens, Some(80000));
+
+        let reset = (k8s_openapi::jiff::Timestamp::now()
+            + k8s_openapi::jiff::SignedDuration::from_secs(20))
+        .to_string();
+        let d = retry_after(&headers(&[("anthropic-ratelimit-requests-reset", &reset)]));
+        assert!(
+            d > Duration::from_secs(18) && d <= Duration::from_secs(20),
             "{d:?}"
         );
     }

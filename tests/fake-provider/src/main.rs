@@ -18,7 +18,9 @@
 //! `slow-first-byte:<ms>`, `cut-after:<chunks>`, `stall-after:<chunks>`,
 //! `malformed-after:<chunks>`, `no-done`, `context-length`, `content-policy`,
 //! `flap:<down-ms>` (503 for that long after the fault is set, then healthy),
-//! `error-after:<chunks>` (Anthropic only: an `overloaded_error` event mid-stream).
+//! `error-after:<chunks>` (Anthropic only: an `overloaded_error` event mid-stream),
+//! `quota:<remaining>:<limit>` (a normal answer whose `x-ratelimit-*-tokens` headers say
+//! so).
 //! On `/v1/messages` every fault takes Anthropic's shape: `status:529` is
 //! `overloaded_error`, `context-length` is "prompt is too long", `content-policy` is a
 //! `refusal` stop reason.
@@ -356,6 +358,16 @@ impl Fake {
             "x-ratelimit-remaining-tokens",
             hyper::header::HeaderValue::from_static("99999"),
         );
+        if kind == "quota"
+            && let Some((remaining, limit)) = arg.split_once(':')
+            && let (Ok(r), Ok(l)) = (
+                hyper::header::HeaderValue::from_str(remaining),
+                hyper::header::HeaderValue::from_str(limit),
+            )
+        {
+            headers.insert("x-ratelimit-remaining-tokens", r);
+            headers.insert("x-ratelimit-limit-tokens", l);
+        }
         if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
             headers.insert("x-fake-provider", v);
         }

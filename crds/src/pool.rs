@@ -467,6 +467,12 @@ pub struct PassiveHealth {
     /// Upper bound of an ejection, however often the provider failed.
     #[serde(default = "default_max_ejection")]
     pub max_ejection_time: Duration,
+
+    /// A response whose headers take longer than this counts as a failure towards
+    /// ejection and the circuit breaker (its answer is still served), so a provider that
+    /// became slow is avoided before it times out. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_threshold: Option<Duration>,
 }
 
 fn default_consecutive_failures() -> i32 {
@@ -489,6 +495,7 @@ impl Default for PassiveHealth {
             base_ejection_time: default_base_ejection(),
             ejection_growth: default_ejection_growth(),
             max_ejection_time: default_max_ejection(),
+            slow_threshold: None,
         }
     }
 }

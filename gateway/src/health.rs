@@ -248,6 +248,11 @@ impl ProviderHealth {
                     .map_or(ms, |old| old + EWMA_ALPHA * (ms - old)),
             );
         }
+        let slow = matches!(outcome, Outcome::Success)
+            && latency
+                .zip(passive.slow_threshold)
+                .is_some_and(|(l, t)| l > t.get());
+        let outcome = if slow { Outcome::Failure } else { outcome };
         let was_probe = s.breaker == BreakerState::HalfOpen && s.probes_in_flight > 0;
         if was_probe {
             s.probes_in_flight -= 1;
@@ -307,7 +312,7 @@ impl ProviderHealth {
                     s.last_reason = Some("Ejected");
                 }
                 if s.last_reason.is_none() {
-                    s.last_reason = Some("Errors");
+                    s.last_reason = Some(if slow { "Slow" } else { "Errors" });
                 }
             }
         }
@@ -644,6 +649,7 @@ mod tests {
             base_ejection_time: D::from_secs(10),
             ejection_growth: 2.0,
             max_ejection_time: D::from_secs(30),
+            slow_threshold: None,
         };
         let mut now = Instant::now();
         let h = ProviderHealth::new(now);
@@ -715,5 +721,40 @@ mod tests {
         let ms = h.latency_ms().expect("measured");
         assert!((ms - 130.0).abs() < 1e-9, "{ms}");
         assert_eq!(h.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_slower_than_the_threshold_count_towards_ejection() {
+        let b = CircuitBreaker {
+            consecutive_failures: 1000,
+            ..breaker()
+        };
+        let p = PassiveHealth {
+            consecutive_failures: 2,
+            slow_threshold: Some(D::from_millis(500)),
+            ..PassiveHealth::default()
+        };
+        let now = Instant::now();
+        let h = ProviderHealth::new(now);
+        let answer = |ms| {
+            h.start(now);
+            h.finish(
+                now,
+                Outcome::Success,
+                Some(std::time::Duration::from_millis(ms)),
+                &b,
+                &p,
+            );
+        };
+        answer(900);
+        answer(100);
+        answer(900);
+        assert!(
+            matches!(h.availability(now, &b), Availability::Ready),
+            "a fast answer in between resets the count"
+        );
+        answer(900);
+        assert!(matches!(h.availability(now, &b), Availability::Until(_)));
+        assert_eq!(h.view(now).reason, Some("Ejected"));
     }
 }

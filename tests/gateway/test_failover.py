@@ -327,3 +327,45 @@ def test_capacity_routing_follows_the_quota_providers_report(stack, client_for):
     # everything while alpha has 4%.
     assert len(fakes["alpha"].attempts()) == 1, [a["seq"] for a in fakes["alpha"].attempts()]
     assert len(fakes["beta"].attempts()) == 7
+
+
+def regional_stack(stack, mode):
+    routes = [{"model": "gpt-4o", "strategy": "roundRobin", "targets": [{"provider": "alpha"}, {"provider": "beta"}]}]
+    return stack(["alpha", "beta"], routes=routes, policy=dict(FAST, regional=mode),
+                 provider_extra={"beta": {"region": "eu-west"}})
+
+
+def test_prefer_local_spills_to_another_region_only_when_the_local_provider_fails(stack, client_for):
+    gw, fakes = regional_stack(stack, "preferLocal")
+    client = client_for(gw)
+    regions = {chat(client)[1]["x-switchyard-provider-region"] for _ in range(4)}
+    assert regions == {"us-east"}
+    assert fakes["beta"].attempts() == []
+    fakes["alpha"].fault("status:503")
+    _, headers = chat(client)
+    assert (headers["x-switchyard-provider"], headers["x-switchyard-provider-region"]) == ("beta", "eu-west")
+
+
+def test_local_only_never_leaves_the_region(stack, client_for):
+    gw, fakes = regional_stack(stack, "localOnly")
+    fakes["alpha"].fault("status:503")
+    with pytest.raises(openai.InternalServerError):
+        chat(client_for(gw))
+    assert fakes["beta"].attempts() == []
+
+
+def test_global_spreads_across_regions(stack, client_for):
+    gw, fakes = regional_stack(stack, "global")
+    client = client_for(gw)
+    served = [chat(client)[1]["x-switchyard-provider"] for _ in range(4)]
+    assert sorted(served) == ["alpha", "alpha", "beta", "beta"]
+
+
+def test_a_provider_that_turned_slow_is_ejected_before_it_times_out(stack, client_for):
+    slow = {"health": {"passive": {"consecutiveFailures": 2, "slowThreshold": "200ms"}}}
+    gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST, provider_extra={"alpha": slow})
+    fakes["alpha"].fault("slow-first-byte:400")
+    client = client_for(gw)
+    served = [chat(client)[1]["x-switchyard-provider"] for _ in range(4)]
+    assert served == ["alpha", "alpha", "beta", "beta"], "slow answers are served, then the slow provider is avoided"
+    assert {p["name"]: p for p in gw.status()["providers"]}["alpha"]["health"]["reason"] == "Ejected"

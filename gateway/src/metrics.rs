@@ -39,6 +39,14 @@ struct ResultLabels {
     result: &'static str,
 }
 
+/// Buckets for what the gateway itself adds: tens of microseconds up to the cost of a
+/// rescue (a failed try, a backoff).
+fn added_histogram() -> Histogram {
+    Histogram::new([
+        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.1, 1.0, 10.0,
+    ])
+}
+
 fn latency_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -56,6 +64,7 @@ pub struct Metrics {
     replays: Family<ModelLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    added_latency: Family<ModelLabels, Histogram, fn() -> Histogram>,
     breaker_state: Family<ProviderLabels, Gauge>,
     provider_usable: Family<ProviderLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
@@ -71,6 +80,7 @@ impl Default for Metrics {
             replays: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             request_duration: Family::new_with_constructor(latency_histogram),
+            added_latency: Family::new_with_constructor(added_histogram),
             breaker_state: Family::default(),
             provider_usable: Family::default(),
             reloads: Family::default(),
@@ -105,6 +115,11 @@ impl Default for Metrics {
                 "request_duration_seconds",
                 "Time to the client's response headers",
                 m.request_duration.clone(),
+            );
+            r.register(
+                "added_latency_seconds",
+                "Time to the client's response headers not spent waiting for the provider that served: parsing, routing, and any failed tries before it",
+                m.added_latency.clone(),
             );
             r.register(
                 "breaker_state",
@@ -166,6 +181,15 @@ impl Metrics {
                 model: model.to_owned(),
             })
             .inc();
+    }
+
+    /// What the gateway added to a served request.
+    pub fn added_latency(&self, model: &str, seconds: f64) {
+        self.added_latency
+            .get_or_create(&ModelLabels {
+                model: model.to_owned(),
+            })
+            .observe(seconds);
     }
 
     /// A request answered by idempotent replay.

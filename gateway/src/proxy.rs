@@ -31,6 +31,11 @@ use crate::upstream::{self, Operation, Step, StreamDecoder, build_request, retry
 /// Largest upstream error or non-streamed body read.
 const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
+/// How long the serving provider took, to its first token for a stream or its whole
+/// body otherwise; the rest of the request's time is what the gateway added.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTime(pub Duration);
+
 /// A validated client request.
 #[derive(Debug)]
 pub struct ClientRequest {
@@ -414,7 +419,9 @@ async fn attempt(
         }
         gw.metrics
             .attempt(name, "success", Some(latency.as_secs_f64()));
-        return Tried::Answer(json_response(status, answer.body));
+        let mut resp = json_response(status, answer.body);
+        resp.extensions_mut().insert(UpstreamTime(t0.elapsed()));
+        return Tried::Answer(resp);
     }
 
     let headers = resp.headers().clone();
@@ -541,6 +548,7 @@ async fn stream(
     first_token_budget: Duration,
     resume: Resume,
 ) -> Tried {
+    let stream_started = Instant::now();
     let mut reader = SseReader::new(resp.into_body());
     let mut decoder = StreamDecoder::new(kind, req.include_usage);
     let first_by = Instant::now() + first_token_budget;
@@ -576,6 +584,7 @@ async fn stream(
     };
     gw.metrics
         .attempt(name, "success", Some(latency.as_secs_f64()));
+    let upstream_time = stream_started.elapsed() + latency;
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(32);
     let idle = rc.timeouts.stream_idle.get();
     let include_usage = req.include_usage;
@@ -684,6 +693,7 @@ async fn stream(
         hyper::header::CACHE_CONTROL,
         hyper::header::HeaderValue::from_static("no-cache"),
     );
+    resp.extensions_mut().insert(UpstreamTime(upstream_time));
     Tried::Answer(resp)
 }
 

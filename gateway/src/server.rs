@@ -21,7 +21,7 @@ use crate::auth::presented_key;
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
-use crate::proxy::{ClientRequest, serve};
+use crate::proxy::{ClientRequest, UpstreamTime, serve};
 use crate::upstream::Operation;
 
 /// Largest request head (request line and headers) accepted, in bytes.
@@ -329,6 +329,10 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         request_id: id.to_owned(),
     };
     let mut resp = serve(gw, table.clone(), route, request).await;
+    if let Some(UpstreamTime(upstream)) = resp.extensions().get::<UpstreamTime>() {
+        let added = started.elapsed().saturating_sub(*upstream);
+        gw.metrics.added_latency(&model, added.as_secs_f64());
+    }
     if let Some(lease) = lease
         && resp.status().is_success()
     {

@@ -78,6 +78,7 @@ def test_readyz_healthz_metrics_status(stack, client_for):
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="success"} 1' in text
     assert 'switchyard_gateway_provider_usable{provider="alpha"} 1' in text
     assert 'switchyard_gateway_breaker_state{provider="alpha"} 0' in text
+    assert 'switchyard_gateway_added_latency_seconds_count{model="gpt-4o"} 1' in text
     assert gw.status()["providers"][0]["health"]["state"] == "healthy"
 
 

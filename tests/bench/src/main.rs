@@ -22,6 +22,9 @@ use hyper_util::rt::TokioExecutor;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
+/// Where the hand-written part of BENCHMARKS.md starts; a run keeps it.
+const NOTES_HEADING: &str = "## Notes across runs";
+
 /// A body of about 1 KiB, like a short chat request.
 fn request_body() -> Bytes {
     let filler = "lorem ipsum dolor sit amet ".repeat(34);
@@ -385,6 +388,12 @@ async fn main() -> anyhow::Result<()> {
             report,
             "## Operator\n\nSkipped in this run (`--skip-operator`).\n"
         )?;
+    }
+    // The hand-written analysis at the end of the file outlives the numbers above it.
+    if let Ok(old) = std::fs::read_to_string(&out_path)
+        && let Some(at) = old.find(NOTES_HEADING)
+    {
+        report.push_str(&old[at..]);
     }
     std::fs::write(&out_path, &report)?;
     let _ = std::fs::remove_dir_all(&dir);

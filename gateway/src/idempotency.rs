@@ -220,13 +220,20 @@ impl Lease {
             .entries
             .put(self.key.clone(), Entry::Stored(Arc::new(stored)));
         inner.bytes += size;
+        // Evict kept answers, least recently used first; requests in flight hold no
+        // bytes here and keep their place.
         while inner.bytes > max {
-            match inner.entries.pop_lru() {
-                Some((_, Entry::Stored(old))) => {
-                    inner.bytes = inner.bytes.saturating_sub(old.size());
-                }
-                Some(_) => {}
-                None => break,
+            let Some(oldest) = inner
+                .entries
+                .iter()
+                .rev()
+                .find(|(_, e)| matches!(e, Entry::Stored(_)))
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some(Entry::Stored(old)) = inner.entries.pop(&oldest) {
+                inner.bytes = inner.bytes.saturating_sub(old.size());
             }
         }
     }

@@ -11,7 +11,7 @@ use hyper::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{Body, full, tokio_stream};
+use crate::{Body, full, stream_fault, tokio_stream};
 
 const TOP_LEVEL: &[&str] = &[
     "model",
@@ -265,26 +265,13 @@ pub fn stream(
             .await;
             for (i, word) in words.iter().enumerate() {
                 if i == at {
-                    match fault.as_str() {
-                        "cut-after" => {
-                            let _ = tx
-                                .send(Err(std::io::Error::other("cut by fault injection")))
-                                .await;
-                            return;
-                        }
-                        "stall-after" => std::future::pending::<()>().await,
-                        "malformed-after" => {
-                            let _ = tx
-                                .send(Ok(Frame::data(Bytes::from_static(
-                                    b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"delta\": \n\n",
-                                ))))
-                                .await;
-                        }
-                        "error-after" => {
-                            let _ = send("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})).await;
-                            return;
-                        }
-                        _ => {}
+                    if fault == "error-after" {
+                        let _ = send("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})).await;
+                        return;
+                    }
+                    let garbage = b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"delta\": \n\n";
+                    if stream_fault(&tx, &fault, garbage).await {
+                        return;
                     }
                 }
                 let delta = json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}});

@@ -290,11 +290,7 @@ impl Fake {
             _ => {}
         }
 
-        let name = self
-            .state
-            .lock()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
+        let name = self.name();
         let mut resp = match (method, endpoint.as_str()) {
             (Method::GET, "/v1/models") => {
                 let models = self
@@ -419,11 +415,7 @@ impl Fake {
             }
             _ => {}
         }
-        let name = self
-            .state
-            .lock()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
+        let name = self.name();
         let text = answer(&name, &anthropic::as_openai_messages(request));
         let mut resp = if stream {
             anthropic::stream(&name, model, request, &text, kind, arg)
@@ -441,6 +433,13 @@ impl Fake {
             hyper::header::HeaderValue::from_static("999"),
         );
         resp
+    }
+
+    fn name(&self) -> String {
+        self.state
+            .lock()
+            .map(|s| s.name.clone())
+            .unwrap_or_default()
     }
 
     /// The first rule matching `model` (or every model); decrements its count.
@@ -637,24 +636,9 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
             return;
         }
         for (i, word) in words.iter().enumerate() {
-            if i == at {
-                match fault.as_str() {
-                    "cut-after" => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other("cut by fault injection")))
-                            .await;
-                        return;
-                    }
-                    "stall-after" => std::future::pending::<()>().await,
-                    "malformed-after" => {
-                        let _ = tx
-                            .send(Ok(Frame::data(Bytes::from_static(
-                                b"data: {\"choices\": [{\"delta\": \n\n",
-                            ))))
-                            .await;
-                    }
-                    _ => {}
-                }
+            if i == at && stream_fault(&tx, &fault, b"data: {\"choices\": [{\"delta\": \n\n").await
+            {
+                return;
             }
             if tx
                 .send(chunk(json!({"content": word}), None))
@@ -685,6 +669,29 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
         hyper::header::HeaderValue::from_static("text/event-stream"),
     );
     resp
+}
+
+/// Applies a mid-stream fault where it is due: `cut-after` breaks the connection (true: the
+/// stream is over), `stall-after` never returns, `malformed-after` sends `garbage` first.
+async fn stream_fault(
+    tx: &mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    fault: &str,
+    garbage: &'static [u8],
+) -> bool {
+    match fault {
+        "cut-after" => {
+            let _ = tx
+                .send(Err(std::io::Error::other("cut by fault injection")))
+                .await;
+            true
+        }
+        "stall-after" => std::future::pending().await,
+        "malformed-after" => {
+            let _ = tx.send(Ok(Frame::data(Bytes::from_static(garbage)))).await;
+            false
+        }
+        _ => false,
+    }
 }
 
 /// Adapts an mpsc receiver to a `Stream` without pulling in tokio-stream.

@@ -18,6 +18,7 @@ use crate::table::ProviderEntry;
 /// How often the prober checks which probes are due.
 const TICK: Duration = Duration::from_millis(100);
 
+/// The model list, addressed and authenticated the way the provider's dialect wants.
 fn probe_request(p: &ProviderEntry) -> Option<Request<Full<Bytes>>> {
     let endpoint = p.config.endpoint.trim_end_matches('/');
     let mut builder = Request::builder().method(Method::GET);
@@ -41,7 +42,20 @@ fn probe_request(p: &ProviderEntry) -> Option<Request<Full<Bytes>>> {
                 None => b,
             }
         }
-        ProviderType::Anthropic => return None,
+        ProviderType::Anthropic => {
+            let version = p
+                .config
+                .anthropic
+                .as_ref()
+                .map_or("2023-06-01", |a| a.version.as_str());
+            let b = builder
+                .uri(format!("{endpoint}/v1/models"))
+                .header("anthropic-version", version);
+            match &p.api_key {
+                Some(k) => b.header("x-api-key", k.0.clone()),
+                None => b,
+            }
+        }
     };
     builder.body(Full::new(Bytes::new())).ok()
 }

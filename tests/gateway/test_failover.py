@@ -289,16 +289,20 @@ def test_secrets_never_appear_in_gateway_output(stack, client_for):
     assert CLIENT_KEY not in everything
 
 
-def test_active_probes_take_a_failing_provider_out_before_real_traffic_and_bring_it_back(stack, client_for):
-    probe = {"health": {"active": {"interval": "200ms", "timeout": "150ms", "healthyThreshold": 2, "unhealthyThreshold": 2}}}
+@pytest.mark.parametrize("dialect", ["openaiCompatible", "anthropic"])
+def test_active_probes_take_a_failing_provider_out_before_real_traffic_and_bring_it_back(stack, client_for, dialect):
+    probe = {"type_": dialect, "health": {"active": {"interval": "200ms", "timeout": "150ms", "healthyThreshold": 2, "unhealthyThreshold": 2}}}
     gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST, provider_extra={"alpha": probe})
     fakes["alpha"].fault("status:503")
     time.sleep(1.0)
     answer, headers = chat(client_for(gw))
     assert headers["x-switchyard-provider"] == "beta" and headers["x-switchyard-attempts"] == "1"
-    chats = [a for a in fakes["alpha"].attempts() if a["path"] == "/v1/chat/completions"]
+    chats = [a for a in fakes["alpha"].attempts() if a["method"] == "POST"]
     assert chats == [], "no real request paid for discovering the outage"
     assert {a["path"] for a in fakes["alpha"].attempts()} == {"/v1/models"}
+    if dialect == "anthropic":
+        assert fakes["alpha"].attempts()[0]["headers"]["x-api-key"] == "<redacted>"
+        assert fakes["alpha"].attempts()[0]["headers"]["anthropic-version"] == "2023-06-01"
     fakes["alpha"].clear()
     time.sleep(1.0)
     _, headers = chat(client_for(gw))

@@ -26,6 +26,7 @@ pub struct Gateway {
     /// Answers kept for requests retried with the same `Idempotency-Key`.
     pub replays: Arc<Replays>,
     clients: Mutex<HashMap<Duration, HttpClient>>,
+    tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
 }
 
@@ -41,7 +42,12 @@ pub struct ConfigState {
 
 impl Gateway {
     /// A gateway with no configuration yet.
-    pub fn new(region: String, max_body: usize, replay_bytes: usize) -> Self {
+    pub fn new(
+        region: String,
+        max_body: usize,
+        replay_bytes: usize,
+        tls: rustls::ClientConfig,
+    ) -> Self {
         Self {
             table: ArcSwapOption::empty(),
             region,
@@ -49,6 +55,7 @@ impl Gateway {
             metrics: Metrics::default(),
             replays: Arc::new(Replays::new(replay_bytes)),
             clients: Mutex::new(HashMap::new()),
+            tls,
             config_state: Mutex::new(ConfigState::default()),
         }
     }
@@ -86,7 +93,7 @@ impl Gateway {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(connect)
-            .or_insert_with(|| new_client(connect))
+            .or_insert_with(|| new_client(connect, self.tls.clone()))
             .clone()
     }
 }

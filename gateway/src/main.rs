@@ -40,7 +40,7 @@ use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
 const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
-[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
+[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--ca-file PEM] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
 
 #[derive(Debug)]
 struct Args {
@@ -53,6 +53,7 @@ struct Args {
     listen: SocketAddr,
     max_body: usize,
     replay_bytes: usize,
+    ca_file: Option<PathBuf>,
     drain: Duration,
     json_logs: bool,
 }
@@ -67,6 +68,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
     let mut max_body = 16 << 20;
     let mut replay_bytes = 64 << 20;
+    let mut ca_file = None;
     let mut drain = Duration::from_secs(30);
     let mut json_logs = true;
     let mut args = std::env::args().skip(1);
@@ -97,6 +99,7 @@ fn parse_args() -> anyhow::Result<Args> {
                     .parse()
                     .context("--idempotency-max-bytes needs a number")?
             }
+            "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
             "--drain-seconds" => {
                 drain =
                     Duration::from_secs(value()?.parse().context("--drain-seconds needs a number")?)
@@ -125,6 +128,7 @@ fn parse_args() -> anyhow::Result<Args> {
         listen,
         max_body,
         replay_bytes,
+        ca_file,
         drain,
         json_logs,
     })
@@ -153,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
         args.region.clone(),
         args.max_body,
         args.replay_bytes,
+        upstream::tls_config(args.ca_file.as_deref())?,
     ));
     if let Some(path) = &args.manifests {
         let source = ManifestSource {

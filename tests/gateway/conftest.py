@@ -51,12 +51,24 @@ def http(method, url, body=None, headers=None, timeout=10):
 
 
 class FakeProvider:
-    def __init__(self, name, tmp_path):
+    def __init__(self, name, tmp_path, tls=False):
         self.name = name
-        self.proc, self.url = _start(
-            [str(TARGET / "fake-provider"), "--listen", "127.0.0.1:0", "--name", name],
-            tmp_path / f"fake-{name}.log",
-        )
+        cmd = [str(TARGET / "fake-provider"), "--listen", "127.0.0.1:0", "--name", name]
+        self.ca = None
+        if tls:
+            self.ca = tmp_path / f"tls-{name}" / "ca.pem"
+            cmd += ["--tls-dir", str(self.ca.parent)]
+        self.proc, self.url = _start(cmd, tmp_path / f"fake-{name}.log")
+
+    def _admin(self, method, path, body=None):
+        if self.ca is None:
+            return http(method, f"{self.url}{path}", body)
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            return resp.status, dict(resp.headers), resp.read()
 
     def fault(self, spec, model=None, times=None):
         body = {"fault": spec}
@@ -64,14 +76,14 @@ class FakeProvider:
             body["model"] = model
         if times:
             body["times"] = times
-        status, _, _ = http("POST", f"{self.url}/admin/faults", body)
+        status, _, _ = self._admin("POST", "/admin/faults", body)
         assert status == 200
 
     def clear(self):
-        http("DELETE", f"{self.url}/admin/faults")
+        self._admin("DELETE", "/admin/faults")
 
     def attempts(self):
-        _, _, body = http("GET", f"{self.url}/admin/attempts")
+        _, _, body = self._admin("GET", "/admin/attempts")
         return json.loads(body)
 
     def stop(self):
@@ -80,12 +92,12 @@ class FakeProvider:
 
 
 class Gateway:
-    def __init__(self, manifests_dir, tmp_path, region="us-east"):
+    def __init__(self, manifests_dir, tmp_path, region="us-east", extra_args=()):
         self.log_path = tmp_path / "gateway.log"
         self.manifests_dir = manifests_dir
         self.proc, self.url = _start(
             [str(TARGET / "switchyard-gateway"), "--manifests", str(manifests_dir), "--region", region,
-             "--listen", "127.0.0.1:0", "--drain-seconds", "10"],
+             "--listen", "127.0.0.1:0", "--drain-seconds", "10", *extra_args],
             self.log_path,
         )
 
@@ -135,8 +147,8 @@ def stack(tmp_path):
     """Starts fake providers and a gateway: stack(["alpha", "beta"], routes=..., **policy)."""
     started = []
 
-    def make(names, routes=None, policy=None, provider_extra=None, region="us-east"):
-        fakes = {n: FakeProvider(n, tmp_path) for n in names}
+    def make(names, routes=None, policy=None, provider_extra=None, region="us-east", tls=(), gateway_args=()):
+        fakes = {n: FakeProvider(n, tmp_path, tls=n in tls) for n in names}
         started.extend(fakes.values())
         extra = provider_extra or {}
         providers = [provider(n, f.url, **extra.get(n, {})) for n, f in fakes.items()]
@@ -145,7 +157,7 @@ def stack(tmp_path):
         mdir = tmp_path / "manifests"
         mdir.mkdir(exist_ok=True)
         (mdir / "switchyard.yaml").write_text(manifests(providers, routes, **(policy or {})))
-        gw = Gateway(mdir, tmp_path, region=region)
+        gw = Gateway(mdir, tmp_path, region=region, extra_args=gateway_args)
         started.append(gw)
         return gw, fakes
 

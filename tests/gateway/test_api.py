@@ -150,3 +150,36 @@ def test_http2_cleartext_is_served(stack):
         capture_output=True, text=True, check=True,
     ).stdout
     assert out == "2 200", out
+
+
+def test_providers_are_reached_over_verified_tls_with_http2(stack, client_for, tmp_path):
+    # The fake's CA is private: the gateway trusts it only through --ca-file.
+    ca = tmp_path / "tls-alpha" / "ca.pem"
+    gw, fakes = stack(["alpha"], tls={"alpha"}, gateway_args=["--ca-file", str(ca)])
+    assert fakes["alpha"].url.startswith("https://")
+    answer = client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert answer.choices[0].message.content.startswith("Hello from alpha")
+    text = "".join(c.choices[0].delta.content or "" for c in client_for(gw).chat.completions.create(
+        model="gpt-4o", messages=MSG, stream=True) if c.choices)
+    assert text.startswith("Hello from alpha")
+    assert {a["version"] for a in fakes["alpha"].attempts()} == {"HTTP/2.0"}, "HTTP/2 by ALPN"
+
+
+def test_a_provider_certificate_nobody_vouches_for_is_refused(stack, client_for):
+    gw, fakes = stack(["alpha"], tls={"alpha"}, policy={"retry": {"attempts": 1}})
+    with pytest.raises(openai.InternalServerError) as err:
+        client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert "certificate" in str(err.value).lower(), str(err.value)
+    assert fakes["alpha"].attempts() == [], "no request went over the unverified connection"
+
+
+def test_a_ca_file_without_certificates_stops_start_up_naming_it(tmp_path):
+    import subprocess
+    from conftest import TARGET
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    (tmp_path / "m.yaml").write_text("")
+    done = subprocess.run([str(TARGET / "switchyard-gateway"), "--manifests", str(tmp_path / "m.yaml"), "--region", "r",
+                           "--listen", "127.0.0.1:0", "--ca-file", str(bad)], capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert str(bad) in done.stderr and "no PEM certificate" in done.stderr, done.stderr

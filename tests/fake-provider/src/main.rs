@@ -17,6 +17,9 @@
 //! `reset` (connection closed before headers), `hang` (no response at all),
 //! `slow-first-byte:<ms>`, `cut-after:<chunks>`, `stall-after:<chunks>`,
 //! `malformed-after:<chunks>`, `no-done`, `context-length`, `content-policy`,
+//! With `--tls-dir DIR` it serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with a certificate
+//! for 127.0.0.1 and localhost, signed by a throwaway CA written to `DIR/ca.pem`.
+//!
 //! `flap:<down-ms>` (503 for that long after the fault is set, then healthy),
 //! `error-after:<chunks>` (Anthropic only: an `overloaded_error` event mid-stream),
 //! `quota:<remaining>:<limit>` (a normal answer whose `x-ratelimit-*-tokens` headers say
@@ -40,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 mod anthropic;
+mod tls;
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let mut name = "fake".to_owned();
     let mut models = Vec::new();
     let mut faults = Vec::new();
+    let mut tls_dir = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -86,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             "--name" => name = value()?,
             "--models" => models = value()?.split(',').map(str::to_owned).collect(),
             "--fault" => faults.push(value()?),
+            "--tls-dir" => tls_dir = Some(std::path::PathBuf::from(value()?)),
             other => anyhow::bail!("unknown argument {other}; see the module docs"),
         }
     }
@@ -108,24 +114,39 @@ async fn main() -> anyhow::Result<()> {
         })),
         started,
     };
+    let tls = tls_dir.as_deref().map(tls::acceptor).transpose()?;
     let listener = TcpListener::bind(listen).await?;
     // The first line tells the launcher where to connect.
     println!(
-        "fake-provider {name} listening on http://{}",
+        "fake-provider {name} listening on {}://{}",
+        if tls.is_some() { "https" } else { "http" },
         listener.local_addr()?
     );
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let fake = fake.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let fake = fake.clone();
                 async move { fake.handle(req).await }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+                None => {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                }
+            }
         });
     }
 }
@@ -179,6 +200,7 @@ impl Fake {
             "anthropic-version": header("anthropic-version"),
             "x-request-id": header("x-request-id"),
         });
+        let version = format!("{:?}", req.version());
         let req_headers = req.headers().clone();
         let body = req
             .into_body()
@@ -230,6 +252,7 @@ impl Fake {
                 "model": model,
                 "stream": stream,
                 "headers": headers,
+                "version": version,
                 "fault": fault,
                 "body": request,
             }));

@@ -163,6 +163,34 @@ pub struct GatewaySettings {
     /// Default compute resources of each gateway container; a region may override them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// PEM certificates of private CAs that providers' certificates may chain to (such as
+    /// the internal CA of a self-hosted model server), from a ConfigMap in the pool's
+    /// namespace. They are trusted in addition to the public web PKI roots. Gateways read
+    /// them at start-up, so a changed bundle applies as their pods restart.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "trustedCA")]
+    pub trusted_ca: Option<ConfigMapKeyRef>,
+}
+
+/// A key of a ConfigMap in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    /// Name of the ConfigMap.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// The key holding the PEM bundle.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+fn default_ca_key() -> String {
+    "ca.crt".to_owned()
 }
 
 fn default_gateway_port() -> i32 {
@@ -175,6 +203,7 @@ impl Default for GatewaySettings {
             image: None,
             port: default_gateway_port(),
             resources: None,
+            trusted_ca: None,
         }
     }
 }

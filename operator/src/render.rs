@@ -7,10 +7,10 @@ use crds::pool::Region;
 use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint,
-    Volume, VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -278,6 +278,9 @@ fn service(
     }
 }
 
+/// Where a pool's private CA bundle is mounted in its gateway pods.
+const TRUSTED_CA_DIR: &str = "/etc/switchyard/trusted-ca";
+
 fn deployment(
     pool: &ProviderPool,
     region: &Region,
@@ -303,19 +306,52 @@ fn deployment(
         .resources
         .clone()
         .or_else(|| pool.spec.gateway.resources.clone());
+    let mut args = vec![
+        "--configmap".into(),
+        name.into(),
+        "--namespace".into(),
+        pool.namespace().unwrap_or_default(),
+        "--region".into(),
+        region.name.clone(),
+        "--listen".into(),
+        format!("0.0.0.0:{port}"),
+    ];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(Default::default()),
+        ..Volume::default()
+    }];
+    if let Some(ca) = &pool.spec.gateway.trusted_ca {
+        args.extend(["--ca-file".to_owned(), format!("{TRUSTED_CA_DIR}/ca.pem")]);
+        mounts.push(VolumeMount {
+            name: "trusted-ca".into(),
+            mount_path: TRUSTED_CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        volumes.push(Volume {
+            name: "trusted-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: "ca.pem".into(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     let container = Container {
         name: "gateway".into(),
         image: Some(image.into()),
-        args: Some(vec![
-            "--configmap".into(),
-            name.into(),
-            "--namespace".into(),
-            pool.namespace().unwrap_or_default(),
-            "--region".into(),
-            region.name.clone(),
-            "--listen".into(),
-            format!("0.0.0.0:{port}"),
-        ]),
+        args: Some(args),
         env: Some(vec![EnvVar {
             name: "POD_NAME".into(),
             value_from: Some(EnvVarSource {
@@ -346,11 +382,7 @@ fn deployment(
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     Deployment {
@@ -391,11 +423,7 @@ fn deployment(
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "tmp".into(),
-                        empty_dir: Some(Default::default()),
-                        ..Volume::default()
-                    }]),
+                    volumes: Some(volumes),
                     termination_grace_period_seconds: Some(45),
                     ..PodSpec::default()
                 }),

@@ -6,11 +6,17 @@ use k8s_openapi::api::apps::v1::Deployment;
 use switchyard_operator::render::{Children, render};
 
 fn children() -> Children {
+    children_with(|_| {})
+}
+
+/// The examples' children, after `change` edits the pool.
+fn children_with(change: impl FnOnce(&mut crds::ProviderPool)) -> Children {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let m = crds::manifests::load(&dir, "default").expect("examples load");
     let pool = &m.pools[0];
     let mut pool = pool.clone();
     pool.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    change(&mut pool);
     let configs: Vec<_> = pool
         .spec
         .regions
@@ -156,4 +162,44 @@ fn long_names_are_shortened_deterministically() {
     let name = switchyard_operator::render::child_name(&long);
     assert!(name.len() <= 63);
     assert_eq!(name, switchyard_operator::render::child_name(&long));
+}
+
+#[test]
+fn a_private_ca_bundle_is_mounted_and_passed_to_every_gateway() {
+    let c = children_with(|pool| {
+        pool.spec.gateway.trusted_ca = Some(crds::pool::ConfigMapKeyRef {
+            name: "internal-ca".into(),
+            key: "bundle.pem".into(),
+        });
+    });
+    assert_eq!(c.deployments.len(), 3);
+    for d in &c.deployments {
+        let pod = d.spec.template.spec.as_ref().expect("pod spec");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        let at = args
+            .iter()
+            .position(|a| a == "--ca-file")
+            .expect("--ca-file passed");
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "trusted-ca")
+            .expect("mounted");
+        assert_eq!(args[at + 1], format!("{}/ca.pem", mount.mount_path));
+        assert_eq!(mount.read_only, Some(true));
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "trusted-ca")
+            .and_then(|v| v.config_map.clone())
+            .expect("from the ConfigMap");
+        assert_eq!(volume.name, "internal-ca");
+        let items = volume.items.unwrap_or_default();
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("bundle.pem", "ca.pem")
+        );
+    }
 }

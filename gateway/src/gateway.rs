@@ -61,7 +61,8 @@ impl Gateway {
     }
 
     /// Swaps in a new table.
-    pub fn install(&self, table: RoutingTable, warnings: Vec<String>) {
+    pub fn install(&self, table: RoutingTable, mut warnings: Vec<String>) {
+        warnings.extend(table.warnings.iter().cloned());
         self.table.store(Some(Arc::new(table)));
         self.metrics.config_reload(true);
         if let Ok(mut s) = self.config_state.lock() {

@@ -93,6 +93,8 @@ pub struct RoutingTable {
     pub config: GatewayConfig,
     providers: HashMap<String, ProviderEntry>,
     routes: Vec<RouteEntry>,
+    /// Problems that did not stop the table from being built.
+    pub warnings: Vec<String>,
 }
 
 impl RoutingTable {
@@ -133,6 +135,7 @@ impl RoutingTable {
                 },
             );
         }
+        let mut warnings = Vec::new();
         let routes = config
             .routes
             .iter()
@@ -144,6 +147,13 @@ impl RoutingTable {
                     None => (None, None),
                     Some(name) => match secrets.all(name) {
                         Some(keys) if !keys.is_empty() => {
+                            // A misspelt client in an allow-list would limit nobody.
+                            for client in r.client_models.keys().filter(|c| !keys.contains_key(*c)) {
+                                warnings.push(format!(
+                                    "route {:?}: clientAuth.clients names {client:?}, which is not a key of the Secret {name:?}, so it limits nobody",
+                                    r.model
+                                ));
+                            }
                             (Some(Arc::new(ClientKeys::new(keys))), None)
                         }
                         _ => (
@@ -163,10 +173,14 @@ impl RoutingTable {
                 }
             })
             .collect();
+        for w in &warnings {
+            tracing::warn!(warning = %w, "configuration problem");
+        }
         Self {
             config,
             providers,
             routes,
+            warnings,
         }
     }
 

@@ -21,7 +21,8 @@ def two_model_stack(stack, **policy):
 
 
 def test_a_client_with_an_allow_list_gets_only_its_models(stack, client_for):
-    auth = {"secretRef": {"name": "client-keys"}, "clients": [{"name": "intern", "models": ["gpt-4o-mini*"]}]}
+    auth = {"secretRef": {"name": "client-keys"}, "clients": [{"name": "intern", "models": ["gpt-4o-mini*"]},
+                                                              {"name": "ghost", "models": ["gpt-4o-mini"]}]}
     gw, fakes = two_model_stack(stack, clientAuth=auth)
     intern, app = client_for(gw, key=INTERN_KEY), client_for(gw, key=CLIENT_KEY)
 
@@ -35,6 +36,8 @@ def test_a_client_with_an_allow_list_gets_only_its_models(stack, client_for):
     assert app.chat.completions.create(model="gpt-4o", messages=MSG).choices[0].message.content == FULL
     assert [m.id for m in intern.models.list()] == ["gpt-4o-mini"]
     assert sorted(m.id for m in app.models.list()) == ["gpt-4o", "gpt-4o-mini"]
+    warnings = gw.status()["config"]["warnings"]
+    assert any('"ghost"' in w and "limits nobody" in w for w in warnings), warnings
 
 
 def test_client_keys_rotate_without_a_restart(stack, client_for):

@@ -497,7 +497,19 @@ async fn missing_secrets(
     };
     if let Some(auth) = &policy.spec.client_auth {
         let name = &auth.secret_ref.name;
-        if let Some(why) = check(secrets.get_opt(name).await?, None) {
+        let secret = secrets.get_opt(name).await?;
+        // An allow-list entry naming no client in the Secret would limit nobody.
+        if let Some(secret) = &secret {
+            for (i, c) in auth.clients.iter().enumerate() {
+                if let Some(why) = check(Some(secret.clone()), Some(&c.name)) {
+                    missing.push(format!(
+                        "spec.clientAuth.clients[{i}].name: Secret {name:?} {why} {:?}",
+                        c.name
+                    ));
+                }
+            }
+        }
+        if let Some(why) = check(secret, None) {
             missing.push(format!(
                 "spec.clientAuth.secretRef.name: Secret {name:?} {why}"
             ));

@@ -243,6 +243,29 @@ fn deleting_a_providers_secret_turns_resolved_refs_false_naming_it() {
 }
 
 #[test]
+fn an_allow_list_naming_an_unknown_client_turns_resolved_refs_false_naming_it() {
+    let c = cluster();
+    let ns = c.namespace("allow").expect("namespace");
+    small_pool(c, ns.name(), &["us-east"]);
+    let manifest = "apiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {app: k1}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: small}\nspec:\n  poolRef: {name: small}\n  routes: [{model: m, targets: [{provider: p}]}]\n  clientAuth: {secretRef: {name: clients}, clients: [{name: app, models: [m]}, {name: ghost, models: [m]}]}\n";
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    let (_, _, message) = wait_for("ResolvedRefs False", Duration::from_secs(60), || {
+        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
+        condition(&p, "ResolvedRefs").filter(|c| c.0 == "False")
+    });
+    assert!(
+        message.contains("spec.clientAuth.clients[1].name")
+            && message.contains("\"ghost\"")
+            && !message.contains("clients[0]"),
+        "{message}"
+    );
+}
+
+#[test]
 fn removing_a_region_removes_exactly_its_objects() {
     let c = cluster();
     let ns = c.namespace("regions").expect("namespace");

@@ -143,3 +143,15 @@ def test_replay_is_off_when_the_window_is_zero(stack, client_for):
     _, headers = chat_with_key(client, "k")
     assert "x-switchyard-idempotent-replay" not in headers
     assert len(fakes["alpha"].attempts()) == 2
+
+
+def test_a_body_with_two_models_cannot_be_routed_by_one_and_served_by_the_other(stack):
+    auth = {"secretRef": {"name": "client-keys"}, "clients": [{"name": "intern", "models": ["gpt-4o-mini"]}]}
+    gw, fakes = two_model_stack(stack, clientAuth=auth)
+    raw = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o-mini"}'
+    status, _, _ = http("POST", f"{gw.url}/v1/chat/completions", raw,
+                        {"authorization": f"Bearer {INTERN_KEY}", "content-type": "application/json"})
+    assert status == 200
+    [seen] = fakes["alpha"].attempts()
+    assert seen["raw"].count('"model"') == 1, seen["raw"]
+    assert seen["body"]["model"] == "gpt-4o-mini", "upstream gets the model the gateway routed and allowed"

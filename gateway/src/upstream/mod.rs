@@ -159,7 +159,8 @@ pub fn build_request(
     };
     let bytes = match (&translated, body.as_object()) {
         (Some(t), _) => serde_json::to_vec(t),
-        // The client's body as it came, but for the model: no copy of the parsed body.
+        // Always re-serialised, never the client's bytes: JSON with two `model` keys
+        // would otherwise be routed (and allow-listed) by one and served by the other.
         (None, Some(fields)) => serde_json::to_vec(&WithModel { fields, model }),
         (None, None) => serde_json::to_vec(body),
     }

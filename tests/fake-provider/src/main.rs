@@ -255,6 +255,7 @@ impl Fake {
                 "version": version,
                 "fault": fault,
                 "body": request,
+                "raw": String::from_utf8_lossy(&body),
             }));
         }
         if deployment.is_some() && !query.contains("api-version=") {

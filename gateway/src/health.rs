@@ -343,6 +343,10 @@ impl ProviderHealth {
     /// Records what a response's rate-limit headers said; absent headers keep the last
     /// value.
     pub fn report_rate_limits(&self, report: RateLimitReport) {
+        // Most responses of keyless self-hosted servers carry none: no lock to take.
+        if report == RateLimitReport::default() {
+            return;
+        }
         let mut s = self.lock();
         let r = &mut s.reported;
         r.remaining_requests = report.remaining_requests.or(r.remaining_requests);

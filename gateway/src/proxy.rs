@@ -435,15 +435,11 @@ async fn attempt(
             Ok(Ok(b)) => b.to_bytes(),
             _ => Bytes::new(),
         };
-    let (code, error) = upstream::error(kind, status.as_u16(), &body);
+    let (code, parsed) = upstream::error(kind, status.as_u16(), &body);
     let status = StatusCode::from_u16(code).unwrap_or(status);
-    let passthrough = || {
-        let body = match &error {
-            Some(v) => Bytes::from(v.to_string()),
-            None => Bytes::from(json!({"error": {"message": String::from_utf8_lossy(&body), "type": "upstream_error", "code": code.to_string(), "param": null}}).to_string()),
-        };
-        json_response(status, body)
-    };
+    // A body that is not JSON reaches the client wrapped in an OpenAI error.
+    let parsed = parsed.unwrap_or_else(|| json!({"error": {"message": String::from_utf8_lossy(&body), "type": "upstream_error", "code": code.to_string(), "param": null}}));
+    let passthrough = || json_response(status, Bytes::from(parsed.to_string()));
     let retryable = rc
         .retry
         .retry_on
@@ -462,7 +458,6 @@ async fn attempt(
             Tried::Final(passthrough())
         };
     }
-    let parsed = error.clone().unwrap_or(Value::Null);
     let err_code = parsed
         .pointer("/error/code")
         .and_then(Value::as_str)

@@ -353,9 +353,15 @@ mod tests {
             ..RateLimitReport::default()
         });
         assert_eq!(picks(&t, now, 3), vec!["a"; 3]);
-        // A new minute frees what this replica used, but not what b reported.
+        // b reports half its tokens left: more than a's 10%.
+        b.health.report_rate_limits(RateLimitReport {
+            remaining_tokens: Some(500),
+            ..RateLimitReport::default()
+        });
+        assert_eq!(picks(&t, now, 3), vec!["b"; 3]);
+        // A new minute frees what this replica used (a is back near 100%), but not what
+        // b reported.
         let later = now + Duration::from_secs(61);
-        t.provider("a").expect("a").health.start(later);
         assert_eq!(picks(&t, later, 3), vec!["a"; 3]);
     }
 

@@ -361,9 +361,8 @@ pub fn is_refusal(message: &Value) -> bool {
     message.get("stop_reason").and_then(Value::as_str) == Some("refusal")
 }
 
-/// An Anthropic error as an OpenAI error body, and the status an OpenAI client expects for
-/// it: Anthropic's 529 "overloaded" is OpenAI's 503.
-pub fn error(status: u16, body: &Value) -> (u16, Value) {
+/// An Anthropic error body as an OpenAI error body.
+pub fn error(body: &Value) -> Value {
     let kind = body
         .pointer("/error/type")
         .and_then(Value::as_str)
@@ -372,7 +371,6 @@ pub fn error(status: u16, body: &Value) -> (u16, Value) {
         .pointer("/error/message")
         .and_then(Value::as_str)
         .unwrap_or("the provider returned an error without a message");
-    let status = if status == 529 { 503 } else { status };
     let openai_type = match kind {
         "invalid_request_error" | "request_too_large" => "invalid_request_error",
         "authentication_error" => "authentication_error",
@@ -386,10 +384,7 @@ pub fn error(status: u16, body: &Value) -> (u16, Value) {
     } else {
         kind
     };
-    (
-        status,
-        json!({"error": {"message": message, "type": openai_type, "code": code, "param": null}}),
-    )
+    json!({"error": {"message": message, "type": openai_type, "code": code, "param": null}})
 }
 
 /// Turns Anthropic's event stream into chat-completion chunks.
@@ -400,8 +395,9 @@ pub struct StreamTranslator {
     model: Value,
     created: u64,
     usage: Map<String, Value>,
-    /// Content block index → tool call index, for blocks that are tool calls.
-    tools: Vec<(u64, usize)>,
+    /// Content block indices of the tool calls, in order: a block's position here is its
+    /// OpenAI tool call index.
+    tools: Vec<u64>,
 }
 
 impl StreamTranslator {
@@ -464,7 +460,7 @@ impl StreamTranslator {
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => {
                         let call = self.tools.len();
-                        self.tools.push((index, call));
+                        self.tools.push(index);
                         Step::Chunks(vec![self.chunk(
                             json!({"tool_calls": [{"index": call, "id": block.get("id"), "type": "function",
                                                    "function": {"name": block.get("name"), "arguments": ""}}]}),
@@ -489,12 +485,7 @@ impl StreamTranslator {
                         None => Step::Malformed,
                     },
                     Some("input_json_delta") => {
-                        let Some(call) = self
-                            .tools
-                            .iter()
-                            .find(|(block, _)| *block == index)
-                            .map(|(_, call)| *call)
-                        else {
+                        let Some(call) = self.tools.iter().position(|block| *block == index) else {
                             return Step::Malformed;
                         };
                         let part = delta
@@ -622,15 +613,13 @@ mod tests {
     }
 
     #[test]
-    fn overload_is_a_503_and_long_prompts_are_context_length_errors() {
-        let (status, body) = error(
-            529,
+    fn overload_is_a_server_error_and_long_prompts_are_context_length_errors() {
+        let body = error(
             &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
         );
-        assert_eq!(status, 503);
         assert_eq!(body["error"]["type"], "server_error");
-        let (_, body) = error(
-            400,
+        assert_eq!(body["error"]["message"], "Overloaded");
+        let body = error(
             &json!({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long: 9000 tokens > 8192 maximum"}}),
         );
         assert_eq!(body["error"]["code"], "context_length_exceeded");

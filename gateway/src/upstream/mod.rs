@@ -254,15 +254,16 @@ pub fn answer(kind: ProviderType, body: Bytes) -> Result<Answer, String> {
 /// the body (`None` for a body that is not JSON).
 pub fn error(kind: ProviderType, status: u16, body: &[u8]) -> (u16, Option<Value>) {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    match (kind, parsed) {
-        (ProviderType::Anthropic, Some(v))
-            if v.get("type").and_then(Value::as_str) == Some("error") =>
-        {
-            let (status, body) = anthropic::error(status, &v);
-            (status, Some(body))
+    if kind != ProviderType::Anthropic {
+        return (status, parsed);
+    }
+    // Anthropic's 529 "overloaded" is what OpenAI clients and the retry policy know as 503.
+    let status = if status == 529 { 503 } else { status };
+    match parsed {
+        Some(v) if v.get("type").and_then(Value::as_str) == Some("error") => {
+            (status, Some(anthropic::error(&v)))
         }
-        (ProviderType::Anthropic, parsed) if status == 529 => (503, parsed),
-        (_, parsed) => (status, parsed),
+        other => (status, other),
     }
 }
 
@@ -479,5 +480,19 @@ mod tests {
             d > Duration::from_secs(18) && d <= Duration::from_secs(20),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn anthropic_overload_is_a_503_with_an_openai_error_body() {
+        let body =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let (status, parsed) = error(ProviderType::Anthropic, 529, body);
+        assert_eq!(status, 503);
+        assert_eq!(
+            parsed.and_then(|v| v.pointer("/error/type").cloned()),
+            Some(Value::from("server_error"))
+        );
+        assert_eq!(error(ProviderType::Anthropic, 529, b"<html>").0, 503);
+        assert_eq!(error(ProviderType::OpenAi, 529, body).0, 529);
     }
 }

@@ -230,16 +230,26 @@ fn deleting_a_providers_secret_turns_resolved_refs_false_naming_it() {
     );
     c.kubectl_ok(&["delete", "secret", "key", "-n", ns.name()])
         .expect("delete");
-    let (_, reason, message) = wait_for("ResolvedRefs False", Duration::from_secs(60), || {
-        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
-        condition(&p, "ResolvedRefs").filter(|c| c.0 == "False")
-    });
+    let (_, reason, message) = resolved_refs_false(c, ns.name());
     assert_eq!(reason, "SecretNotFound");
     assert!(
         message.contains("Secret \"key\" not found")
             && message.contains("spec.providers[0].credentials.secretRef"),
         "{message}"
     );
+}
+
+/// Waits for policy `small` to report ResolvedRefs=False; its (status, reason, message).
+fn resolved_refs_false(c: &Cluster, ns: &str) -> (String, String, String) {
+    let policy = wait_condition(
+        c,
+        ns,
+        "routingpolicy/small",
+        "ResolvedRefs",
+        "False",
+        Duration::from_secs(60),
+    );
+    condition(&policy, "ResolvedRefs").expect("the condition just seen")
 }
 
 #[test]
@@ -253,10 +263,7 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: small
         .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], manifest)
         .expect("kubectl");
     assert!(ok, "{err}");
-    let (_, _, message) = wait_for("ResolvedRefs False", Duration::from_secs(60), || {
-        let p = get_json(c, &["routingpolicy", "small", "-n", ns.name()])?;
-        condition(&p, "ResolvedRefs").filter(|c| c.0 == "False")
-    });
+    let (_, _, message) = resolved_refs_false(c, ns.name());
     assert!(
         message.contains("spec.clientAuth.clients[1].name")
             && message.contains("\"ghost\"")

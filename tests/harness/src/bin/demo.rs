@@ -41,6 +41,19 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> anyh
 }
 
 /// The Python with the openai SDK: the repo's .venv, created if missing.
+/// A field (`status`, `message`, ...) of one of the demo pool's conditions.
+fn pool_condition(cluster: &Cluster, type_: &str, field: &str) -> anyhow::Result<String> {
+    cluster.kubectl_ok(&[
+        "get",
+        "providerpool",
+        "chat",
+        "-n",
+        NS,
+        "-o",
+        &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}"),
+    ])
+}
+
 fn python() -> anyhow::Result<PathBuf> {
     let venv = repo_root().join(".venv");
     let py = venv.join("bin/python");
@@ -195,17 +208,7 @@ fn main() -> anyhow::Result<()> {
 
     say("waiting for the operator to roll out a gateway Deployment per region");
     wait_for("the pool to turn Ready", Duration::from_secs(120), || {
-        cluster
-            .kubectl_ok(&[
-                "get",
-                "providerpool",
-                "chat",
-                "-n",
-                NS,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-            ])
-            .is_ok_and(|s| s == "True")
+        pool_condition(&cluster, "Ready", "status").is_ok_and(|s| s == "True")
     })?;
     print!(
         "{}",
@@ -288,16 +291,7 @@ fn main() -> anyhow::Result<()> {
         "the pool to report the ejections",
         Duration::from_secs(20),
         || {
-            cluster
-                .kubectl_ok(&[
-                    "get",
-                    "providerpool",
-                    "chat",
-                    "-n",
-                    NS,
-                    "-o",
-                    "jsonpath={.status.conditions[?(@.type==\"Degraded\")].message}",
-                ])
+            pool_condition(&cluster, "Degraded", "message")
                 .is_ok_and(|m| m.contains("us-east/openai"))
         },
     )?;

@@ -35,6 +35,26 @@ fi
 [ -e "$dir/keep" ] || rm -rf "$dir"
 "#;
 
+/// How often a controller-manager, scheduler or kwok that exits is started again. In a
+/// real cluster the kubelet restarts these static pods; a control plane that still
+/// cannot stay up after that is broken and the boot fails, naming the log.
+const MAX_RESTARTS: u32 = 3;
+
+/// Components that only talk to the API server, so starting one again is safe.
+const RESTARTABLE: [&str; 3] = ["kube-controller-manager", "kube-scheduler", "kwok"];
+
+/// How many lines of a component's log an error quotes.
+const LOG_TAIL_LINES: usize = 12;
+
+/// One started control-plane component.
+#[derive(Debug)]
+struct Component {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+    restarts: u32,
+}
+
 /// A running control plane.
 #[derive(Debug)]
 pub struct Cluster {
@@ -42,7 +62,7 @@ pub struct Cluster {
     bins: Binaries,
     kubeconfig: PathBuf,
     server: String,
-    children: Mutex<Vec<(String, Child)>>,
+    children: Mutex<Vec<Component>>,
     reaper: Mutex<Option<Child>>,
     namespaces: AtomicU32,
 }
@@ -263,7 +283,40 @@ impl Cluster {
         self.children
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .push((name.to_owned(), child));
+            .push(Component {
+                name: name.to_owned(),
+                args: args.to_vec(),
+                child,
+                restarts: 0,
+            });
+        Ok(())
+    }
+
+    /// Starts an exited component again, as the kubelet would: its old log is kept as
+    /// `<name>.<n>.log` and quoted on stderr, and a `--secure-port` or
+    /// `--server-address` port is chosen afresh in case the old one was taken.
+    fn restart(&self, c: &mut Component, status: std::process::ExitStatus) -> anyhow::Result<()> {
+        c.restarts += 1;
+        let logs = self.logs_dir();
+        let old = logs.join(format!("{}.{}.log", c.name, c.restarts));
+        let _ = std::fs::rename(logs.join(format!("{}.log", c.name)), &old);
+        eprintln!(
+            "[harness] {} exited ({status}); starting it again ({}/{MAX_RESTARTS}). The end of its log ({}):\n{}",
+            c.name,
+            c.restarts,
+            old.display(),
+            log_tail(&old)
+        );
+        for arg in &mut c.args {
+            if arg.starts_with("--secure-port=") {
+                *arg = format!("--secure-port={}", free_port()?);
+            } else if arg.starts_with("--server-address=127.0.0.1:") {
+                *arg = format!("--server-address=127.0.0.1:{}", free_port()?);
+            }
+        }
+        let mut cmd = Command::new(self.bins.path(&c.name));
+        cmd.args(&c.args);
+        c.child = self.start_logged(&c.name, cmd)?;
         Ok(())
     }
 
@@ -308,10 +361,12 @@ impl Cluster {
             if ready() {
                 return Ok(());
             }
-            if let Some((name, status)) = self.exited_component() {
+            if let Some((name, status)) = self.exited_component()? {
+                let log = self.logs_dir().join(format!("{name}.log"));
                 bail!(
-                    "{name} exited ({status}) while waiting for {what}; see {}",
-                    self.logs_dir().join(format!("{name}.log")).display()
+                    "{name} exited ({status}) while waiting for {what}; see {}. Its last lines:\n{}",
+                    log.display(),
+                    log_tail(&log)
                 );
             }
             if Instant::now() > deadline {
@@ -321,15 +376,24 @@ impl Cluster {
         }
     }
 
-    fn exited_component(&self) -> Option<(String, std::process::ExitStatus)> {
-        let mut children = self.children.lock().ok()?;
-        children.iter_mut().find_map(|(name, child)| {
-            child
-                .try_wait()
-                .ok()
-                .flatten()
-                .map(|status| (name.clone(), status))
-        })
+    /// The first component that exited and may not be started again; restartable ones
+    /// that exited are started again on the way.
+    fn exited_component(&self) -> anyhow::Result<Option<(String, std::process::ExitStatus)>> {
+        let mut children = self
+            .children
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        for c in children.iter_mut() {
+            let Some(status) = c.child.try_wait().ok().flatten() else {
+                continue;
+            };
+            if RESTARTABLE.contains(&c.name.as_str()) && c.restarts < MAX_RESTARTS {
+                self.restart(c, status)?;
+                continue;
+            }
+            return Ok(Some((c.name.clone(), status)));
+        }
+        Ok(None)
     }
 
     /// The admin kubeconfig.
@@ -356,6 +420,15 @@ impl Cluster {
         let path = self.dir.join(format!("kubeconfig-as-{n}"));
         std::fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// The process id of a running component (`kube-controller-manager`, say).
+    pub fn component_pid(&self, name: &str) -> Option<u32> {
+        let children = self.children.lock().ok()?;
+        children
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.child.id())
     }
 
     /// Where each component writes its log (`<component>.log`).
@@ -479,9 +552,9 @@ impl Cluster {
     /// Stops every component and removes the directory (unless logs are kept).
     pub fn stop(&self) {
         if let Ok(mut children) = self.children.lock() {
-            for (_, child) in children.iter_mut().rev() {
-                let _ = child.kill();
-                let _ = child.wait();
+            for c in children.iter_mut().rev() {
+                let _ = c.child.kill();
+                let _ = c.child.wait();
             }
             children.clear();
         }
@@ -546,6 +619,18 @@ impl Drop for TestNamespace<'_> {
 fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The last lines of a log, indented, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+    lines[start..]
+        .iter()
+        .map(|l| format!("    {}", l.chars().take(400).collect::<String>()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {

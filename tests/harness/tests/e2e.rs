@@ -318,6 +318,36 @@ fn a_failing_test_points_to_the_component_logs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A controller-manager that dies is started again, as a kubelet restarts a static pod,
+/// and the cluster keeps working: a new namespace still gets its ServiceAccount.
+#[test]
+fn a_controller_manager_that_exits_is_started_again() {
+    let c = Cluster::start().expect("a control plane of its own");
+    let pid = c
+        .component_pid("kube-controller-manager")
+        .expect("the controller-manager runs");
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    // Creating a namespace waits for its default ServiceAccount, which only a running
+    // controller-manager creates.
+    let ns = c
+        .namespace("after-restart")
+        .expect("the cluster still works");
+    assert_ne!(
+        c.component_pid("kube-controller-manager"),
+        Some(pid),
+        "a new controller-manager process serves"
+    );
+    assert!(
+        c.logs_dir().join("kube-controller-manager.1.log").is_file(),
+        "the dead process's log is kept beside the new one"
+    );
+    drop(ns);
+}
+
 #[test]
 fn kind_config_has_the_same_regions_as_the_local_control_plane() {
     let text =

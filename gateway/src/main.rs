@@ -13,6 +13,7 @@
 //! provider health into the pool's status.
 
 mod auth;
+mod body;
 mod cluster;
 mod errors;
 mod gateway;

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::body::RequestBody;
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::health::{Outcome, ProviderHealth};
@@ -42,7 +43,7 @@ pub struct ClientRequest {
     /// Which operation.
     pub op: Operation,
     /// The JSON body, replayed on every try.
-    pub body: Value,
+    pub body: RequestBody,
     /// The public model asked for.
     pub model: String,
     /// Whether the client asked for a stream.
@@ -60,7 +61,7 @@ struct Resume {
     route_model: String,
     tried: Vec<String>,
     deadline: Instant,
-    body: Value,
+    body: RequestBody,
     request_id: String,
     include_usage: bool,
 }
@@ -791,7 +792,7 @@ async fn continue_elsewhere(
         if !accepts_prefill(provider.config.provider_type) {
             continue;
         }
-        let mut body = r.body.clone();
+        let mut body = r.body.to_value();
         let messages = body.get_mut("messages").and_then(Value::as_array_mut)?;
         messages.push(json!({"role": "assistant", "content": prefix}));
         if provider.config.provider_type == crds::pool::ProviderType::OpenAiCompatible
@@ -801,6 +802,9 @@ async fn continue_elsewhere(
             obj.insert("continue_final_message".into(), Value::Bool(true));
             obj.insert("add_generation_prompt".into(), Value::Bool(false));
         }
+        let Ok(body) = RequestBody::from_value(&body) else {
+            return None;
+        };
         let Ok(upstream) = build_request(
             provider,
             choice.target,

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 
 use crate::auth::presented_key;
+use crate::body::RequestBody;
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
@@ -199,26 +200,18 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             );
         }
     };
-    let body: Value = match serde_json::from_slice(&bytes) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_json",
-                "the request body must be a JSON object",
-            );
-        }
+    let body = match RequestBody::parse(bytes) {
+        Ok(body) => body,
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_json",
-                &format!("the request body is not valid JSON: {e}"),
+                &e.to_string(),
             );
         }
     };
-    let Some(model) = body.get("model").and_then(Value::as_str).map(str::to_owned) else {
+    let Some(model) = body.get::<String>("model") else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -284,7 +277,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
                 .claim(
                     &client,
                     key,
-                    fingerprint(parts.uri.path(), &bytes),
+                    fingerprint(parts.uri.path(), body.raw()),
                     route.config.idempotency_window.get(),
                     wait_until,
                 )
@@ -315,10 +308,10 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         }
         Ok(_) => None,
     };
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = body.get::<bool>("stream").unwrap_or(false);
     let include_usage = body
-        .pointer("/stream_options/include_usage")
-        .and_then(Value::as_bool)
+        .get::<StreamOptions>("stream_options")
+        .and_then(|o| o.include_usage)
         .unwrap_or(false);
     let request = ClientRequest {
         op,
@@ -352,6 +345,12 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         started.elapsed().as_secs_f64(),
     );
     resp
+}
+
+/// The part of `stream_options` the gateway acts on.
+#[derive(serde::Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
 }
 
 /// The `Idempotency-Key` header, if the request has one; `Err` if it is unusable.

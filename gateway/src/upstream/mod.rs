@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+use crate::body::RequestBody;
 use crate::health::RateLimitReport;
 use crate::table::ProviderEntry;
 
@@ -110,14 +111,11 @@ pub fn build_request(
     provider: &ProviderEntry,
     target: &TargetConfig,
     op: Operation,
-    body: &Value,
+    body: &RequestBody,
     request_id: &str,
 ) -> Result<Request<Full<Bytes>>, String> {
-    let requested = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let model = target.upstream_model.as_deref().unwrap_or(requested);
+    let requested = body.get::<String>("model").unwrap_or_default();
+    let model = target.upstream_model.as_deref().unwrap_or(&requested);
     let mut translated = None;
     let endpoint = provider.config.endpoint.trim_end_matches('/');
     let key = provider.api_key.as_ref().map(|k| k.0.as_str());
@@ -151,20 +149,18 @@ pub fn build_request(
                 ));
             }
             let settings = provider.config.anthropic.clone().unwrap_or_default();
-            translated = Some(anthropic::request(body, model, &settings)?);
+            translated = Some(anthropic::request(&body.to_value(), model, &settings)?);
             headers.extend(key.map(|k| ("x-api-key", k.to_owned())));
             headers.push(("anthropic-version", settings.version));
             format!("{endpoint}/v1/messages")
         }
     };
-    let bytes = match (&translated, body.as_object()) {
-        (Some(t), _) => serde_json::to_vec(t),
-        // Always re-serialised, never the client's bytes: JSON with two `model` keys
-        // would otherwise be routed (and allow-listed) by one and served by the other.
-        (None, Some(fields)) => serde_json::to_vec(&WithModel { fields, model }),
-        (None, None) => serde_json::to_vec(body),
-    }
-    .map_err(|e| e.to_string())?;
+    let bytes = match &translated {
+        Some(t) => serde_json::to_vec(t).map_err(|e| e.to_string())?,
+        // Always rewritten, never the client's bytes as they are: JSON with two `model`
+        // keys would otherwise be routed (and allow-listed) by one and served by the other.
+        None => body.with_model(model),
+    };
     let mut builder = Request::builder()
         .method(Method::POST)
         .uri(&url)
@@ -178,27 +174,6 @@ pub fn build_request(
     builder
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| format!("invalid upstream request to {url}: {e}"))
-}
-
-/// A JSON object serialised with its `model` replaced.
-struct WithModel<'a> {
-    fields: &'a serde_json::Map<String, Value>,
-    model: &'a str,
-}
-
-impl serde::Serialize for WithModel<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(self.fields.len()))?;
-        for (k, v) in self.fields {
-            if k == "model" {
-                map.serialize_entry(k, self.model)?;
-            } else {
-                map.serialize_entry(k, v)?;
-            }
-        }
-        map.end()
-    }
 }
 
 /// A successful non-streamed answer in OpenAI's shape.

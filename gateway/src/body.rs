@@ -7,6 +7,7 @@
 //! message and encoding it again is left to the paths that change the content (dialect
 //! translation, continuing a cut stream).
 
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -30,9 +31,11 @@ pub enum BodyError {
 #[derive(Debug, Clone)]
 pub struct RequestBody {
     raw: Bytes,
-    /// Top-level members in order of first appearance; a key given twice keeps its last
-    /// value, as a JSON parser that builds a map would.
+    /// Top-level members; a key given twice appears once, where it was last given and
+    /// with that value, as a JSON parser that builds a map would keep it.
     members: Arc<[(String, Range<usize>)]>,
+    /// `model`, decoded once: routing reads it, and so does every try.
+    model: Option<String>,
 }
 
 impl RequestBody {
@@ -45,21 +48,32 @@ impl RequestBody {
                 BodyError::NotJson(e)
             }
         })?;
-        let base = raw.as_ptr() as usize;
-        let mut members: Vec<(String, Range<usize>)> = Vec::with_capacity(found.0.len());
-        for (key, value) in found.0 {
-            // The value borrows from `raw`, so its offset is where it starts in `raw`.
-            let start = value.get().as_ptr() as usize - base;
-            let span = start..start + value.get().len();
-            match members.iter_mut().find(|(k, _)| *k == key) {
-                Some(slot) => slot.1 = span,
-                None => members.push((key, span)),
-            }
+        // Keep each key's last occurrence; a set keeps this linear in the member count,
+        // which the client chooses.
+        let mut last = vec![false; found.0.len()];
+        let mut seen = HashSet::with_capacity(found.0.len());
+        for (i, (key, _)) in found.0.iter().enumerate().rev() {
+            last[i] = seen.insert(key.as_str());
         }
-        Ok(Self {
+        let base = raw.as_ptr() as usize;
+        let members: Arc<[(String, Range<usize>)]> = found
+            .0
+            .into_iter()
+            .zip(last)
+            .filter(|(_, last)| *last)
+            .map(|((key, value), _)| {
+                // The value borrows from `raw`, so its offset is where it starts in `raw`.
+                let start = value.get().as_ptr() as usize - base;
+                (key, start..start + value.get().len())
+            })
+            .collect();
+        let mut body = Self {
             raw,
-            members: members.into(),
-        })
+            members,
+            model: None,
+        };
+        body.model = body.get::<String>("model");
+        Ok(body)
     }
 
     /// A body made from a JSON object built in the gateway.
@@ -75,14 +89,21 @@ impl RequestBody {
         std::str::from_utf8(&self.raw[span.clone()]).ok()
     }
 
+    /// `model`, if it is a string.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
     /// The member `key` decoded as `T`, or `None` if absent or of another type.
     pub fn get<'a, T: Deserialize<'a>>(&'a self, key: &str) -> Option<T> {
         serde_json::from_str(self.member(key)?).ok()
     }
 
-    /// The whole body as a tree, for the paths that rewrite its content.
-    pub fn to_value(&self) -> Value {
-        serde_json::from_slice(&self.raw).unwrap_or(Value::Null)
+    /// The whole body as a tree, for the paths that rewrite its content. Fails only where
+    /// a tree cannot be built at all (nesting deeper than serde_json's limit of 128).
+    pub fn to_value(&self) -> Result<Value, String> {
+        serde_json::from_slice(&self.raw)
+            .map_err(|e| format!("the request body cannot be translated: {e}"))
     }
 
     /// The body with `model` set to `model` and every other member copied byte for byte.
@@ -153,7 +174,7 @@ mod tests {
         let b = body(
             r#" {"model": "gpt-4o", "stream": true, "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]} "#,
         );
-        assert_eq!(b.get::<String>("model").as_deref(), Some("gpt-4o"));
+        assert_eq!(b.model(), Some("gpt-4o"));
         assert_eq!(b.get::<bool>("stream"), Some(true));
         assert_eq!(
             b.get::<Value>("stream_options"),
@@ -161,6 +182,11 @@ mod tests {
         );
         assert_eq!(b.get::<bool>("model"), None, "a string is not a bool");
         assert_eq!(b.member("absent"), None);
+        assert_eq!(
+            body(r#"{"model": 4}"#).model(),
+            None,
+            "a model must be a string"
+        );
     }
 
     #[test]
@@ -179,7 +205,7 @@ mod tests {
     #[test]
     fn a_repeated_key_is_written_once_with_the_value_routed_by() {
         let b = body(r#"{"model":"cheap","stream":false,"model":"expensive"}"#);
-        assert_eq!(b.get::<String>("model").as_deref(), Some("expensive"));
+        assert_eq!(b.model(), Some("expensive"));
         let out: Value = serde_json::from_slice(&b.with_model("upstream")).expect("json");
         assert_eq!(
             out,
@@ -211,8 +237,24 @@ mod tests {
     #[test]
     fn the_tree_matches_the_bytes() {
         let b = body(r#"{"model":"m","n":2}"#);
-        assert_eq!(b.to_value(), serde_json::json!({"model": "m", "n": 2}));
-        let again = RequestBody::from_value(&b.to_value()).expect("object");
+        let tree = b.to_value().expect("a tree");
+        assert_eq!(tree, serde_json::json!({"model": "m", "n": 2}));
+        let again = RequestBody::from_value(&tree).expect("object");
         assert_eq!(again.get::<u32>("n"), Some(2));
+    }
+
+    #[test]
+    fn a_body_too_deep_for_a_tree_is_still_forwarded_but_not_translated() {
+        let deep = format!(
+            "{{\"model\":\"m\",\"x\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let b = body(&deep);
+        assert_eq!(b.model(), Some("m"));
+        let err = b.to_value().expect_err("deeper than a tree may go");
+        assert!(err.contains("cannot be translated"), "{err}");
+        let out = String::from_utf8(b.with_model("u")).expect("utf-8");
+        assert!(out.starts_with("{\"model\":\"u\",\"x\":[[["), "{out}");
     }
 }

@@ -792,7 +792,9 @@ async fn continue_elsewhere(
         if !accepts_prefill(provider.config.provider_type) {
             continue;
         }
-        let mut body = r.body.to_value();
+        let Ok(mut body) = r.body.to_value() else {
+            return None;
+        };
         let messages = body.get_mut("messages").and_then(Value::as_array_mut)?;
         messages.push(json!({"role": "assistant", "content": prefix}));
         if provider.config.provider_type == crds::pool::ProviderType::OpenAiCompatible

@@ -211,7 +211,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             );
         }
     };
-    let Some(model) = body.get::<String>("model") else {
+    let Some(model) = body.model().map(str::to_owned) else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",

@@ -114,8 +114,10 @@ pub fn build_request(
     body: &RequestBody,
     request_id: &str,
 ) -> Result<Request<Full<Bytes>>, String> {
-    let requested = body.get::<String>("model").unwrap_or_default();
-    let model = target.upstream_model.as_deref().unwrap_or(&requested);
+    let model = target
+        .upstream_model
+        .as_deref()
+        .unwrap_or(body.model().unwrap_or_default());
     let mut translated = None;
     let endpoint = provider.config.endpoint.trim_end_matches('/');
     let key = provider.api_key.as_ref().map(|k| k.0.as_str());
@@ -149,7 +151,7 @@ pub fn build_request(
                 ));
             }
             let settings = provider.config.anthropic.clone().unwrap_or_default();
-            translated = Some(anthropic::request(&body.to_value(), model, &settings)?);
+            translated = Some(anthropic::request(&body.to_value()?, model, &settings)?);
             headers.extend(key.map(|k| ("x-api-key", k.to_owned())));
             headers.push(("anthropic-version", settings.version));
             format!("{endpoint}/v1/messages")

@@ -1,15 +1,37 @@
-# The operator image: a static musl binary on distroless, non-root.
-#   docker build -f images/operator.Dockerfile -t switchyard-operator:dev .
+# The operator image: one static binary on an empty filesystem, non-root.
+#   docker build -f images/operator.Dockerfile -t switchyard-operator:dev \
+#     --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+# images/build.sh builds the same image without a Docker daemon (buildah, target
+# `prebuilt`, with the binary built on the host by the same cargo command).
+
 FROM rust:1.95-bookworm AS build
-RUN rustup target add x86_64-unknown-linux-musl && apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# The same binary `cargo build --release -p switchyard-operator` produces, linked statically.
-RUN cargo build --release --locked -p switchyard-operator --target x86_64-unknown-linux-musl \
- && cp target/x86_64-unknown-linux-musl/release/switchyard-operator /switchyard-operator
+# glibc linked statically (crt-static): no musl target needed, nothing to load at run time;
+# its built-in NSS still resolves names from /etc/hosts and DNS without nsswitch.conf.
+# --target keeps build scripts and proc-macros (which the compiler loads) dynamic.
+RUN target="$(rustc -vV | sed -n 's/^host: //p')" \
+ && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked -p switchyard-operator --target "$target" \
+ && mkdir /out && cp "target/$target/release/switchyard-operator" /out/
 
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /switchyard-operator /usr/local/bin/switchyard-operator
+FROM scratch AS runtime-base
+ARG VERSION=dev
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="switchyard-operator" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="https://github.com/switchyard-dev/switchyard" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Numeric, so no /etc/passwd is needed (the distroless "nonroot" user).
 USER 65532:65532
 EXPOSE 8081
-ENTRYPOINT ["/usr/local/bin/switchyard-operator"]
+ENTRYPOINT ["/switchyard-operator"]
+
+# The binary images/build.sh built on this machine.
+FROM runtime-base AS prebuilt
+COPY target/image/bin/switchyard-operator /switchyard-operator
+
+# The default target: the binary built above from source.
+FROM runtime-base AS runtime
+COPY --from=build /out/switchyard-operator /switchyard-operator

@@ -29,6 +29,9 @@ fi
 step "local control plane (built once through the Go module proxy, then cached)"
 bash tests/controlplane/build.sh >/dev/null
 
+step "real node: runc, CNI plugins, iptables, buildah (apt); containerd, crictl, CoreDNS (cached)"
+bash tests/node/build.sh >/dev/null
+
 # This run's temporary files (cluster directories among them) live in a directory of its
 # own, so leftovers are this run's alone, whatever else the machine is doing.
 export TMPDIR="$(mktemp -d "${TMPDIR:-/tmp}/switchyard-run-XXXXXX")"
@@ -52,13 +55,23 @@ step "gateway tier: real gateway and fake providers, driven by the openai SDK"
 
 step "no test left a process or cluster directory behind"
 sleep 3
-leftover="$(pgrep -af "$TMPDIR/switchyard-cp-|target/debug/(fake-provider|switchyard-gateway)" || true)"
+leftover="$(pgrep -af "$TMPDIR/switchyard-cp-|target/debug/(fake-provider|switchyard-gateway)|switchyard-node" || true)"
 if [ -n "$leftover" ]; then
   echo "processes left running:"; echo "$leftover"; exit 1
 fi
 left="$(ls -d "$TMPDIR"/switchyard-cp-* 2>/dev/null || true)"
 if [ -n "$left" ]; then
   echo "cluster directories left behind:"; echo "$left"; exit 1
+fi
+# The real node's machine-wide state: its run directory, bridge, chains and cgroups.
+node_left=""
+[ -e /run/switchyard-node ] && node_left+=" /run/switchyard-node"
+ip link show swbr0 >/dev/null 2>&1 && node_left+=" bridge swbr0"
+iptables-save 2>/dev/null | grep -q '^:KUBE-' && node_left+=" iptables KUBE-* chains"
+ls -d /sys/fs/cgroup/*/kubepods >/dev/null 2>&1 && node_left+=" kubepods cgroups"
+pgrep -f 'containerd-shim-runc-v2|/kubelet |kube-proxy|coredns -conf' >/dev/null && node_left+=" node processes"
+if [ -n "$node_left" ]; then
+  echo "the real node left behind:$node_left"; exit 1
 fi
 echo "none"
 

@@ -2,6 +2,7 @@
 //! metrics.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,9 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Answers kept for requests retried with the same `Idempotency-Key`.
     pub replays: Arc<Replays>,
+    /// Set when shutdown begins: readiness turns false and HTTP/1.1 answers close their
+    /// connection.
+    pub draining: AtomicBool,
     clients: Mutex<HashMap<Duration, HttpClient>>,
     tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
@@ -54,6 +58,7 @@ impl Gateway {
             max_body,
             metrics: Metrics::default(),
             replays: Arc::new(Replays::new(replay_bytes)),
+            draining: AtomicBool::new(false),
             clients: Mutex::new(HashMap::new()),
             tls,
             config_state: Mutex::new(ConfigState::default()),

@@ -41,7 +41,7 @@ use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
 const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
-[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--ca-file PEM] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
+[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--ca-file PEM] [--shutdown-delay-seconds N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
 
 #[derive(Debug)]
 struct Args {
@@ -55,6 +55,7 @@ struct Args {
     max_body: usize,
     replay_bytes: usize,
     ca_file: Option<PathBuf>,
+    shutdown_delay: Duration,
     drain: Duration,
     json_logs: bool,
 }
@@ -70,9 +71,10 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut max_body = 16 << 20;
     let mut replay_bytes = 64 << 20;
     let mut ca_file = None;
+    let mut shutdown_delay = Duration::ZERO;
     let mut drain = Duration::from_secs(30);
     let mut json_logs = true;
-    let mut args = std::env::args().skip(1);
+    let mut args = flag_values(std::env::args().skip(1));
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -101,6 +103,13 @@ fn parse_args() -> anyhow::Result<Args> {
                     .context("--idempotency-max-bytes needs a number")?
             }
             "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
+            "--shutdown-delay-seconds" => {
+                shutdown_delay = Duration::from_secs(
+                    value()?
+                        .parse()
+                        .context("--shutdown-delay-seconds needs a number")?,
+                )
+            }
             "--drain-seconds" => {
                 drain =
                     Duration::from_secs(value()?.parse().context("--drain-seconds needs a number")?)
@@ -130,6 +139,7 @@ fn parse_args() -> anyhow::Result<Args> {
         max_body,
         replay_bytes,
         ca_file,
+        shutdown_delay,
         drain,
         json_logs,
     })
@@ -221,7 +231,11 @@ async fn main() -> anyhow::Result<()> {
     // Launchers (tests, the demo) read the bound address from this line.
     println!("switchyard-gateway listening on http://{local}");
 
-    server::run(gw, listener, shutdown_signal(), args.drain).await;
+    let shutdown = server::Shutdown {
+        delay: args.shutdown_delay,
+        drain: args.drain,
+    };
+    server::run(gw, listener, shutdown_signal(), shutdown).await;
     Ok(())
 }
 
@@ -244,4 +258,13 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+}
+
+/// Splits `--flag=value` into `--flag value`, so both spellings work (the chart uses the
+/// first).
+fn flag_values(args: impl Iterator<Item = String>) -> impl Iterator<Item = String> {
+    args.flat_map(|a| match a.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
+        _ => vec![a],
+    })
 }

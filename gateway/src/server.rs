@@ -34,16 +34,28 @@ const MAX_REPLAY_BYTES: usize = 8 << 20;
 /// Response body type of every handler.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
-/// Serves on `listener` until `shutdown` resolves, then stops accepting and waits up to
-/// `drain` for requests in flight.
+/// How a gateway stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Shutdown {
+    /// After the signal, how long to keep accepting and serving with readiness off while
+    /// load balancers (Service endpoints, kube-proxy) stop sending here. Responses then
+    /// carry `Connection: close`, so keep-alive clients reconnect elsewhere on their own
+    /// instead of racing a close of their idle connection.
+    pub delay: Duration,
+    /// Then, how long requests in flight may take to finish.
+    pub drain: Duration,
+}
+
+/// Serves on `listener` until `signal` resolves, keeps serving (not ready) for
+/// `shutdown.delay`, then stops accepting and waits up to `shutdown.drain` for requests
+/// in flight.
 pub async fn run(
     gw: Arc<Gateway>,
     listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()>,
-    drain: Duration,
+    signal: impl std::future::Future<Output = ()>,
+    shutdown: Shutdown,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Bounded headers: a client cannot make the gateway buffer more than this per request
     // (HTTP/1.1 answers 431 beyond it).
@@ -54,6 +66,39 @@ pub async fn run(
     builder
         .http2()
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
+    accept_until(&gw, &listener, &builder, &graceful, signal).await;
+    if !shutdown.delay.is_zero() {
+        gw.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            delay_seconds = shutdown.delay.as_secs(),
+            "shutting down: not ready, still serving while endpoints stop sending here"
+        );
+        let delay = tokio::time::sleep(shutdown.delay);
+        accept_until(&gw, &listener, &builder, &graceful, delay).await;
+    }
+    drop(listener);
+    tracing::info!(
+        drain_seconds = shutdown.drain.as_secs(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    if tokio::time::timeout(shutdown.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some requests were still in flight at the drain deadline");
+    }
+}
+
+/// Accepts and serves connections until `until` resolves.
+async fn accept_until(
+    gw: &Arc<Gateway>,
+    listener: &TcpListener,
+    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    until: impl std::future::Future<Output = ()>,
+) {
+    let mut until = std::pin::pin!(until);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -70,19 +115,8 @@ pub async fn run(
                     let _ = conn.await;
                 });
             }
-            () = &mut shutdown => break,
+            () = &mut until => break,
         }
-    }
-    drop(listener);
-    tracing::info!(
-        drain_seconds = drain.as_secs(),
-        "shutting down: no new connections, finishing requests in flight"
-    );
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some requests were still in flight at the drain deadline");
     }
 }
 
@@ -111,10 +145,19 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     let started = Instant::now();
     let id = request_id(&req);
     let method = req.method().clone();
+    let version = req.version();
     let path = req.uri().path().to_owned();
     let mut resp = match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => {
             json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+        }
+        (&Method::GET, "/readyz") if gw.draining.load(std::sync::atomic::Ordering::Relaxed) => {
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "this replica is shutting down",
+            )
         }
         (&Method::GET, "/readyz") => match gw.table.load().as_ref() {
             Some(_) => json_response(
@@ -155,6 +198,14 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     };
     if let Ok(v) = hyper::header::HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    // HTTP/2 clients get a GOAWAY when the drain starts; HTTP/1.1 ones are told here.
+    if version == hyper::Version::HTTP_11 && gw.draining.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
     }
     if path.starts_with("/v1/") {
         tracing::info!(

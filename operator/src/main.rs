@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let mut lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
     let mut elect = true;
     let mut json_logs = true;
-    let mut args = std::env::args().skip(1);
+    let mut args = flag_values(std::env::args().skip(1));
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
@@ -203,4 +203,13 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         () = term => {},
     }
+}
+
+/// Splits `--flag=value` into `--flag value`, so both spellings work (the chart uses the
+/// first).
+fn flag_values(args: impl Iterator<Item = String>) -> impl Iterator<Item = String> {
+    args.flat_map(|a| match a.split_once('=') {
+        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
+        _ => vec![a],
+    })
 }

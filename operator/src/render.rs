@@ -278,6 +278,9 @@ fn service(
     }
 }
 
+/// Seconds a gateway keeps serving after SIGTERM (see the gateway's `--shutdown-delay-seconds`).
+const SHUTDOWN_DELAY_SECONDS: i64 = 5;
+
 /// Where a pool's private CA bundle is mounted in its gateway pods.
 const TRUSTED_CA_DIR: &str = "/etc/switchyard/trusted-ca";
 
@@ -315,6 +318,10 @@ fn deployment(
         region.name.clone(),
         "--listen".into(),
         format!("0.0.0.0:{port}"),
+        // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving (not
+        // ready) until then drops no request. Delay + drain stay within the grace period.
+        "--shutdown-delay-seconds".into(),
+        SHUTDOWN_DELAY_SECONDS.to_string(),
     ];
     let mut mounts = vec![VolumeMount {
         name: "tmp".into(),

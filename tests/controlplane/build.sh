@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) from source through the Go module proxy, into a cache
+# kube-scheduler, kubectl, kwok, helm) and the real node's kubelet and kube-proxy (same
+# release) from source through the Go module proxy, into a cache
 # directory keyed by version. Idempotent: a binary already present is not rebuilt.
 #
 # Prints the bin directory on its last line of stdout; progress goes to stderr.
@@ -76,6 +77,8 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
   say "go mod tidy (downloads modules through the proxy; a few minutes the first time)"
@@ -84,7 +87,7 @@ GO
   ldflags="$ldflags -X k8s.io/component-base/version.gitMajor=1"
   ldflags="$ldflags -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
   ldflags="$ldflags -X k8s.io/component-base/version/verflag.programName=kubernetes"
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for cmd in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
     if have "$cmd"; then continue; fi
     say "building $cmd $K8S_VERSION"
     (cd "$dir" && go build -tags tools -ldflags "$ldflags" -o "$BIN/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd") \
@@ -124,12 +127,12 @@ build_go_install() { # name package version
 }
 
 missing=0
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm; do have "$b" || missing=1; done
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy kwok helm; do have "$b" || missing=1; done
 if [ "$missing" = 1 ]; then
   check_proxy
   start=$(date +%s)
   have etcd || build_etcd
-  { have kube-apiserver && have kube-controller-manager && have kube-scheduler && have kubectl; } || build_kubernetes
+  { have kube-apiserver && have kube-controller-manager && have kube-scheduler && have kubectl && have kubelet && have kube-proxy; } || build_kubernetes
   have kwok || build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION" \
     "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
   have helm || build_go_install helm helm.sh/helm/v4/cmd/helm "$HELM_VERSION" \

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use crate::binaries::Binaries;
-use crate::pki;
+use crate::{node, pki};
 
 /// The regions the kwok nodes are labelled with; the same as `kind-config.yaml`.
 pub const REGIONS: [&str; 3] = ["us-east", "us-west", "eu-west"];
@@ -22,11 +22,22 @@ const ZONES: [&str; 2] = ["a", "b"];
 
 /// Ignores Ctrl-C (which reaches the whole foreground process group), waits for the
 /// test process to go away, then stops the components and removes the directory unless
-/// a test failed and asked to keep it.
+/// a test failed and asked to keep it. With a real node (`$3` is its teardown script) it
+/// first takes the machine-wide node lock (`$4`) and holds it until the node is torn
+/// down, so one node runs at a time and none outlives its cluster.
 const REAPER: &str = r#"
 trap '' INT TERM HUP
-parent="$1"; dir="$2"
+parent="$1"; dir="$2"; teardown="$3"; lock="$4"
+if [ -n "$teardown" ]; then
+  exec 9>"$lock"
+  if ! flock -n 9; then
+    touch "$dir/node-lock-waiting"
+    flock -w 1800 9 || { touch "$dir/node-lock-failed"; exit 1; }
+  fi
+  touch "$dir/node-locked"
+fi
 while kill -0 "$parent" 2>/dev/null && [ ! -e "$dir/stopped" ]; do sleep 0.3; done
+[ -n "$teardown" ] && QUIET=1 bash "$teardown" >>"$dir/logs/teardown.log" 2>&1
 if [ -f "$dir/pids" ]; then
   for p in $(cat "$dir/pids"); do kill -TERM "$p" 2>/dev/null; done
   sleep 1
@@ -46,13 +57,29 @@ const RESTARTABLE: [&str; 3] = ["kube-controller-manager", "kube-scheduler", "kw
 /// How many lines of a component's log an error quotes.
 const LOG_TAIL_LINES: usize = 12;
 
-/// One started control-plane component.
+/// One started control-plane component or node agent.
 #[derive(Debug)]
 struct Component {
     name: String,
     args: Vec<String>,
     child: Child,
     restarts: u32,
+}
+
+/// What to start besides the control plane.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// A real node (kubelet, containerd, kube-proxy, CoreDNS) in region
+    /// [`node::NODE_REGION`], in place of that region's kwok nodes. Needs root; one per
+    /// machine at a time (a second waits for the first).
+    pub real_node: bool,
+}
+
+/// The real node of a cluster.
+#[derive(Debug)]
+struct RealNode {
+    bins: PathBuf,
+    socket: PathBuf,
 }
 
 /// A running control plane.
@@ -65,6 +92,7 @@ pub struct Cluster {
     children: Mutex<Vec<Component>>,
     reaper: Mutex<Option<Child>>,
     namespaces: AtomicU32,
+    node: Option<RealNode>,
 }
 
 static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -81,20 +109,37 @@ impl Cluster {
 
     /// Starts a new control plane and waits until it serves and its nodes are Ready.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(Options::default())
+    }
+
+    /// Starts a new control plane with `options`.
+    pub fn start_with(options: Options) -> anyhow::Result<Self> {
         let started = Instant::now();
         let bins = Binaries::ensure()?;
+        let node_bins = if options.real_node {
+            Some(node::ensure_binaries()?)
+        } else {
+            None
+        };
         let dir = tempfile::Builder::new()
             .prefix("switchyard-cp-")
             .tempdir()
             .context("creating the cluster directory")?
             .keep();
         std::fs::create_dir_all(dir.join("logs"))?;
+        let teardown = if options.real_node {
+            crate::repo_root().join("tests/node/teardown.sh")
+        } else {
+            PathBuf::new()
+        };
         let reaper = Command::new("bash")
             .arg("-c")
             .arg(REAPER)
             .arg("reaper")
             .arg(std::process::id().to_string())
             .arg(&dir)
+            .arg(&teardown)
+            .arg(node::LOCK)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,6 +154,10 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             reaper: Mutex::new(Some(reaper)),
             namespaces: AtomicU32::new(0),
+            node: node_bins.map(|bins| RealNode {
+                bins,
+                socket: PathBuf::new(),
+            }),
         };
         if let Err(e) = cluster.boot() {
             cluster.keep_logs();
@@ -129,10 +178,19 @@ impl Cluster {
     fn boot(&mut self) -> anyhow::Result<()> {
         let d = self.dir.clone();
         pki::generate(&d)?;
+        // With a real node the API server listens on the bridge, where pods (through the
+        // `kubernetes` Service) and the kubelet reach it; otherwise on loopback.
+        let api_ip = if let Some(node) = &self.node {
+            self.wait_for_node_lock()?;
+            node::prepare_host(&node.bins)?;
+            node::NODE_IP
+        } else {
+            "127.0.0.1"
+        };
         let etcd_port = free_port()?;
         let etcd_peer = free_port()?;
         let api_port = free_port()?;
-        self.server = format!("https://127.0.0.1:{api_port}");
+        self.server = format!("https://{api_ip}:{api_port}");
         self.write_kubeconfig()?;
         let p = |name: &str| d.join(name).display().to_string();
         let kubeconfig = self.kubeconfig.display().to_string();
@@ -155,28 +213,42 @@ impl Cluster {
             http_get_contains(etcd_port, "/health", "true")
         })?;
 
-        self.spawn(
-            "kube-apiserver",
-            &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", p("apiserver-certs")),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
+        let mut api_args = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            format!("--bind-address={api_ip}"),
+            format!("--advertise-address={api_ip}"),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", p("apiserver-certs")),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            format!("--service-cluster-ip-range={}", node::SERVICE_CIDR),
+            "--allow-privileged=true".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--v=1".into(),
+        ];
+        if self.node.is_some() {
+            api_args.extend([
+                // Pods reach the API through the `kubernetes` Service, whose endpoint the
+                // lease reconciler keeps at the advertised address.
+                "--endpoint-reconciler-type=lease".into(),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                format!("--kubelet-client-certificate={}", p("admin.crt")),
+                format!("--kubelet-client-key={}", p("admin.key")),
+                // The node has no DNS name the API server could resolve (kubectl logs).
+                "--kubelet-preferred-address-types=InternalIP,Hostname".into(),
+            ]);
+        } else {
+            api_args.extend([
                 "--authorization-mode=RBAC".into(),
                 "--endpoint-reconciler-type=none".into(),
-                "--allow-privileged=true".into(),
-                "--enable-priority-and-fairness=false".into(),
-                "--v=1".into(),
-            ],
-        )?;
+            ]);
+        }
+        self.spawn("kube-apiserver", &api_args)?;
         self.wait_for("kube-apiserver /readyz", Duration::from_secs(90), || {
             self.kubectl()
                 .args(["get", "--raw", "/readyz"])
@@ -235,7 +307,9 @@ impl Cluster {
             ],
         )?;
 
-        self.kubectl_stdin(&["apply", "-f", "-"], &nodes_manifest())?;
+        let skip_region = self.node.as_ref().map(|_| node::NODE_REGION);
+        self.kubectl_stdin(&["apply", "-f", "-"], &nodes_manifest(skip_region))?;
+        let kwok_nodes = REGIONS.iter().filter(|r| Some(**r) != skip_region).count() * ZONES.len();
         self.wait_for("kwok nodes Ready", Duration::from_secs(60), || {
             self.kubectl_ok(&[
                 "get",
@@ -243,10 +317,11 @@ impl Cluster {
                 "-o",
                 "jsonpath={.items[*].status.conditions[?(@.type==\"Ready\")].status}",
             ])
-            .is_ok_and(|s| {
-                s.split_whitespace().filter(|s| *s == "True").count() == REGIONS.len() * ZONES.len()
-            })
+            .is_ok_and(|s| s.split_whitespace().filter(|s| *s == "True").count() >= kwok_nodes)
         })?;
+        if self.node.is_some() {
+            self.start_node()?;
+        }
         // The API server taints new nodes not-ready; the node lifecycle controller that
         // would lift the taint is off (see above), so lift it here.
         self.kubectl_ok(&["taint", "nodes", "--all", "node.kubernetes.io/not-ready-"])?;
@@ -261,6 +336,176 @@ impl Cluster {
             },
         )?;
         Ok(())
+    }
+
+    /// Waits for the reaper to hold the machine-wide node lock, saying so when another
+    /// real node holds it.
+    fn wait_for_node_lock(&self) -> anyhow::Result<()> {
+        let mut said = false;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        loop {
+            if self.dir.join("node-locked").exists() {
+                return Ok(());
+            }
+            if self.dir.join("node-lock-failed").exists() || Instant::now() > deadline {
+                bail!("another real node kept {} for 30 minutes", node::LOCK);
+            }
+            if !said && self.dir.join("node-lock-waiting").exists() {
+                eprintln!(
+                    "[harness] another real node runs on this machine (lock {}); waiting for it to stop",
+                    node::LOCK
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts containerd, the kubelet, kube-proxy and CoreDNS, and waits for the node to
+    /// be Ready.
+    fn start_node(&mut self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let bins = self
+            .node
+            .as_ref()
+            .map(|n| n.bins.clone())
+            .context("no real node was asked for")?;
+        let ports = node::NodePorts {
+            kubelet: free_port()?,
+            kubelet_healthz: free_port()?,
+            proxy_healthz: free_port()?,
+            proxy_metrics: free_port()?,
+        };
+        let files = node::write_config(&self.dir, &self.server, &ports)?;
+        let path = format!(
+            "{}:{}",
+            bins.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+
+        let mut containerd = Command::new(bins.join("containerd"));
+        containerd
+            .arg("--config")
+            .arg(&files.containerd_config)
+            .env("PATH", &path);
+        self.spawn_node("containerd", containerd)?;
+        let crictl = |args: &[&str]| {
+            Command::new(bins.join("crictl"))
+                .arg("--runtime-endpoint")
+                .arg(format!("unix://{}", files.containerd_socket.display()))
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        self.wait_for("containerd's CRI", Duration::from_secs(60), || {
+            crictl(&["info"])
+        })?;
+        node::import_pause_image(&bins, &files.containerd_socket)?;
+
+        let mut kubelet = Command::new(self.bins.path("kubelet"));
+        kubelet
+            .arg(format!("--config={}", files.kubelet_config.display()))
+            .arg(format!(
+                "--kubeconfig={}",
+                files.kubelet_kubeconfig.display()
+            ))
+            .arg(format!("--root-dir={}/kubelet", node::BASE))
+            .arg(format!("--hostname-override={}", node::NODE_NAME))
+            .arg(format!("--node-ip={}", node::NODE_IP))
+            .arg(format!(
+                "--node-labels=topology.kubernetes.io/region={r},topology.kubernetes.io/zone={r}-a,switchyard.dev/node=real",
+                r = node::NODE_REGION
+            ))
+            .arg("--v=1")
+            .env("PATH", &path);
+        self.spawn_node("kubelet", kubelet)?;
+
+        let mut proxy = Command::new(self.bins.path("kube-proxy"));
+        proxy
+            .arg(format!("--config={}", files.kube_proxy_config.display()))
+            .env("PATH", &path);
+        self.spawn_node("kube-proxy", proxy)?;
+
+        let mut coredns = Command::new(bins.join("coredns"));
+        coredns.arg("-conf").arg(&files.corefile);
+        self.spawn_node("coredns", coredns)?;
+
+        self.wait_for(
+            "the real node to be Ready",
+            Duration::from_secs(120),
+            || {
+                self.kubectl_ok(&[
+                    "get",
+                    "node",
+                    node::NODE_NAME,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                ])
+                .is_ok_and(|s| s.trim() == "True")
+            },
+        )?;
+        if let Some(n) = self.node.as_mut() {
+            n.socket = files.containerd_socket;
+        }
+        eprintln!(
+            "[harness] real node {} Ready in {:.1}s (region {}, pods on {})",
+            node::NODE_NAME,
+            started.elapsed().as_secs_f64(),
+            node::NODE_REGION,
+            node::POD_SUBNET
+        );
+        Ok(())
+    }
+
+    /// Starts a node agent: its log in `logs/<name>.log`, its pid where the node's
+    /// teardown finds it.
+    fn spawn_node(&self, name: &str, cmd: Command) -> anyhow::Result<()> {
+        let child = self.start_logged_as(name, cmd, false)?;
+        node::record_pid(name, child.id())?;
+        self.children
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .push(Component {
+                name: name.to_owned(),
+                args: Vec::new(),
+                child,
+                restarts: 0,
+            });
+        Ok(())
+    }
+
+    /// Imports an image archive (OCI or Docker) into the real node's containerd.
+    pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
+        let node = self
+            .node
+            .as_ref()
+            .context("this cluster has no real node to import images into")?;
+        node::import_image(&node.bins, &node.socket, archive)
+    }
+
+    /// What a person debugging a failure looks at first: every pod with its node and
+    /// state, and the latest events.
+    pub fn diagnose(&self) -> String {
+        let pods = self
+            .kubectl_ok(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_else(|e| e.to_string());
+        let events = self
+            .kubectl_ok(&["get", "events", "-A", "--sort-by=.lastTimestamp"])
+            .unwrap_or_else(|e| e.to_string());
+        let events: Vec<&str> = events.lines().collect();
+        let tail = events[events.len().saturating_sub(25)..].join("\n");
+        format!(
+            "pods:\n{pods}\nlatest events:\n{tail}\nlogs (containers' under pods/): {}",
+            self.logs_dir().display()
+        )
+    }
+
+    /// Whether this cluster has a real node.
+    pub fn has_real_node(&self) -> bool {
+        self.node.is_some()
     }
 
     fn write_kubeconfig(&self) -> anyhow::Result<()> {
@@ -322,7 +567,16 @@ impl Cluster {
 
     /// Starts `cmd` with its output in `logs/<name>.log` and its pid registered with the
     /// reaper.
-    fn start_logged(&self, name: &str, mut cmd: Command) -> anyhow::Result<Child> {
+    fn start_logged(&self, name: &str, cmd: Command) -> anyhow::Result<Child> {
+        self.start_logged_as(name, cmd, true)
+    }
+
+    fn start_logged_as(
+        &self,
+        name: &str,
+        mut cmd: Command,
+        reaper_stops_it: bool,
+    ) -> anyhow::Result<Child> {
         let log = File::create(self.logs_dir().join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -330,6 +584,9 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {name}"))?;
+        if !reaper_stops_it {
+            return Ok(child);
+        }
         let mut pids = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -551,6 +808,13 @@ impl Cluster {
 
     /// Stops every component and removes the directory (unless logs are kept).
     pub fn stop(&self) {
+        // The node goes first (pods, agents, host state), while the API server still
+        // answers; the reaper runs the same teardown again, which finds nothing.
+        if self.node.is_some()
+            && let Err(e) = node::teardown()
+        {
+            eprintln!("[harness] the real node's teardown failed: {e:#}");
+        }
         if let Ok(mut children) = self.children.lock() {
             for c in children.iter_mut().rev() {
                 let _ = c.child.kill();
@@ -646,10 +910,11 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     body.contains(needle)
 }
 
-/// One kwok node per (region, zone), labelled like a cloud provider labels them.
-fn nodes_manifest() -> String {
+/// One kwok node per (region, zone), labelled like a cloud provider labels them; none in
+/// `skip_region` (the real node's).
+fn nodes_manifest(skip_region: Option<&str>) -> String {
     let mut out = String::new();
-    for region in REGIONS {
+    for region in REGIONS.into_iter().filter(|r| Some(*r) != skip_region) {
         for zone in ZONES {
             let name = format!("kwok-{region}-{zone}");
             out.push_str(&format!(

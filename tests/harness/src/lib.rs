@@ -15,7 +15,9 @@
 
 mod binaries;
 mod cluster;
+pub mod images;
+pub mod node;
 mod pki;
 
 pub use binaries::{Binaries, repo_root, workspace_binary};
-pub use cluster::{Cluster, REGIONS, TestNamespace};
+pub use cluster::{Cluster, Options, REGIONS, TestNamespace};

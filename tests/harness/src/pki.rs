@@ -1,6 +1,6 @@
 //! Certificates for a throwaway cluster: one CA signs the API server's serving
-//! certificate and an admin client certificate; a separate key signs service-account
-//! tokens.
+//! certificate, an admin client certificate and the real node's client certificate; a
+//! separate key signs service-account tokens.
 
 use std::path::Path;
 
@@ -33,9 +33,14 @@ pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
     let mut serving = CertificateParams::new(vec![
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
+        // The real node's bridge address and the `kubernetes` Service's address, by which
+        // pods reach the API server.
+        crate::node::NODE_IP.to_owned(),
+        "10.96.0.1".to_owned(),
         "kubernetes".to_owned(),
         "kubernetes.default".to_owned(),
         "kubernetes.default.svc".to_owned(),
+        "kubernetes.default.svc.cluster.local".to_owned(),
     ])?;
     serving
         .distinguished_name
@@ -55,6 +60,18 @@ pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
     let admin_key = KeyPair::generate()?;
     let admin_cert = admin.signed_by(&admin_key, &ca)?;
 
+    // The kubelet's identity: the Node authorizer and NodeRestriction key on it.
+    let mut node = CertificateParams::new(Vec::<String>::new())?;
+    node.distinguished_name.push(
+        DnType::CommonName,
+        format!("system:node:{}", crate::node::NODE_NAME),
+    );
+    node.distinguished_name
+        .push(DnType::OrganizationName, "system:nodes");
+    node.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let node_key = KeyPair::generate()?;
+    let node_cert = node.signed_by(&node_key, &ca)?;
+
     let sa_key = KeyPair::generate()?;
 
     let pki = Pki {
@@ -69,6 +86,8 @@ pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
         ("apiserver.key", serving_key.serialize_pem()),
         ("admin.crt", pki.admin_cert.clone()),
         ("admin.key", pki.admin_key.clone()),
+        ("node.crt", node_cert.pem()),
+        ("node.key", node_key.serialize_pem()),
         ("sa.key", sa_key.serialize_pem()),
         ("sa.pub", sa_key.public_key_pem()),
     ];

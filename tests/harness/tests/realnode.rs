@@ -1,0 +1,394 @@
+//! The real-node tier: the images built here run in real pods on a real kubelet.
+//!
+//! One cluster for the whole binary: the control plane, kwok nodes for us-west and
+//! eu-west, and a real node (containerd, runc, bridge CNI, kube-proxy, CoreDNS) for
+//! us-east. The chart is installed with the locally built images; the operator runs in a
+//! pod; a pool in us-east gets gateway pods that read their ConfigMap and Secrets through
+//! the API, and a client pod reaches them by their Service's DNS name. Two fake providers
+//! run on the node's bridge address behind selector-less Services, so the gateways
+//! resolve them through cluster DNS too.
+//!
+//! The zero-drop test runs a steady load from a client pod through each routine operation
+//! and fails on a single failed request; the p99 of each run is written to
+//! `target/realnode-rollouts.json` for BENCHMARKS.md.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use harness::node::{NODE_IP, NODE_NAME};
+use harness::{Cluster, Options, images, repo_root, workspace_binary};
+use serde_json::Value;
+
+const SYSTEM_NS: &str = "switchyard-system";
+const NS: &str = "realnode";
+const CLIENT_KEY: &str = "rn-client-key-1";
+
+/// The shared cluster and the two fake providers on the bridge.
+struct Env {
+    cluster: Cluster,
+    primary_port: u16,
+    secondary_port: u16,
+    _fakes: Vec<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind((NODE_IP, 0))
+        .expect("a free port on the bridge")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
+    match ENV.get_or_init(|| boot().map_err(|e| format!("{e:#}"))) {
+        Ok(env) => env,
+        Err(e) => panic!("the real-node tier could not start: {e}"),
+    }
+}
+
+/// Tests that load the node run one at a time, so one's load does not skew another's
+/// numbers.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn boot() -> anyhow::Result<Env> {
+    let built = images::build()?;
+    let cluster = Cluster::start_with(Options { real_node: true })?;
+    match try_install(&cluster, &built) {
+        Ok((primary_port, secondary_port, fakes)) => Ok(Env {
+            cluster,
+            primary_port,
+            secondary_port,
+            _fakes: fakes,
+        }),
+        Err(e) => {
+            cluster.keep_logs();
+            Err(e.context(cluster.diagnose()))
+        }
+    }
+}
+
+fn try_install(
+    cluster: &Cluster,
+    built: &images::Images,
+) -> anyhow::Result<(u16, u16, Vec<Child>)> {
+    for archive in built.all() {
+        cluster.import_image(archive)?;
+    }
+    let fake = workspace_binary("fake-provider", "fake-provider")?;
+    let mut fakes = Vec::new();
+    let (primary_port, secondary_port) = (free_port(), free_port());
+    for (name, port) in [("primary", primary_port), ("secondary", secondary_port)] {
+        let mut cmd = Command::new(&fake);
+        cmd.args(["--listen", &format!("{NODE_IP}:{port}"), "--name", name]);
+        fakes.push(cluster.spawn_process(&format!("fake-{name}"), cmd)?);
+    }
+
+    cluster.kubectl_ok(&["create", "namespace", SYSTEM_NS])?;
+    let out = cluster
+        .helm()
+        .args(["install", "switchyard"])
+        .arg(repo_root().join("charts/switchyard"))
+        .args(["-n", SYSTEM_NS, "--wait", "--timeout", "180s"])
+        .args(["--set", "image.repository=localhost/switchyard-operator"])
+        .args(["--set", "image.tag=dev", "--set", "image.pullPolicy=Never"])
+        .args([
+            "--set",
+            "gatewayImage.repository=localhost/switchyard-gateway",
+        ])
+        .args(["--set", "gatewayImage.tag=dev"])
+        .args(["--set", "nodeSelector.switchyard\\.dev/node=real"])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm install failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kubectl_ok(&["create", "namespace", NS])?;
+    apply(cluster, &objects(primary_port, secondary_port, "primary"))?;
+    Ok((primary_port, secondary_port, fakes))
+}
+
+fn apply(c: &Cluster, yaml: &str) -> anyhow::Result<()> {
+    let (ok, _, err) = c.kubectl_input(&["apply", "-f", "-"], yaml)?;
+    anyhow::ensure!(ok, "kubectl apply failed: {err}");
+    Ok(())
+}
+
+/// The fake providers' Services (addressed by DNS name from the gateways), the Secrets,
+/// a pool with two gateways on the real node, and a policy that routes `m` to `first`
+/// and fails over to the other.
+fn objects(primary: u16, secondary: u16, first: &str) -> String {
+    let second = if first == "primary" {
+        "secondary"
+    } else {
+        "primary"
+    };
+    let mut out = String::new();
+    for (name, port) in [("primary", primary), ("secondary", secondary)] {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: fake-{name}, namespace: {NS}}}\nspec:\n  ports: [{{name: http, port: 80, targetPort: {port}, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: fake-{name}\n  namespace: {NS}\n  labels: {{kubernetes.io/service-name: fake-{name}}}\naddressType: IPv4\nports: [{{name: http, port: {port}, protocol: TCP}}]\nendpoints: [{{addresses: ['{NODE_IP}']}}]\n---\napiVersion: v1\nkind: Secret\nmetadata: {{name: fake-{name}, namespace: {NS}}}\nstringData: {{apiKey: rn-provider-key-{name}}}\n"
+        ));
+    }
+    out.push_str(&format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: clients, namespace: {NS}}}\nstringData: {{loadgen: {CLIENT_KEY}}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  regions: [{{name: us-east, replicas: 2}}]\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://fake-primary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-primary, key: apiKey}}}}, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://fake-secondary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-secondary, key: apiKey}}}}, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  poolRef: {{name: chat}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: {first}, priority: 0}}, {{provider: {second}, priority: 1}}]}}]\n  timeouts: {{connect: 1s, firstByte: 5s, total: 20s}}\n"
+    ));
+    out
+}
+
+fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn pool_ready(c: &Cluster) -> bool {
+    c.kubectl_ok(&[
+        "get",
+        "providerpool",
+        "chat",
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ])
+    .is_ok_and(|s| s == "True")
+}
+
+/// Runs the test kit in a pod on the real node with `args`, waits for it to finish, and
+/// returns the last line of its output as JSON.
+fn run_pod(c: &Cluster, name: &str, command: &[&str], timeout: Duration) -> Value {
+    let cmd: Vec<String> = command.iter().map(|a| format!("'{a}'")).collect();
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  restartPolicy: Never\n  nodeSelector: {{switchyard.dev/node: real}}\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532}}\n  containers:\n  - name: kit\n    image: {img}\n    imagePullPolicy: Never\n    command: [{cmd}]\n    securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n",
+        img = images::TESTKIT,
+        cmd = cmd.join(", ")
+    );
+    let _ = c.kubectl_ok(&[
+        "delete",
+        "pod",
+        name,
+        "-n",
+        NS,
+        "--ignore-not-found",
+        "--wait",
+    ]);
+    apply(c, &pod).expect("client pod");
+    wait(&format!("pod {name} to finish"), timeout, || {
+        c.kubectl_ok(&[
+            "get",
+            "pod",
+            name,
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.phase}",
+        ])
+        .is_ok_and(|p| p == "Succeeded" || p == "Failed")
+    });
+    let logs = c
+        .kubectl_ok(&["logs", name, "-n", NS])
+        .expect("pod logs through the kubelet");
+    let last = logs.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("pod {name} printed no JSON ({e}):\n{logs}"))
+}
+
+fn fake_fault(port: u16, spec: &str) {
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "-H", "content-type: application/json"])
+        .args(["-d", &format!("{{\"fault\": \"{spec}\"}}")])
+        .arg(format!("http://{NODE_IP}:{port}/admin/faults"))
+        .stdout(Stdio::null())
+        .status()
+        .expect("curl");
+    assert!(out.success(), "setting fault {spec} on port {port}");
+}
+
+fn fake_clear(port: u16) {
+    let _ = Command::new("curl")
+        .args(["-sf", "-X", "DELETE"])
+        .arg(format!("http://{NODE_IP}:{port}/admin/faults"))
+        .stdout(Stdio::null())
+        .status();
+}
+
+fn fake_attempts(port: u16) -> usize {
+    let out = Command::new("curl")
+        .args(["-sf"])
+        .arg(format!("http://{NODE_IP}:{port}/admin/attempts"))
+        .output()
+        .expect("curl");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array().map_or(0, Vec::len)
+}
+
+const GATEWAY_URL: &str = "http://chat-us-east.realnode.svc.cluster.local:8080";
+
+fn loadgen(rate: u32, seconds: u32) -> Vec<String> {
+    [
+        "/loadgen",
+        "--url",
+        GATEWAY_URL,
+        "--rate",
+        &rate.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--key",
+        CLIENT_KEY,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn pods_resolve_services_by_cluster_dns_name() {
+    let e = env();
+    let out = run_pod(
+        &e.cluster,
+        "resolve-api",
+        &[
+            "/loadgen",
+            "--resolve",
+            "kubernetes.default.svc.cluster.local",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out["addresses"], serde_json::json!(["10.96.0.1"]), "{out}");
+    let svc_ip = e
+        .cluster
+        .kubectl_ok(&[
+            "get",
+            "svc",
+            "fake-primary",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ])
+        .expect("service");
+    let out = run_pod(
+        &e.cluster,
+        "resolve-fake",
+        &[
+            "/loadgen",
+            "--resolve",
+            "fake-primary.realnode.svc.cluster.local",
+        ],
+        Duration::from_secs(60),
+    );
+    assert_eq!(out["addresses"], serde_json::json!([svc_ip]), "{out}");
+}
+
+#[test]
+fn operator_pod_makes_gateway_pods_that_serve_by_dns_name_and_fail_over() {
+    let e = env();
+    let _serial = serial();
+    let c = &e.cluster;
+    wait("pool chat Ready", Duration::from_secs(180), || {
+        pool_ready(c)
+    });
+
+    // The operator and both gateways are real containers on the real node.
+    let pods = c
+        .kubectl_ok(&["get", "pods", "-A", "-o", "json"])
+        .expect("pods");
+    let pods: Value = serde_json::from_str(&pods).expect("json");
+    let on_node: Vec<&Value> = pods["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|p| p["spec"]["nodeName"] == NODE_NAME)
+        .collect();
+    let gateways: Vec<&&Value> = on_node
+        .iter()
+        .filter(|p| {
+            p["metadata"]["namespace"] == NS
+                && p["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("chat-us-east-"))
+        })
+        .filter(|p| p["status"]["phase"] == "Running")
+        .collect();
+    assert_eq!(
+        gateways.len(),
+        2,
+        "two running gateway pods on the real node"
+    );
+    for g in &gateways {
+        let ip = g["status"]["podIP"].as_str().unwrap_or_default();
+        assert!(
+            ip.starts_with("10.88.0."),
+            "gateway pod IP {ip} is on the bridge"
+        );
+        assert_eq!(g["spec"]["containers"][0]["image"], images::GATEWAY);
+    }
+    assert!(
+        on_node
+            .iter()
+            .any(|p| p["metadata"]["namespace"] == SYSTEM_NS && p["status"]["phase"] == "Running"),
+        "the operator runs in a pod on the real node"
+    );
+
+    // A client pod reaches the gateways through their Service's DNS name.
+    fake_clear(e.primary_port);
+    let before = fake_attempts(e.primary_port);
+    let out = run_pod(
+        c,
+        "client-ok",
+        &as_strs(&loadgen(20, 5)),
+        Duration::from_secs(90),
+    );
+    assert_eq!(out["failed"], 0, "{out}");
+    assert_eq!(out["ok"], 100, "{out}");
+    assert!(
+        fake_attempts(e.primary_port) >= before + 100,
+        "the primary served them"
+    );
+
+    // The primary breaks: every request is still answered, by the secondary.
+    fake_fault(e.primary_port, "status:503");
+    let secondary_before = fake_attempts(e.secondary_port);
+    let out = run_pod(
+        c,
+        "client-failover",
+        &as_strs(&loadgen(20, 5)),
+        Duration::from_secs(90),
+    );
+    fake_clear(e.primary_port);
+    assert_eq!(out["failed"], 0, "{out}");
+    assert!(
+        fake_attempts(e.secondary_port) >= secondary_before + 100,
+        "the secondary answered while the primary failed"
+    );
+
+    // The gateways publish what they saw into the pool's status.
+    wait(
+        "the primary's health in the pool status",
+        Duration::from_secs(60),
+        || {
+            c.kubectl_ok(&[
+            "get",
+            "providerpool",
+            "chat",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.regions[?(@.name==\"us-east\")].providers[?(@.name==\"primary\")].state}",
+        ])
+        .is_ok_and(|s| s == "Ejected" || s == "Degraded")
+        },
+    );
+}

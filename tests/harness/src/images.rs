@@ -39,6 +39,7 @@ pub fn build() -> anyhow::Result<Images> {
     let out = Command::new("bash")
         .arg(&script)
         .env("EXTRA_BINARIES", "fake-provider loadgen")
+        .env_remove("IMAGE_TAG")
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()

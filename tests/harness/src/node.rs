@@ -151,6 +151,13 @@ pub fn prepare_host(node_bins: &Path) -> anyhow::Result<()> {
         &["link", "set", BRIDGE, "up"],
         "bringing the bridge up",
     )?;
+    // The host reaches Service addresses (kubectl-less clients such as the demo's) over
+    // the bridge, from the bridge's address, whatever its default route is.
+    run(
+        "ip",
+        &["route", "add", SERVICE_CIDR, "dev", BRIDGE, "src", NODE_IP],
+        "routing the Service range to the bridge",
+    )?;
     // Pod → Service → pod on the same bridge needs bridged frames to pass iptables, and
     // the bridge plugin's gateway needs forwarding.
     write_sysctl("net.bridge.bridge-nf-call-iptables", "1")?;

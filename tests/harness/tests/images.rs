@@ -4,7 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use harness::repo_root;
@@ -14,30 +14,18 @@ use tempfile::TempDir;
 const IMAGES: [&str; 2] = ["operator", "gateway"];
 const MB: u64 = 1_000_000;
 
-/// The directory `images/build.sh` wrote the archives to; the script runs once per test
-/// binary (minutes cold, seconds warm).
+/// The directory `images/build.sh` wrote the archives to; built once per test binary
+/// (minutes cold, seconds warm) the way the real-node tier builds them, so the two share
+/// one cargo build.
 fn image_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = repo_root().join("images/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .env_remove("IMAGE_TAG")
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("bash runs images/build.sh");
-        assert!(
-            out.status.success(),
-            "images/build.sh failed ({}); its messages are above",
-            out.status
-        );
-        let stdout = String::from_utf8(out.stdout).expect("build.sh prints UTF-8");
-        let dir = stdout
-            .lines()
-            .last()
-            .expect("build.sh prints its directory");
-        PathBuf::from(dir.trim())
+        let built = harness::images::build().expect("images/build.sh builds the images");
+        built
+            .operator
+            .parent()
+            .expect("archives live in a directory")
+            .to_path_buf()
     })
 }
 

@@ -162,9 +162,8 @@ fn pool_ready(c: &Cluster) -> bool {
     .is_ok_and(|s| s == "True")
 }
 
-/// Runs the test kit in a pod on the real node with `args`, waits for it to finish, and
-/// returns the last line of its output as JSON.
-fn run_pod(c: &Cluster, name: &str, command: &[&str], timeout: Duration) -> Value {
+/// Starts the test kit in a pod on the real node running `command`.
+fn start_pod(c: &Cluster, name: &str, command: &[&str]) {
     let cmd: Vec<String> = command.iter().map(|a| format!("'{a}'")).collect();
     let pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {NS}}}\nspec:\n  restartPolicy: Never\n  nodeSelector: {{switchyard.dev/node: real}}\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532}}\n  containers:\n  - name: kit\n    image: {img}\n    imagePullPolicy: Never\n    command: [{cmd}]\n    securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n",
@@ -181,17 +180,25 @@ fn run_pod(c: &Cluster, name: &str, command: &[&str], timeout: Duration) -> Valu
         "--wait",
     ]);
     apply(c, &pod).expect("client pod");
+}
+
+fn pod_phase(c: &Cluster, name: &str) -> String {
+    c.kubectl_ok(&[
+        "get",
+        "pod",
+        name,
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.status.phase}",
+    ])
+    .unwrap_or_default()
+}
+
+/// Waits for a test-kit pod to finish and returns the last line of its output as JSON.
+fn finish_pod(c: &Cluster, name: &str, timeout: Duration) -> Value {
     wait(&format!("pod {name} to finish"), timeout, || {
-        c.kubectl_ok(&[
-            "get",
-            "pod",
-            name,
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={.status.phase}",
-        ])
-        .is_ok_and(|p| p == "Succeeded" || p == "Failed")
+        matches!(pod_phase(c, name).as_str(), "Succeeded" | "Failed")
     });
     let logs = c
         .kubectl_ok(&["logs", name, "-n", NS])
@@ -199,6 +206,12 @@ fn run_pod(c: &Cluster, name: &str, command: &[&str], timeout: Duration) -> Valu
     let last = logs.lines().last().unwrap_or_default();
     serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("pod {name} printed no JSON ({e}):\n{logs}"))
+}
+
+/// Runs the test kit in a pod on the real node and returns its JSON summary.
+fn run_pod(c: &Cluster, name: &str, command: &[&str], timeout: Duration) -> Value {
+    start_pod(c, name, command);
+    finish_pod(c, name, timeout)
 }
 
 fn fake_fault(port: u16, spec: &str) {
@@ -390,5 +403,201 @@ fn operator_pod_makes_gateway_pods_that_serve_by_dns_name_and_fail_over() {
         ])
         .is_ok_and(|s| s == "Ejected" || s == "Degraded")
         },
+    );
+}
+
+/// Waits until `deployment` in `ns` has all its replicas updated and available, and no
+/// old one left.
+fn settled(c: &Cluster, ns: &str, deployment: &str) -> bool {
+    c.kubectl_ok(&[
+        "get",
+        "deployment",
+        deployment,
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={.spec.replicas} {.status.updatedReplicas} {.status.availableReplicas} {.status.replicas}",
+    ])
+    .is_ok_and(|s| {
+        let v: Vec<&str> = s.split_whitespace().collect();
+        v.len() == 4 && v.iter().all(|x| *x == v[0])
+    })
+}
+
+fn gateway_pods(c: &Cluster) -> Vec<String> {
+    c.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "switchyard.dev/pool=chat",
+        "-o",
+        "jsonpath={.items[*].metadata.name}",
+    ])
+    .unwrap_or_default()
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// A routine operation and how to tell it is over.
+type Operation = fn(&Cluster);
+
+fn rolling_restart(c: &Cluster) {
+    c.kubectl_ok(&["rollout", "restart", "deployment/chat-us-east", "-n", NS])
+        .expect("rollout restart");
+    c.kubectl_ok(&[
+        "rollout",
+        "status",
+        "deployment/chat-us-east",
+        "-n",
+        NS,
+        "--timeout=120s",
+    ])
+    .expect("rollout finishes");
+}
+
+fn delete_gateway_pod(c: &Cluster) {
+    let pods = gateway_pods(c);
+    let victim = pods.first().expect("a gateway pod");
+    c.kubectl_ok(&["delete", "pod", victim, "-n", NS, "--wait=false"])
+        .expect("delete pod");
+    wait(
+        "the gateway Deployment to heal",
+        Duration::from_secs(120),
+        || !gateway_pods(c).contains(victim) && settled(c, NS, "chat-us-east"),
+    );
+}
+
+fn change_config(c: &Cluster) {
+    let revision = || {
+        c.kubectl_ok(&[
+            "get",
+            "configmap",
+            "chat-us-east",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ])
+        .unwrap_or_default()
+    };
+    let before = revision();
+    c.kubectl_ok(&[
+        "patch",
+        "routingpolicy",
+        "chat",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        "{\"spec\":{\"timeouts\":{\"total\":\"25s\"}}}",
+    ])
+    .expect("patch the policy");
+    wait("the new config", Duration::from_secs(60), || {
+        revision() != before
+    });
+    wait(
+        "the gateway Deployment to settle",
+        Duration::from_secs(120),
+        || settled(c, NS, "chat-us-east"),
+    );
+}
+
+fn kill_operator_pod(c: &Cluster) {
+    let leader = c
+        .kubectl_ok(&[
+            "get",
+            "lease",
+            "-n",
+            SYSTEM_NS,
+            "-o",
+            "jsonpath={.items[*].spec.holderIdentity}",
+        ])
+        .expect("the operator's lease");
+    let leader = leader
+        .split_whitespace()
+        .next()
+        .expect("a leader")
+        .to_owned();
+    c.kubectl_ok(&[
+        "delete",
+        "pod",
+        &leader,
+        "-n",
+        SYSTEM_NS,
+        "--grace-period=0",
+        "--force",
+    ])
+    .expect("kill the leading operator pod");
+    wait("the operator to heal", Duration::from_secs(120), || {
+        settled(c, SYSTEM_NS, "switchyard")
+    });
+}
+
+#[test]
+fn routine_operations_drop_no_client_request() {
+    const RATE: u32 = 200;
+    const SECONDS: u32 = 40;
+    let e = env();
+    let _serial = serial();
+    let c = &e.cluster;
+    wait("pool chat Ready", Duration::from_secs(180), || {
+        pool_ready(c)
+    });
+    wait("both gateways available", Duration::from_secs(120), || {
+        settled(c, NS, "chat-us-east")
+    });
+    fake_clear(e.primary_port);
+    fake_clear(e.secondary_port);
+    let operations: [(&str, Operation); 4] = [
+        ("rolling restart of the region's gateways", rolling_restart),
+        ("one gateway pod deleted", delete_gateway_pod),
+        ("routing policy changed", change_config),
+        ("leading operator pod killed", kill_operator_pod),
+    ];
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (i, (what, operation)) in operations.iter().enumerate() {
+        let pod = format!("load-{i}");
+        start_pod(c, &pod, &as_strs(&loadgen(RATE, SECONDS)));
+        wait(
+            &format!("pod {pod} to run"),
+            Duration::from_secs(60),
+            || pod_phase(c, &pod) == "Running",
+        );
+        // A few seconds of steady state first, so the operation meets a warm client.
+        std::thread::sleep(Duration::from_secs(5));
+        let started = Instant::now();
+        operation(c);
+        let took = started.elapsed();
+        let out = finish_pod(c, &pod, Duration::from_secs(u64::from(SECONDS) + 60));
+        eprintln!(
+            "[realnode] {what}: took {:.1}s, load {out}",
+            took.as_secs_f64()
+        );
+        assert!(
+            took < Duration::from_secs(u64::from(SECONDS) - 8),
+            "{what} took {took:?}, longer than the load it was measured under"
+        );
+        if out["failed"] != 0 || out["ok"] != u64::from(RATE * SECONDS) {
+            failures.push(format!("{what}: {out}"));
+        }
+        report.push(serde_json::json!({
+            "operation": what,
+            "seconds": took.as_secs_f64(),
+            "load": out,
+        }));
+    }
+    let path = repo_root().join("target/realnode-rollouts.json");
+    let _ = std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).unwrap_or_default(),
+    );
+    assert!(
+        failures.is_empty(),
+        "client requests failed:\n{}",
+        failures.join("\n")
     );
 }

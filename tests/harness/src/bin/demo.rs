@@ -1,8 +1,10 @@
-//! The Switchyard demo on this machine, end to end: a real local control plane, the
-//! CRDs, the operator, one gateway process per region (running as the pool's
-//! ServiceAccount, configured by the operator's ConfigMaps), fake providers on loopback
-//! standing in for OpenAI, Azure and vLLM, and the official `openai` SDK as the client.
-//! Then a provider goes down and the failover shows in the answers and in the status.
+//! The Switchyard demo on this machine, end to end: a real local control plane with a
+//! real node, the operator and gateway images built here, the Helm chart (the operator
+//! runs in pods), gateway pods per region (real containers on the one real node, by a
+//! per-region node selector), fake providers on the node's bridge standing in for OpenAI,
+//! Azure, Anthropic and vLLM, and the official `openai` SDK as the client, talking to each
+//! region's Service. Then a provider goes down and the failover shows in the answers and
+//! in the status.
 //!
 //! ```text
 //! cargo run -p harness --bin switchyard-demo            # stays up until Ctrl-C
@@ -15,14 +17,16 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use harness::{Cluster, REGIONS, repo_root, workspace_binary};
+use harness::node::NODE_IP;
+use harness::{Cluster, Options, REGIONS, images, repo_root, workspace_binary};
 use serde_json::Value;
 
 const NS: &str = "ai-platform";
 const CLIENT_KEY: &str = "demo-client-key-checkout";
 
+/// A free port on the node's bridge, where gateway pods reach the fake providers.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(TcpListener::bind((NODE_IP, 0))?.local_addr()?.port())
 }
 
 fn say(text: &str) {
@@ -80,15 +84,10 @@ fn python() -> anyhow::Result<PathBuf> {
     Ok(py)
 }
 
-fn client(py: &PathBuf, port: u16, model: &str, count: u32) -> anyhow::Result<()> {
+fn client(py: &PathBuf, base_url: &str, model: &str, count: u32) -> anyhow::Result<()> {
     let status = Command::new(py)
         .arg(repo_root().join("tests/demo/client.py"))
-        .args([
-            &format!("http://127.0.0.1:{port}/v1"),
-            CLIENT_KEY,
-            model,
-            &count.to_string(),
-        ])
+        .args([base_url, CLIENT_KEY, model, &count.to_string()])
         .status()?;
     if !status.success() {
         bail!("the openai client failed");
@@ -101,7 +100,7 @@ fn fault(port: u16, spec: &str) -> anyhow::Result<()> {
         .args([
             "-sf",
             "-XPOST",
-            &format!("http://127.0.0.1:{port}/admin/faults"),
+            &format!("http://{NODE_IP}:{port}/admin/faults"),
             "-d",
             &format!("{{\"fault\":\"{spec}\"}}"),
         ])
@@ -112,48 +111,83 @@ fn fault(port: u16, spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ClusterIP of a Service.
+fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<String> {
+    cluster.kubectl_ok(&[
+        "get",
+        "service",
+        service,
+        "-n",
+        NS,
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ])
+}
+
 fn main() -> anyhow::Result<()> {
     let exit_at_end = std::env::args().any(|a| a == "--exit");
     let py = python()?;
-    say("building the operator, the gateway and the fake provider");
-    let operator_bin = workspace_binary("switchyard-operator", "switchyard-operator")?;
-    let gateway_bin = workspace_binary("switchyard-gateway", "switchyard-gateway")?;
+    say(
+        "building the operator and gateway images (images/build.sh: static binaries, buildah, no daemon)",
+    );
+    let built = images::build()?;
     let fake_bin = workspace_binary("fake-provider", "fake-provider")?;
 
-    say("starting the local control plane (the first run builds it from source: ~15 minutes)");
-    let cluster = Cluster::start()?;
+    say(
+        "starting the local control plane with a real node (the first run builds it from source: ~20 minutes)",
+    );
+    let cluster = Cluster::start_with(Options { real_node: true })?;
     let mut children: Vec<Child> = Vec::new();
-
-    say("installing the CRDs from charts/switchyard/crds");
-    let crds = repo_root()
-        .join("charts/switchyard/crds")
-        .display()
-        .to_string();
+    for archive in built.all() {
+        cluster.import_image(archive)?;
+    }
     print!(
         "{}",
-        cluster.kubectl_ok(&["apply", "--server-side", "-f", &crds])?
+        cluster.kubectl_ok(&["get", "nodes", "-L", "topology.kubernetes.io/region"])?
     );
-    cluster.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/providerpools.switchyard.dev",
-        "crd/routingpolicies.switchyard.dev",
-    ])?;
 
-    say("starting the operator");
-    let mut cmd = Command::new(&operator_bin);
-    cmd.args([
-        "--gateway-image",
-        "switchyard-gateway:demo",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "text",
-    ]);
-    children.push(cluster.spawn_process("switchyard-operator", cmd)?);
+    say("helm install switchyard charts/switchyard (the operator runs in pods on the real node)");
+    let out = cluster
+        .helm()
+        .args(["install", "switchyard"])
+        .arg(repo_root().join("charts/switchyard"))
+        .args([
+            "-n",
+            "switchyard-system",
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "180s",
+        ])
+        .args([
+            "--set",
+            "image.repository=localhost/switchyard-operator,image.tag=dev,image.pullPolicy=Never",
+        ])
+        .args([
+            "--set",
+            "gatewayImage.repository=localhost/switchyard-gateway,gatewayImage.tag=dev",
+        ])
+        .args(["--set", "nodeSelector.switchyard\\.dev/node=real"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "helm install failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.diagnose()
+        );
+    }
+    print!(
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!();
 
-    // Every provider of the example pool gets a fake on loopback; nothing leaves this machine.
+    // Every provider of the example pool gets a fake on the node's bridge, where gateway
+    // pods reach it; nothing leaves this machine.
     let examples = repo_root().join("examples");
     let manifests = crds::manifests::load(&examples, NS)?;
     let mut pool = manifests
@@ -166,19 +200,29 @@ fn main() -> anyhow::Result<()> {
     for p in &mut pool.spec.providers {
         let port = free_port()?;
         let mut cmd = Command::new(&fake_bin);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", &p.name]);
+        cmd.args(["--listen", &format!("{NODE_IP}:{port}"), "--name", &p.name]);
         children.push(cluster.spawn_process(&format!("fake-{}", p.name), cmd)?);
         println!(
-            "    {:<18} {:<17} {} -> http://127.0.0.1:{port}",
+            "    {:<18} {:<17} {} -> http://{NODE_IP}:{port}",
             p.name,
             p.provider_type.as_str(),
             p.endpoint
         );
-        p.endpoint = format!("http://127.0.0.1:{port}");
+        p.endpoint = format!("http://{NODE_IP}:{port}");
         fakes.insert(p.name.clone(), port);
     }
+    // One real node: every region's gateways are pinned to it instead of to nodes labelled
+    // with the region (kwok nodes, which run nothing).
+    for region in &mut pool.spec.regions {
+        region.node_selector = Some(std::collections::BTreeMap::from([(
+            "switchyard.dev/node".to_owned(),
+            "real".to_owned(),
+        )]));
+    }
 
-    say("kubectl apply -f examples/ (provider endpoints pointed at the fakes)");
+    say(
+        "kubectl apply -f examples/ (provider endpoints pointed at the fakes; every region's gateways on the real node)",
+    );
     for file in [
         "00-namespace.yaml",
         "10-secrets.yaml",
@@ -206,8 +250,8 @@ fn main() -> anyhow::Result<()> {
         .output()?;
     println!("    {}", String::from_utf8_lossy(&out.stderr).trim());
 
-    say("waiting for the operator to roll out a gateway Deployment per region");
-    wait_for("the pool to turn Ready", Duration::from_secs(120), || {
+    say("waiting for the operator to roll out a gateway Deployment per region (real containers)");
+    wait_for("the pool to turn Ready", Duration::from_secs(180), || {
         pool_condition(&cluster, "Ready", "status").is_ok_and(|s| s == "True")
     })?;
     print!(
@@ -215,57 +259,25 @@ fn main() -> anyhow::Result<()> {
         cluster.kubectl_ok(&["get", "deployments,pods", "-n", NS, "-o", "wide"])?
     );
 
-    say(
-        "starting one gateway process per region, as the pool's ServiceAccount, reading the operator's ConfigMaps",
-    );
-    let sa = format!("system:serviceaccount:{NS}:chat-gateway");
-    let groups = [
-        "system:serviceaccounts",
-        &format!("system:serviceaccounts:{NS}"),
-        "system:authenticated",
-    ];
-    let kubeconfig = cluster.kubeconfig_as(&sa, &groups)?;
     let mut gateways = Vec::new();
     for region in REGIONS {
-        let port = free_port()?;
-        let mut cmd = Command::new(&gateway_bin);
-        cmd.args([
-            "--configmap",
-            &format!("chat-{region}"),
-            "--namespace",
-            NS,
-            "--region",
-            region,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ]);
-        cmd.env("KUBECONFIG", &kubeconfig);
-        children.push(cluster.spawn_process(&format!("gateway-{region}"), cmd)?);
-        println!("    {region:<8} http://127.0.0.1:{port}/v1");
-        gateways.push((region, port));
+        let ip = cluster_ip(&cluster, &format!("chat-{region}"))?;
+        gateways.push((region, format!("http://{ip}:8080/v1")));
     }
-    for (region, port) in &gateways {
-        wait_for(
-            &format!("the {region} gateway"),
-            Duration::from_secs(30),
-            || {
-                Command::new("curl")
-                    .args(["-sf", &format!("http://127.0.0.1:{port}/readyz")])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            },
-        )?;
+    say("each region's gateways answer on their Service (ClusterIP, routed by kube-proxy)");
+    for (region, url) in &gateways {
+        println!("    {region:<8} {url}  (chat-{region}.{NS}.svc.cluster.local from pods)");
     }
-    let us_east = gateways[0].1;
-    let eu_west = gateways[2].1;
+    let us_east = gateways[0].1.clone();
+    let eu_west = gateways[2].1.clone();
 
-    say("requests with the official openai SDK to the us-east gateway");
-    client(&py, us_east, "gpt-4o", 4)?;
-    client(&py, us_east, "gpt-4o-mini", 4)?;
+    say("requests with the official openai SDK to the us-east gateways");
+    client(&py, &us_east, "gpt-4o", 4)?;
+    client(&py, &us_east, "gpt-4o-mini", 4)?;
     say("the same model from eu-west prefers the local Azure deployment");
-    client(&py, eu_west, "gpt-4o", 2)?;
+    client(&py, &eu_west, "gpt-4o", 2)?;
     say("claude-sonnet is served by Anthropic's Messages API, translated both ways");
-    client(&py, us_east, "claude-sonnet", 2)?;
+    client(&py, &us_east, "claude-sonnet", 2)?;
 
     std::thread::sleep(Duration::from_secs(4));
     say("kubectl get providerpools,routingpolicies -o wide");
@@ -284,12 +296,12 @@ fn main() -> anyhow::Result<()> {
     say("taking OpenAI and Azure us-east down (503s and connection resets)");
     fault(fakes["openai"], "status:503")?;
     fault(fakes["azure-eastus"], "reset")?;
-    client(&py, us_east, "gpt-4o", 8)?;
+    client(&py, &us_east, "gpt-4o", 8)?;
 
     say("the failover shows in the pool status within seconds");
     wait_for(
         "the pool to report the ejections",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || {
             pool_condition(&cluster, "Degraded", "message")
                 .is_ok_and(|m| m.contains("us-east/openai"))
@@ -321,22 +333,22 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!();
-    println!(
-        "Point kubectl at the cluster:  export KUBECONFIG={}",
-        cluster.kubeconfig().display()
-    );
-    println!(
-        "                                {} get providerpools -n {NS} -w",
-        cluster.binaries().path("kubectl").display()
-    );
-    println!(
-        "Send your own requests:        OPENAI_BASE_URL=http://127.0.0.1:{us_east}/v1 OPENAI_API_KEY={CLIENT_KEY} ..."
-    );
-    println!(
-        "Component logs:                {}",
-        cluster.logs_dir().display()
-    );
     if !exit_at_end {
+        println!(
+            "Point kubectl at the cluster:  export KUBECONFIG={}",
+            cluster.kubeconfig().display()
+        );
+        println!(
+            "                                {} get providerpools,pods -n {NS} -o wide",
+            cluster.binaries().path("kubectl").display()
+        );
+        println!(
+            "Send your own requests:        OPENAI_BASE_URL={us_east} OPENAI_API_KEY={CLIENT_KEY} ..."
+        );
+        println!(
+            "Component and container logs:  {}",
+            cluster.logs_dir().display()
+        );
         println!("Everything stays up until Ctrl-C.");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -345,7 +357,7 @@ fn main() -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
         });
     }
-    say("tearing down");
+    say("tearing down (pods, the node, the control plane)");
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();

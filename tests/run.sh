@@ -63,7 +63,9 @@ left="$(ls -d "$TMPDIR"/switchyard-cp-* 2>/dev/null || true)"
 if [ -n "$left" ]; then
   echo "cluster directories left behind:"; echo "$left"; exit 1
 fi
-# The real node's machine-wide state: its run directory, bridge, chains and cgroups.
+# The real node's machine-wide state: its run directory, bridge, chains and cgroups. A
+# reaper still tearing a node down holds the lock until it is done.
+flock -w 120 /run/switchyard-node.lock true || { echo "a real node is still running"; exit 1; }
 node_left=""
 [ -e /run/switchyard-node ] && node_left+=" /run/switchyard-node"
 ip link show swbr0 >/dev/null 2>&1 && node_left+=" bridge swbr0"

@@ -71,7 +71,15 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut max_body = 16 << 20;
     let mut replay_bytes = 64 << 20;
     let mut ca_file = None;
-    let mut shutdown_delay = Duration::ZERO;
+    // The operator sets the delay through the environment, which gateway images older
+    // than the flag ignore instead of refusing to start.
+    let mut shutdown_delay = match std::env::var("SWITCHYARD_SHUTDOWN_DELAY_SECONDS") {
+        Ok(v) => Duration::from_secs(
+            v.parse()
+                .context("SWITCHYARD_SHUTDOWN_DELAY_SECONDS needs a number")?,
+        ),
+        Err(_) => Duration::ZERO,
+    };
     let mut drain = Duration::from_secs(30);
     let mut json_logs = true;
     let mut args = flag_values(std::env::args().skip(1));

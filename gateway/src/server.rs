@@ -31,16 +31,21 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Largest answer kept for idempotent replay; longer ones are served but not kept.
 const MAX_REPLAY_BYTES: usize = 8 << 20;
 
+/// Wait after a failed accept, doubling up to the maximum while failures last.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Response body type of every handler.
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// How a gateway stops.
 #[derive(Debug, Clone, Copy)]
 pub struct Shutdown {
-    /// After the signal, how long to keep accepting and serving with readiness off while
-    /// load balancers (Service endpoints, kube-proxy) stop sending here. Responses then
-    /// carry `Connection: close`, so keep-alive clients reconnect elsewhere on their own
-    /// instead of racing a close of their idle connection.
+    /// After the signal, how long to keep accepting and serving while load balancers stop
+    /// sending here (in Kubernetes the pod leaves its Service's endpoints because it is
+    /// terminating; `/readyz` also answers 503, for balancers that only probe).
+    /// HTTP/1.x responses then carry `Connection: close`, so keep-alive clients reconnect
+    /// elsewhere on their own instead of racing a close of their idle connection.
     pub delay: Duration,
     /// Then, how long requests in flight may take to finish.
     pub drain: Duration,
@@ -99,10 +104,24 @@ async fn accept_until(
     until: impl std::future::Future<Output = ()>,
 ) {
     let mut until = std::pin::pin!(until);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => {
+                        backoff = ACCEPT_BACKOFF_MIN;
+                        accepted
+                    }
+                    // Out of file descriptors, say: retrying at once would spin a core
+                    // and starve the connections already open.
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accepting a connection failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let gw = gw.clone();
                 let service = hyper::service::service_fn(move |req| {
@@ -199,9 +218,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     if let Ok(v) = hyper::header::HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    // HTTP/2 clients get a GOAWAY when the drain starts; HTTP/1.1 ones are told here.
-    if version == hyper::Version::HTTP_11 && gw.draining.load(std::sync::atomic::Ordering::Relaxed)
-    {
+    // HTTP/2 clients get a GOAWAY when the drain starts; HTTP/1.x ones are told here.
+    if version < hyper::Version::HTTP_2 && gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
         resp.headers_mut().insert(
             hyper::header::CONNECTION,
             hyper::header::HeaderValue::from_static("close"),

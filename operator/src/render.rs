@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crds::pool::Region;
 use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -318,10 +320,6 @@ fn deployment(
         region.name.clone(),
         "--listen".into(),
         format!("0.0.0.0:{port}"),
-        // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving (not
-        // ready) until then drops no request. Delay + drain stay within the grace period.
-        "--shutdown-delay-seconds".into(),
-        SHUTDOWN_DELAY_SECONDS.to_string(),
     ];
     let mut mounts = vec![VolumeMount {
         name: "tmp".into(),
@@ -359,17 +357,28 @@ fn deployment(
         name: "gateway".into(),
         image: Some(image.into()),
         args: Some(args),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
+        env: Some(vec![
+            // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving
+            // until then drops no request. Delay + drain (30 s) stay within the grace
+            // period. An environment variable, not a flag, so that a pool pinned to an
+            // older gateway image still starts.
+            EnvVar {
+                name: "SWITCHYARD_SHUTDOWN_DELAY_SECONDS".into(),
+                value: Some(SHUTDOWN_DELAY_SECONDS.to_string()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
                 }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+                ..EnvVar::default()
+            },
+        ]),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: port,
@@ -396,6 +405,14 @@ fn deployment(
         metadata: meta(pool, name.to_owned(), Some(&region.name), owner),
         spec: DeploymentSpec {
             replicas: Some(region.replicas),
+            // A replacement is ready before an old gateway goes, at any replica count.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             selector: LabelSelector {
                 match_labels: Some(selector(&pool_name, Some(&region.name))),
                 ..LabelSelector::default()

@@ -125,6 +125,33 @@ def test_sigterm_finishes_requests_in_flight(stack, client_for):
     assert gw.proc.wait(10) == 0
 
 
+def test_sigterm_keeps_serving_not_ready_for_the_shutdown_delay(stack, client_for):
+    from http.client import HTTPConnection
+
+    gw, _ = stack(["alpha"], gateway_args=("--shutdown-delay-seconds", "2"))
+    host, port = gw.url.removeprefix("http://").split(":")
+    kept_alive = HTTPConnection(host, int(port), timeout=5)
+    kept_alive.request("GET", "/readyz")
+    first = kept_alive.getresponse()
+    first.read()
+    assert first.status == 200 and first.getheader("connection") != "close"
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    # Still serving, new connections included, but no longer ready.
+    assert http("GET", f"{gw.url}/readyz")[0] == 503
+    answer = client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert answer.choices[0].message.content.startswith("Hello from alpha")
+    # A keep-alive client is told to reconnect (elsewhere) on its next answer.
+    kept_alive.request("GET", "/healthz")
+    reply = kept_alive.getresponse()
+    reply.read()
+    assert reply.status == 200 and reply.getheader("connection") == "close"
+    kept_alive.close()
+    assert gw.proc.poll() is None, "the gateway waits out its delay"
+    assert gw.proc.wait(10) == 0
+    assert "still serving while endpoints stop sending here" in gw.output()
+
+
 def test_oversized_headers_are_refused(stack):
     import socket
 

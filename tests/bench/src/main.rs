@@ -1,7 +1,8 @@
 //! `switchyard-bench`: measures what BENCHMARKS.md reports, on this machine, in one run.
 //!
 //! ```text
-//! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator]
+//! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator] [--skip-realnode]
+//! cargo run --release -p bench -- --only-realnode   # rewrite only the real-node section
 //! cargo run --release -p bench -- --saturate URL [--seconds 10]   # load only, for profiling
 //! ```
 //!
@@ -24,6 +25,9 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Where the hand-written part of BENCHMARKS.md starts; a run keeps it.
 const NOTES_HEADING: &str = "## Notes across runs";
+
+/// The section the real-node tier's measurements go to.
+const REALNODE_HEADING: &str = "## Real node: images and routine operations";
 
 /// A body of about 1 KiB, like a short chat request.
 fn request_body() -> Bytes {
@@ -347,6 +351,8 @@ async fn main() -> anyhow::Result<()> {
     let mut out_path = harness::repo_root().join("BENCHMARKS.md");
     let mut seconds = 10u32;
     let mut operator = true;
+    let mut realnode = true;
+    let mut only_realnode = false;
     let mut saturate_url = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -354,6 +360,8 @@ async fn main() -> anyhow::Result<()> {
             "--out" => out_path = PathBuf::from(args.next().context("--out needs a path")?),
             "--seconds" => seconds = args.next().context("--seconds needs a number")?.parse()?,
             "--skip-operator" => operator = false,
+            "--skip-realnode" => realnode = false,
+            "--only-realnode" => only_realnode = true,
             "--saturate" => saturate_url = Some(args.next().context("--saturate needs a URL")?),
             other => bail!("unknown argument {other}"),
         }
@@ -367,6 +375,22 @@ async fn main() -> anyhow::Result<()> {
             s.p99_ms,
             s.errors
         );
+        return Ok(());
+    }
+    if only_realnode {
+        let mut section = String::new();
+        realnode_benchmarks(&mut section)?;
+        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
+        let start = old
+            .find(REALNODE_HEADING)
+            .unwrap_or_else(|| old.find(NOTES_HEADING).unwrap_or(old.len()));
+        let end = old[start..]
+            .find(NOTES_HEADING)
+            .map_or(old.len(), |i| start + i);
+        let report = format!("{}{section}{}", &old[..start], &old[end..]);
+        std::fs::write(&out_path, &report)?;
+        println!("{section}");
+        println!("wrote the real-node section of {}", out_path.display());
         return Ok(());
     }
     let bin = release_binaries()?;
@@ -387,6 +411,14 @@ async fn main() -> anyhow::Result<()> {
         writeln!(
             report,
             "## Operator\n\nSkipped in this run (`--skip-operator`).\n"
+        )?;
+    }
+    if realnode {
+        realnode_benchmarks(&mut report)?;
+    } else {
+        writeln!(
+            report,
+            "{REALNODE_HEADING}\n\nSkipped in this run (`--skip-realnode`).\n"
         )?;
     }
     // The hand-written analysis at the end of the file outlives the numbers above it.
@@ -774,4 +806,123 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
     )?;
     drop(op);
     Ok(())
+}
+
+/// Image sizes, and client-visible cost of routine operations on the real node: the
+/// zero-drop test of `tests/harness/tests/realnode.rs` runs (it fails on one failed
+/// request) and its per-operation numbers are reported.
+fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
+    let root = harness::repo_root();
+    let started = std::time::Instant::now();
+    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["test", "-q", "-p", "harness", "--test", "realnode"])
+        .args([
+            "routine_operations_drop_no_client_request",
+            "--",
+            "--exact",
+            "--nocapture",
+        ])
+        .current_dir(&root)
+        .output()?;
+    let took = started.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line_with = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.trim_start_matches("[harness] ").to_owned())
+            .unwrap_or_else(|| "not printed".into())
+    };
+    writeln!(report, "{REALNODE_HEADING}\n")?;
+    writeln!(
+        report,
+        "Images: `images/build.sh` (static binaries, buildah, `FROM scratch`). Sizes are the compressed layers in the OCI archive and the binary in it.\n\n| image | compressed layers | binary |\n| --- | --- | --- |"
+    )?;
+    let images = root.join("target/image");
+    for name in ["switchyard-gateway", "switchyard-operator"] {
+        let archive = images.join(format!("{name}.tar"));
+        let layers = layer_bytes(&archive).unwrap_or(0);
+        let binary = std::fs::metadata(images.join("bin").join(name)).map_or(0, |m| m.len());
+        writeln!(
+            report,
+            "| {name} | {:.1} MB | {:.1} MB |",
+            layers as f64 / 1e6,
+            binary as f64 / 1e6
+        )?;
+    }
+    writeln!(
+        report,
+        "\nNode start (this run): {}; {}.\n",
+        line_with("real node"),
+        line_with("control plane ready")
+    )?;
+    writeln!(
+        report,
+        "Routine operations under load: a client pod on the real node (`loadgen`, open loop, 200 requests/s, half of them streamed, keep-alive, no retries) calls a region's two gateway pods through their Service's cluster DNS name for 40 s; 5 s in, the operation starts. A request fails on any status but 200, a connection error, a timeout (10 s) or a stream without `[DONE]`. Latency is measured from when a request was due. The test run took {took:.0} s and {}.\n",
+        if out.status.success() {
+            "passed"
+        } else {
+            "FAILED"
+        }
+    )?;
+    let results: serde_json::Value =
+        std::fs::read_to_string(root.join("target/realnode-rollouts.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+    writeln!(
+        report,
+        "| operation | operation took | requests | failed | p50 ms | p99 ms | max ms |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    for r in results.as_array().into_iter().flatten() {
+        let load = &r["load"];
+        writeln!(
+            report,
+            "| {} | {:.1} s | {} | {} | {:.1} | {:.1} | {:.1} |",
+            r["operation"].as_str().unwrap_or_default(),
+            r["seconds"].as_f64().unwrap_or_default(),
+            load["sent"],
+            load["failed"],
+            load["p50_ms"].as_f64().unwrap_or_default(),
+            load["p99_ms"].as_f64().unwrap_or_default(),
+            load["max_ms"].as_f64().unwrap_or_default(),
+        )?;
+    }
+    if !out.status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        writeln!(
+            report,
+            "\nThe test failed; the end of its output:\n\n```\n{}\n```",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )?;
+    }
+    writeln!(report)?;
+    Ok(())
+}
+
+/// The compressed size of an OCI archive's layers, from its manifest.
+fn layer_bytes(archive: &Path) -> Option<u64> {
+    let tar = |member: &str| {
+        Command::new("tar")
+            .arg("-xOf")
+            .arg(archive)
+            .arg(member)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+    };
+    let index = tar("index.json")?;
+    let digest = index["manifests"][0]["digest"]
+        .as_str()?
+        .strip_prefix("sha256:")?
+        .to_owned();
+    let manifest = tar(&format!("blobs/sha256/{digest}"))?;
+    Some(
+        manifest["layers"]
+            .as_array()?
+            .iter()
+            .filter_map(|l| l["size"].as_u64())
+            .sum(),
+    )
 }

@@ -24,27 +24,7 @@ impl Binaries {
         if let Some(dir) = std::env::var_os("SWITCHYARD_CONTROLPLANE_BIN") {
             return Self::at(PathBuf::from(dir));
         }
-        let script = repo_root().join("tests/controlplane/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stderr(Stdio::inherit())
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} failed ({}); see its messages above",
-                script.display(),
-                out.status
-            );
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let dir = stdout
-            .lines()
-            .last()
-            .context("build.sh printed no directory")?
-            .trim();
-        Self::at(PathBuf::from(dir))
+        Self::at(run_build_script("tests/controlplane/build.sh", &[])?)
     }
 
     fn at(dir: PathBuf) -> anyhow::Result<Self> {
@@ -71,6 +51,29 @@ impl Binaries {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+}
+
+/// Runs one of the repository's build scripts (`script` relative to the root, with `env`),
+/// which print progress on stderr and the directory they built into on their last line
+/// of stdout, and returns that directory.
+pub fn run_build_script(script: &str, env: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
+    let path = repo_root().join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {script}"))?;
+    if !out.status.success() {
+        bail!("{script} failed ({}); its messages are above", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .last()
+        .with_context(|| format!("{script} printed no directory"))?;
+    Ok(PathBuf::from(dir.trim()))
 }
 
 /// A binary of this workspace, built (debug) if needed: `switchyard-operator`,

@@ -140,6 +140,7 @@ impl Cluster {
             .arg(&dir)
             .arg(&teardown)
             .arg(node::LOCK)
+            .envs(node::teardown_env())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -349,6 +350,18 @@ impl Cluster {
             }
             if self.dir.join("node-lock-failed").exists() || Instant::now() > deadline {
                 bail!("another real node kept {} for 30 minutes", node::LOCK);
+            }
+            let reaper_gone = self
+                .reaper
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?
+                .as_mut()
+                .is_none_or(|r| r.try_wait().ok().flatten().is_some());
+            if reaper_gone && !self.dir.join("node-locked").exists() {
+                bail!(
+                    "the reaper exited before taking the node lock {} (is flock installed?)",
+                    node::LOCK
+                );
             }
             if !said && self.dir.join("node-lock-waiting").exists() {
                 eprintln!(
@@ -729,6 +742,18 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// One object's fields through a JSONPath template: `get("pod/x", "ns", "{.status.phase}")`.
+    pub fn get(&self, object: &str, namespace: &str, jsonpath: &str) -> anyhow::Result<String> {
+        self.kubectl_ok(&[
+            "get",
+            object,
+            "-n",
+            namespace,
+            "-o",
+            &format!("jsonpath={jsonpath}"),
+        ])
+    }
+
     /// Runs kubectl with `input` on stdin; returns (success, stdout, stderr).
     pub fn kubectl_input(
         &self,
@@ -809,8 +834,11 @@ impl Cluster {
     /// Stops every component and removes the directory (unless logs are kept).
     pub fn stop(&self) {
         // The node goes first (pods, agents, host state), while the API server still
-        // answers; the reaper runs the same teardown again, which finds nothing.
+        // answers; the reaper runs the same teardown again, which finds nothing. Only a
+        // cluster whose reaper holds the node lock may: otherwise the node on this machine
+        // is another cluster's.
         if self.node.is_some()
+            && self.dir.join("node-locked").exists()
             && let Err(e) = node::teardown()
         {
             eprintln!("[harness] the real node's teardown failed: {e:#}");

@@ -34,31 +34,14 @@ impl Images {
 
 /// Builds the three images (incrementally: cargo and buildah redo only what changed).
 pub fn build() -> anyhow::Result<Images> {
-    let root = repo_root();
-    let script = root.join("images/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("EXTRA_BINARIES", "fake-provider loadgen")
-        .env_remove("IMAGE_TAG")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}); its messages are above",
-            script.display(),
-            out.status
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .context("images/build.sh printed nothing")?
-            .trim(),
-    );
+    // IMAGE_TAG is left at its default so the names below hold.
+    let dir = crate::binaries::run_build_script(
+        "images/build.sh",
+        &[
+            ("EXTRA_BINARIES", "fake-provider loadgen"),
+            ("IMAGE_TAG", "dev"),
+        ],
+    )?;
     let testkit = build_testkit(&dir)?;
     Ok(Images {
         operator: dir.join("switchyard-operator.tar"),

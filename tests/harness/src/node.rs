@@ -46,7 +46,7 @@ pub const PAUSE_IMAGE: &str = "localhost/switchyard-pause:dev";
 
 /// Sysctls the kubelet, the bridge plugin and kube-proxy may change; saved before the node
 /// starts and restored by the teardown.
-const SAVED_SYSCTLS: [&str; 10] = [
+const SAVED_SYSCTLS: [&str; 12] = [
     "vm.overcommit_memory",
     "vm.panic_on_oom",
     "kernel.panic",
@@ -57,33 +57,19 @@ const SAVED_SYSCTLS: [&str; 10] = [
     "net.ipv4.conf.all.route_localnet",
     "net.bridge.bridge-nf-call-iptables",
     "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
 ];
+
+/// Directories the kubelet and the CNI library create whatever they are configured with;
+/// the teardown removes the ones the node created.
+const HOST_DIRS: [&str; 3] = ["/var/lib/kubelet", "/var/log/containers", "/var/lib/cni"];
 
 /// The directory of the node's binaries (containerd, its shim, ctr, crictl, CoreDNS,
 /// pause), built by `tests/node/build.sh` if the cache lacks them.
 pub fn ensure_binaries() -> anyhow::Result<PathBuf> {
-    let script = repo_root().join("tests/node/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "the real node cannot be built: {} failed ({}); its messages are above",
-            script.display(),
-            out.status
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .context("build.sh printed nothing")?
-            .trim(),
-    );
+    let dir = crate::binaries::run_build_script("tests/node/build.sh", &[])
+        .context("the real node cannot be built")?;
     for name in [
         "containerd",
         "containerd-shim-runc-v2",
@@ -104,13 +90,63 @@ pub fn teardown() -> anyhow::Result<()> {
     let script = repo_root().join("tests/node/teardown.sh");
     let status = Command::new("bash")
         .arg(&script)
-        .env("SWITCHYARD_NODE_DIR", BASE)
-        .env("SWITCHYARD_NODE_BRIDGE", BRIDGE)
+        .envs(teardown_env())
         .stdin(Stdio::null())
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
         bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+/// The environment of `tests/node/teardown.sh` when the caller's cluster holds the lock.
+pub fn teardown_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("SWITCHYARD_NODE_DIR", BASE),
+        ("SWITCHYARD_NODE_BRIDGE", BRIDGE),
+        ("SWITCHYARD_NODE_LOCK", LOCK),
+        ("SWITCHYARD_NODE_LOCK_HELD", "1"),
+    ]
+}
+
+/// Refuses to start where the node would disturb something that is not ours: another
+/// Kubernetes on this host (its chains or cgroups without our run directory), or routes
+/// that overlap the node's addresses.
+fn check_host() -> anyhow::Result<()> {
+    if Path::new(BASE).exists() {
+        return Ok(());
+    }
+    let rules = Command::new("iptables-save")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if rules.lines().any(|l| l.starts_with(":KUBE-")) {
+        bail!(
+            "iptables holds KUBE-* chains that no Switchyard node made: another Kubernetes seems to run on this machine, and a real node here would disturb it"
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            if e.path().join("kubepods").exists() || e.file_name() == "kubepods" {
+                bail!(
+                    "cgroup {} holds kubepods that no Switchyard node made: another Kubernetes seems to run on this machine",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    let routes = Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for route in routes.lines() {
+        if route.starts_with("10.88.") || route.starts_with("10.96.") {
+            bail!(
+                "the route `{route}` overlaps the real node's pod range {POD_SUBNET} or Service range {SERVICE_CIDR}"
+            );
+        }
     }
     Ok(())
 }
@@ -122,7 +158,9 @@ pub fn prepare_host(node_bins: &Path) -> anyhow::Result<()> {
         eprintln!("[harness] removing what an earlier real node left behind");
     }
     teardown()?;
+    check_host()?;
     std::fs::create_dir_all(Path::new(BASE).join("pids"))?;
+    std::fs::create_dir_all(Path::new(BASE).join("created"))?;
     std::os::unix::fs::symlink(node_bins, Path::new(BASE).join("bin"))
         .context("linking the node's binaries")?;
     let mut saved = String::new();
@@ -133,8 +171,10 @@ pub fn prepare_host(node_bins: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::write(Path::new(BASE).join("sysctls.saved"), saved)?;
-    if !Path::new("/var/lib/kubelet").exists() {
-        std::fs::write(Path::new(BASE).join("var-lib-kubelet.created"), b"")?;
+    for (i, dir) in HOST_DIRS.iter().enumerate() {
+        if !Path::new(dir).exists() {
+            std::fs::write(Path::new(BASE).join(format!("created/{i}")), dir)?;
+        }
     }
     run(
         "ip",
@@ -197,6 +237,9 @@ pub fn write_config(
     // Containers' logs live with the cluster's, so a failed run keeps them.
     let pod_logs = cluster_dir.join("logs/pods");
     std::fs::create_dir_all(&pod_logs)?;
+    // The kubelet links each container's log from /var/log/containers; the teardown
+    // removes the links that point here.
+    std::fs::write(p("pod-logs-dir"), pod_logs.display().to_string())?;
     for d in [
         "containerd/root",
         "containerd/state",
@@ -341,7 +384,8 @@ bindAddress: {NODE_IP}
 healthzBindAddress: 127.0.0.1:{healthz}
 metricsBindAddress: 127.0.0.1:{metrics}
 nodePortAddresses: ["{NODE_IP}/32"]
-conntrack: {{maxPerCore: 0, min: 0}}
+# Zeros leave the host's conntrack sysctls alone.
+conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}}
 "#,
         admin = admin.display(),
         healthz = ports.proxy_healthz,

@@ -136,7 +136,7 @@ fn objects(primary: u16, secondary: u16, first: &str) -> String {
         ));
     }
     out.push_str(&format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: clients, namespace: {NS}}}\nstringData: {{loadgen: {CLIENT_KEY}}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  regions: [{{name: us-east, replicas: 2}}]\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://fake-primary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-primary, key: apiKey}}}}, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://fake-secondary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-secondary, key: apiKey}}}}, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  poolRef: {{name: chat}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: {first}, priority: 0}}, {{provider: {second}, priority: 1}}]}}]\n  timeouts: {{connect: 1s, firstByte: 5s, total: 20s}}\n"
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: clients, namespace: {NS}}}\nstringData: {{loadgen: {CLIENT_KEY}}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  regions: [{{name: us-east, replicas: 2}}]\n  gateway: {{resources: {{requests: {{cpu: 50m, memory: 32Mi}}, limits: {{memory: 128Mi}}}}}}\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://fake-primary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-primary, key: apiKey}}}}, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://fake-secondary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-secondary, key: apiKey}}}}, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  poolRef: {{name: chat}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: {first}, priority: 0}}, {{provider: {second}, priority: 1}}]}}]\n  timeouts: {{connect: 1s, firstByte: 5s, total: 20s}}\n"
     ));
     out
 }
@@ -150,15 +150,11 @@ fn wait(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 }
 
 fn pool_ready(c: &Cluster) -> bool {
-    c.kubectl_ok(&[
-        "get",
-        "providerpool",
-        "chat",
-        "-n",
+    c.get(
+        "providerpool/chat",
         NS,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-    ])
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+    )
     .is_ok_and(|s| s == "True")
 }
 
@@ -183,16 +179,8 @@ fn start_pod(c: &Cluster, name: &str, command: &[&str]) {
 }
 
 fn pod_phase(c: &Cluster, name: &str) -> String {
-    c.kubectl_ok(&[
-        "get",
-        "pod",
-        name,
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.status.phase}",
-    ])
-    .unwrap_or_default()
+    c.get(&format!("pod/{name}"), NS, "{.status.phase}")
+        .unwrap_or_default()
 }
 
 /// Waits for a test-kit pod to finish and returns the last line of its output as JSON.
@@ -282,15 +270,7 @@ fn pods_resolve_services_by_cluster_dns_name() {
     assert_eq!(out["addresses"], serde_json::json!(["10.96.0.1"]), "{out}");
     let svc_ip = e
         .cluster
-        .kubectl_ok(&[
-            "get",
-            "svc",
-            "fake-primary",
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ])
+        .get("svc/fake-primary", NS, "{.spec.clusterIP}")
         .expect("service");
     let out = run_pod(
         &e.cluster,
@@ -392,16 +372,12 @@ fn operator_pod_makes_gateway_pods_that_serve_by_dns_name_and_fail_over() {
         "the primary's health in the pool status",
         Duration::from_secs(60),
         || {
-            c.kubectl_ok(&[
-            "get",
-            "providerpool",
-            "chat",
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={.status.regions[?(@.name==\"us-east\")].providers[?(@.name==\"primary\")].state}",
-        ])
-        .is_ok_and(|s| s == "Ejected" || s == "Degraded")
+            c.get(
+                "providerpool/chat",
+                NS,
+                "{.status.regions[?(@.name==\"us-east\")].providers[?(@.name==\"primary\")].state}",
+            )
+            .is_ok_and(|s| s == "Ejected" || s == "Degraded")
         },
     );
 }
@@ -409,15 +385,11 @@ fn operator_pod_makes_gateway_pods_that_serve_by_dns_name_and_fail_over() {
 /// Waits until `deployment` in `ns` has all its replicas updated and available, and no
 /// old one left.
 fn settled(c: &Cluster, ns: &str, deployment: &str) -> bool {
-    c.kubectl_ok(&[
-        "get",
-        "deployment",
-        deployment,
-        "-n",
+    c.get(
+        &format!("deployment/{deployment}"),
         ns,
-        "-o",
-        "jsonpath={.spec.replicas} {.status.updatedReplicas} {.status.availableReplicas} {.status.replicas}",
-    ])
+        "{.spec.replicas} {.status.updatedReplicas} {.status.availableReplicas} {.status.replicas}",
+    )
     .is_ok_and(|s| {
         let v: Vec<&str> = s.split_whitespace().collect();
         v.len() == 4 && v.iter().all(|x| *x == v[0])
@@ -472,16 +444,8 @@ fn delete_gateway_pod(c: &Cluster) {
 
 fn change_config(c: &Cluster) {
     let revision = || {
-        c.kubectl_ok(&[
-            "get",
-            "configmap",
-            "chat-us-east",
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={.metadata.annotations}",
-        ])
-        .unwrap_or_default()
+        c.get("configmap/chat-us-east", NS, "{.metadata.annotations}")
+            .unwrap_or_default()
     };
     let before = revision();
     c.kubectl_ok(&[
@@ -557,6 +521,8 @@ fn routine_operations_drop_no_client_request() {
         ("routing policy changed", change_config),
         ("leading operator pod killed", kill_operator_pod),
     ];
+    let path = repo_root().join("target/realnode-rollouts.json");
+    let _ = std::fs::remove_file(&path);
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for (i, (what, operation)) in operations.iter().enumerate() {
@@ -577,10 +543,12 @@ fn routine_operations_drop_no_client_request() {
             "[realnode] {what}: took {:.1}s, load {out}",
             took.as_secs_f64()
         );
-        assert!(
-            took < Duration::from_secs(u64::from(SECONDS) - 8),
-            "{what} took {took:?}, longer than the load it was measured under"
-        );
+        // The operation, then the old pods' shutdown delay, must end while load still runs.
+        if took + Duration::from_secs(5 + 8) > Duration::from_secs(u64::from(SECONDS)) {
+            failures.push(format!(
+                "{what} took {took:?}: too long to be measured under a {SECONDS} s load"
+            ));
+        }
         if out["failed"] != 0 || out["ok"] != u64::from(RATE * SECONDS) {
             failures.push(format!("{what}: {out}"));
         }
@@ -590,7 +558,6 @@ fn routine_operations_drop_no_client_request() {
             "load": out,
         }));
     }
-    let path = repo_root().join("target/realnode-rollouts.json");
     let _ = std::fs::write(
         &path,
         serde_json::to_string_pretty(&report).unwrap_or_default(),

@@ -5,7 +5,7 @@
 //! start while another test binary's shared one holds the machine-wide lock.)
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,15 @@ use harness::{Cluster, Options};
 
 const CHILD_ENV: &str = "SWITCHYARD_TEARDOWN_CHILD";
 
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sysctls the node changes, read fresh.
 fn sysctls() -> Vec<(String, String)> {
     [
@@ -21,6 +30,8 @@ fn sysctls() -> Vec<(String, String)> {
         "kernel.panic",
         "kernel.panic_on_oops",
         "net.ipv4.ip_forward",
+        "net.netfilter.nf_conntrack_tcp_timeout_established",
+        "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
     ]
     .iter()
     .map(|k| {
@@ -63,14 +74,31 @@ fn traces() -> Vec<String> {
     if under > 0 {
         left.push(format!("{under} mounts under {BASE}"));
     }
-    for ctl in ["memory", "pids", "cpu"] {
-        if Path::new("/sys/fs/cgroup")
-            .join(ctl)
-            .join("kubepods")
-            .exists()
-        {
-            left.push(format!("cgroup {ctl}/kubepods"));
+    // cgroup v1 (one tree per controller) and v2 (one tree) alike.
+    let trees = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    for tree in trees
+        .iter()
+        .map(PathBuf::as_path)
+        .chain([Path::new("/sys/fs/cgroup")])
+    {
+        for top in ["kubepods", "k8s.io"] {
+            if tree.join(top).is_dir() {
+                left.push(format!("cgroup {}", tree.join(top).display()));
+            }
         }
+    }
+    if Command::new("ip")
+        .args(["-o", "link", "show", "type", "veth"])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty())
+    {
+        left.push("veth interfaces".into());
+    }
+    let links = std::fs::read_dir("/var/log/containers").map_or(0, |d| d.count());
+    if links > 0 {
+        left.push(format!("{links} entries in /var/log/containers"));
     }
     let procs = Command::new("pgrep")
         .args(["-f", "containerd-shim-runc-v2|/pause$"])
@@ -111,13 +139,20 @@ fn a_killed_process_leaves_no_trace_of_its_real_node() {
         child();
         return;
     }
+    // A node another test binary just stopped may still be tearing down: its reaper holds
+    // the lock until it is done.
+    let free = Command::new("flock")
+        .args(["-w", "300", harness::node::LOCK, "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(free, "{} stayed held", harness::node::LOCK);
     let before = sysctls();
     assert!(
         traces().is_empty(),
         "the machine holds a real node already: {:?}",
         traces()
     );
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+    let child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "a_killed_process_leaves_no_trace_of_its_real_node",
             "--exact",
@@ -128,7 +163,9 @@ fn a_killed_process_leaves_no_trace_of_its_real_node() {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("child starts");
-    let stdout = child.stdout.take().expect("child stdout");
+    // Killed whatever happens, so a failed assertion does not leave a node running.
+    let mut child = KillOnDrop(child);
+    let stdout = child.0.stdout.take().expect("child stdout");
     let up = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
@@ -145,8 +182,8 @@ fn a_killed_process_leaves_no_trace_of_its_real_node() {
     );
 
     // SIGKILL: no destructor runs; the reaper alone cleans up.
-    child.kill().expect("kill -9");
-    let _ = child.wait();
+    child.0.kill().expect("kill -9");
+    let _ = child.0.wait();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !traces().is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(500));

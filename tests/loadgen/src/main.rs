@@ -158,8 +158,11 @@ async fn main() -> anyhow::Result<()> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(2)));
+    // hyper-util would silently resend a request whose pooled connection the server had
+    // just closed; that is the very failure a shutdown can cause, so it must count.
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
+        .retry_canceled_requests(false)
         .build(http);
     let total = u64::from(args.rate) * u64::from(args.seconds);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Outcome)>();
@@ -221,7 +224,8 @@ async fn main() -> anyhow::Result<()> {
             .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
-    let failed: u64 = failures.values().sum();
+    // A request that never reported (a task that died) is a failure too.
+    let failed = total - latencies.len() as u64;
     println!(
         "{}",
         serde_json::json!({

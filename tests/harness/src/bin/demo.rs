@@ -44,20 +44,16 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> anyh
     Ok(())
 }
 
-/// The Python with the openai SDK: the repo's .venv, created if missing.
 /// A field (`status`, `message`, ...) of one of the demo pool's conditions.
 fn pool_condition(cluster: &Cluster, type_: &str, field: &str) -> anyhow::Result<String> {
-    cluster.kubectl_ok(&[
-        "get",
-        "providerpool",
-        "chat",
-        "-n",
+    cluster.get(
+        "providerpool/chat",
         NS,
-        "-o",
-        &format!("jsonpath={{.status.conditions[?(@.type==\"{type_}\")].{field}}}"),
-    ])
+        &format!("{{.status.conditions[?(@.type==\"{type_}\")].{field}}}"),
+    )
 }
 
+/// The Python with the openai SDK: the repo's .venv, created if missing.
 fn python() -> anyhow::Result<PathBuf> {
     let venv = repo_root().join(".venv");
     let py = venv.join("bin/python");
@@ -113,15 +109,7 @@ fn fault(port: u16, spec: &str) -> anyhow::Result<()> {
 
 /// The ClusterIP of a Service.
 fn cluster_ip(cluster: &Cluster, service: &str) -> anyhow::Result<String> {
-    cluster.kubectl_ok(&[
-        "get",
-        "service",
-        service,
-        "-n",
-        NS,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ])
+    cluster.get(&format!("service/{service}"), NS, "{.spec.clusterIP}")
 }
 
 fn main() -> anyhow::Result<()> {

@@ -417,6 +417,12 @@ fn gateway_pods(c: &Cluster) -> Vec<String> {
 type Operation = fn(&Cluster);
 
 fn rolling_restart(c: &Cluster) {
+    let before = gateway_pods(c);
+    assert_eq!(
+        before.len(),
+        2,
+        "two gateway pods before the restart: {before:?}"
+    );
     c.kubectl_ok(&["rollout", "restart", "deployment/chat-us-east", "-n", NS])
         .expect("rollout restart");
     c.kubectl_ok(&[
@@ -428,6 +434,21 @@ fn rolling_restart(c: &Cluster) {
         "--timeout=120s",
     ])
     .expect("rollout finishes");
+    // Done when every old pod is gone, not only when the new ones are available: the old
+    // ones' shutdown is what could drop requests.
+    let rolled = Instant::now();
+    wait(
+        "the old gateway pods to exit",
+        Duration::from_secs(120),
+        || {
+            let now = gateway_pods(c);
+            now.len() == 2 && before.iter().all(|p| !now.contains(p))
+        },
+    );
+    eprintln!(
+        "[realnode] rollout status returned; the old pods were gone {:.1}s later",
+        rolled.elapsed().as_secs_f64()
+    );
 }
 
 fn delete_gateway_pod(c: &Cluster) {

@@ -320,8 +320,8 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: p}\ns
         .expect("CRDs stay, as Helm does");
 }
 
-/// The Dockerfiles copy the binaries `cargo build --release` produces, and the chart's
-/// default images carry the names the README's kind instructions build.
+/// The Dockerfiles' default target builds the binary from source the way images/build.sh
+/// does on the host (tests/harness/tests/images.rs builds and inspects the images).
 #[test]
 fn dockerfiles_copy_the_release_binaries_the_workspace_builds() {
     for (file, package) in [
@@ -329,13 +329,19 @@ fn dockerfiles_copy_the_release_binaries_the_workspace_builds() {
         ("images/gateway.Dockerfile", "switchyard-gateway"),
     ] {
         let text = std::fs::read_to_string(repo_root().join(file)).expect("Dockerfile");
+        // The default (Docker) target builds from source with the command images/build.sh
+        // runs on the host, and copies the same binary to the same place as `prebuilt`.
         assert!(
-            text.contains(&format!("cargo build --release --locked -p {package} ")),
+            text.contains(&format!("cargo build --release --locked -p {package} --target")),
             "{file} builds {package}"
         );
         assert!(
-            text.contains(&format!("release/{package} /{package}")),
-            "{file} copies the {package} binary"
+            text.contains(&format!("COPY --from=build /out/{package} /{package}")),
+            "{file} copies the {package} binary it built"
+        );
+        assert!(
+            text.contains(&format!("COPY target/image/bin/{package} /{package}")),
+            "{file}'s prebuilt target copies the binary images/build.sh built"
         );
         assert!(text.contains("USER 65532:65532"), "{file} runs as non-root");
         let manifest = std::fs::read_to_string(

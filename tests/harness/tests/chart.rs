@@ -332,7 +332,9 @@ fn dockerfiles_copy_the_release_binaries_the_workspace_builds() {
         // The default (Docker) target builds from source with the command images/build.sh
         // runs on the host, and copies the same binary to the same place as `prebuilt`.
         assert!(
-            text.contains(&format!("cargo build --release --locked -p {package} --target")),
+            text.contains(&format!(
+                "cargo build --release --locked -p {package} --target"
+            )),
             "{file} builds {package}"
         );
         assert!(

@@ -22,6 +22,11 @@ pub struct Gateway {
     pub region: String,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
+    /// What each client connection may take.
+    pub limits: ClientLimits,
+    /// Whether `/metrics` and `/status` are served on the client port (no
+    /// `--admin-listen`) rather than only on the admin listener.
+    pub admin_on_api_port: bool,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Answers kept for requests retried with the same `Idempotency-Key`.
@@ -32,6 +37,32 @@ pub struct Gateway {
     clients: Mutex<HashMap<Duration, HttpClient>>,
     tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
+}
+
+/// Bounds on every client, applied before anything costly is done for it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Time for a request's headers to arrive; also how long an idle keep-alive
+    /// connection stays open.
+    pub header_timeout: Duration,
+    /// Time for a request's whole body to arrive once its headers have.
+    pub body_timeout: Duration,
+    /// Largest request body, in bytes; a larger declared `Content-Length` is refused
+    /// before any of it is read.
+    pub max_body: usize,
+    /// Open client connections; beyond them a connection gets a 503 and is closed.
+    pub max_connections: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            max_body: 16 << 20,
+            max_connections: 4096,
+        }
+    }
 }
 
 /// What the last configuration attempt said, for `/status`.
@@ -48,14 +79,16 @@ impl Gateway {
     /// A gateway with no configuration yet.
     pub fn new(
         region: String,
-        max_body: usize,
+        limits: ClientLimits,
         replay_bytes: usize,
         tls: rustls::ClientConfig,
     ) -> Self {
         Self {
             table: ArcSwapOption::empty(),
             region,
-            max_body,
+            max_body: limits.max_body,
+            limits,
+            admin_on_api_port: true,
             metrics: Metrics::default(),
             replays: Arc::new(Replays::new(replay_bytes)),
             draining: AtomicBool::new(false),

@@ -41,7 +41,7 @@ use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
 const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
-[--pool NAME] [--listen ADDR] [--max-body-bytes N] [--idempotency-max-bytes N] [--ca-file PEM] [--shutdown-delay-seconds N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
+[--pool NAME] [--listen ADDR] [--admin-listen ADDR] [--max-body-bytes N] [--max-connections N] [--header-timeout-seconds N] [--body-timeout-seconds N] [--idempotency-max-bytes N] [--ca-file PEM] [--shutdown-delay-seconds N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
 
 #[derive(Debug)]
 struct Args {
@@ -52,7 +52,8 @@ struct Args {
     namespace: String,
     pool: Option<String>,
     listen: SocketAddr,
-    max_body: usize,
+    admin_listen: Option<SocketAddr>,
+    limits: gateway::ClientLimits,
     replay_bytes: usize,
     ca_file: Option<PathBuf>,
     shutdown_delay: Duration,
@@ -68,7 +69,8 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut namespace = "default".to_owned();
     let mut pool = None;
     let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
-    let mut max_body = 16 << 20;
+    let mut limits = gateway::ClientLimits::default();
+    let mut admin_listen = None;
     let mut replay_bytes = 64 << 20;
     let mut ca_file = None;
     // The operator sets the delay through the environment, which gateway images older
@@ -101,9 +103,35 @@ fn parse_args() -> anyhow::Result<Args> {
                     .context("--listen needs an address such as 127.0.0.1:8080")?
             }
             "--max-body-bytes" => {
-                max_body = value()?
+                limits.max_body = value()?
                     .parse()
                     .context("--max-body-bytes needs a number")?
+            }
+            "--admin-listen" => {
+                admin_listen = Some(
+                    value()?
+                        .parse()
+                        .context("--admin-listen needs an address such as 0.0.0.0:9090")?,
+                )
+            }
+            "--max-connections" => {
+                limits.max_connections = value()?
+                    .parse()
+                    .context("--max-connections needs a number")?
+            }
+            "--header-timeout-seconds" => {
+                limits.header_timeout = Duration::from_secs(
+                    value()?
+                        .parse()
+                        .context("--header-timeout-seconds needs a number")?,
+                )
+            }
+            "--body-timeout-seconds" => {
+                limits.body_timeout = Duration::from_secs(
+                    value()?
+                        .parse()
+                        .context("--body-timeout-seconds needs a number")?,
+                )
             }
             "--idempotency-max-bytes" => {
                 replay_bytes = value()?
@@ -130,6 +158,12 @@ fn parse_args() -> anyhow::Result<Args> {
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
+    if limits.max_connections == 0
+        || limits.header_timeout.is_zero()
+        || limits.body_timeout.is_zero()
+    {
+        bail!("--max-connections and the timeouts must be at least 1\n{USAGE}");
+    }
     if manifests.is_some() == config_map.is_some() {
         bail!("give exactly one of --manifests and --configmap\n{USAGE}");
     }
@@ -144,7 +178,8 @@ fn parse_args() -> anyhow::Result<Args> {
         namespace,
         pool,
         listen,
-        max_body,
+        admin_listen,
+        limits,
         replay_bytes,
         ca_file,
         shutdown_delay,
@@ -172,12 +207,21 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
-    let gw = Arc::new(Gateway::new(
+    let mut gw = Gateway::new(
         args.region.clone(),
-        args.max_body,
+        args.limits,
         args.replay_bytes,
         upstream::tls_config(args.ca_file.as_deref())?,
-    ));
+    );
+    gw.admin_on_api_port = args.admin_listen.is_none();
+    let gw = Arc::new(gw);
+    if let Some(addr) = args.admin_listen {
+        let admin = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} (--admin-listen)"))?;
+        tracing::info!(listen = %admin.local_addr()?, "serving /metrics and /status");
+        tokio::spawn(server::run_admin(gw.clone(), admin));
+    }
     if let Some(path) = &args.manifests {
         let source = ManifestSource {
             path: path.clone(),

@@ -10,11 +10,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rand::Rng;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::auth::presented_key;
@@ -34,6 +35,15 @@ const MAX_REPLAY_BYTES: usize = 8 << 20;
 /// Wait after a failed accept, doubling up to the maximum while failures last.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Concurrent connections to the admin listener (scrapers and people, not traffic).
+const ADMIN_CONNECTIONS: usize = 16;
+
+/// HTTP/2 pings: a peer that does not answer one within this long is dropped.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
+
+/// The body of the answer to a connection beyond `--max-connections`.
+const TOO_MANY_CONNECTIONS: &str = r#"{"error":{"message":"this gateway replica is at its connection limit; retry shortly","type":"server_error","code":"too_many_connections"}}"#;
 
 /// Response body type of every handler.
 pub type Body = BoxBody<Bytes, std::io::Error>;
@@ -63,15 +73,29 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // Bounded headers: a client cannot make the gateway buffer more than this per request
-    // (HTTP/1.1 answers 431 beyond it).
+    // (HTTP/1.1 answers 431 beyond it). The timer is what makes hyper enforce the header
+    // timeout, which also closes keep-alive connections idle for as long.
     builder
         .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.limits.header_timeout)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(128);
     builder
         .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(H2_KEEP_ALIVE))
+        .keep_alive_timeout(H2_KEEP_ALIVE)
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-    accept_until(&gw, &listener, &builder, &graceful, signal).await;
+    let connections = Arc::new(Semaphore::new(gw.limits.max_connections));
+    let front = Front {
+        gw: &gw,
+        listener: &listener,
+        builder: &builder,
+        graceful: &graceful,
+        connections: &connections,
+    };
+    front.accept_until(signal).await;
     if !shutdown.delay.is_zero() {
         gw.draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -79,8 +103,7 @@ pub async fn run(
             delay_seconds = shutdown.delay.as_secs(),
             "shutting down: not ready, still serving while endpoints stop sending here"
         );
-        let delay = tokio::time::sleep(shutdown.delay);
-        accept_until(&gw, &listener, &builder, &graceful, delay).await;
+        front.accept_until(tokio::time::sleep(shutdown.delay)).await;
     }
     drop(listener);
     tracing::info!(
@@ -95,47 +118,153 @@ pub async fn run(
     }
 }
 
-/// Accepts and serves connections until `until` resolves.
-async fn accept_until(
-    gw: &Arc<Gateway>,
-    listener: &TcpListener,
-    builder: &hyper_util::server::conn::auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    until: impl std::future::Future<Output = ()>,
-) {
-    let mut until = std::pin::pin!(until);
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => {
-                        backoff = ACCEPT_BACKOFF_MIN;
-                        accepted
-                    }
-                    // Out of file descriptors, say: retrying at once would spin a core
-                    // and starve the connections already open.
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accepting a connection failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+/// What accepting a connection needs.
+struct Front<'a> {
+    gw: &'a Arc<Gateway>,
+    listener: &'a TcpListener,
+    builder: &'a hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    graceful: &'a GracefulShutdown,
+    connections: &'a Arc<Semaphore>,
+}
+
+impl Front<'_> {
+    /// Accepts and serves connections until `until` resolves.
+    async fn accept_until(&self, until: impl std::future::Future<Output = ()>) {
+        let mut until = std::pin::pin!(until);
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(accepted) => {
+                            backoff = ACCEPT_BACKOFF_MIN;
+                            accepted
+                        }
+                        // Out of file descriptors, say: retrying at once would spin a core
+                        // and starve the connections already open.
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "accepting a connection failed");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                        tokio::spawn(refuse(stream));
                         continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let gw = gw.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let gw = self.gw.clone();
+                    let service = hyper::service::service_fn(move |req| {
+                        let gw = gw.clone();
+                        async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
+                    });
+                    let conn = self.builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let conn = self.graceful.watch(conn.into_owned());
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                        drop(permit);
+                    });
+                }
+                () = &mut until => break,
             }
-            () = &mut until => break,
         }
+    }
+}
+
+/// Answers a connection over the cap with a 503 and closes it, without reading from it.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    tracing::debug!("connection refused: at the connection cap");
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{TOO_MANY_CONNECTIONS}",
+        TOO_MANY_CONNECTIONS.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+fn invalid_api_key() -> Response<Body> {
+    error_response(
+        StatusCode::UNAUTHORIZED,
+        "invalid_request_error",
+        "invalid_api_key",
+        "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
+    )
+}
+
+fn body_too_large(max: usize) -> Response<Body> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        "request_too_large",
+        &format!("the request body exceeds {max} bytes"),
+    )
+}
+
+/// `/metrics` and `/status`: what the gateway knows of its providers and routes, for
+/// operators, not clients.
+fn admin(gw: &Gateway, path: &str) -> Response<Body> {
+    if path == "/status" {
+        return status(gw);
+    }
+    let text = gw.metrics.render(gw.table.load().as_deref());
+    let mut r = json_response(StatusCode::OK, Bytes::from(text));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
+}
+
+/// Serves `/metrics`, `/status` and `/healthz` on their own listener (the
+/// `--admin-listen` address), kept off the port clients reach. A few connections at a
+/// time, with the client port's header timeout.
+pub async fn run_admin(gw: Arc<Gateway>, listener: TcpListener) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.limits.header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES);
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(ACCEPT_BACKOFF_MAX).await;
+            continue;
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let gw = gw.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let gw = gw.clone();
+            async move {
+                let path = req.uri().path();
+                let resp = match (req.method(), path) {
+                    (&Method::GET, "/metrics" | "/status") => admin(&gw, path),
+                    (&Method::GET, "/healthz") => {
+                        json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+                    }
+                    _ => error_response(
+                        StatusCode::NOT_FOUND,
+                        "invalid_request_error",
+                        "unknown_url",
+                        "the admin port serves /metrics, /status and /healthz",
+                    ),
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
     }
 }
 
@@ -185,18 +314,13 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
             ),
             None => not_ready(),
         },
-        (&Method::GET, "/metrics") => {
-            let text = gw.metrics.render(gw.table.load().as_deref());
-            let mut r = json_response(StatusCode::OK, Bytes::from(text));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        }
-        (&Method::GET, "/status") => status(&gw),
+        (&Method::GET, "/metrics" | "/status") if !gw.admin_on_api_port => error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            &format!("unknown path {path}"),
+        ),
+        (&Method::GET, "/metrics" | "/status") => admin(&gw, &path),
         (&Method::GET, "/v1/models") => models(&gw, &req),
         (&Method::POST, p) if Operation::from_path(p).is_some() => {
             let op = Operation::from_path(p).unwrap_or(Operation::ChatCompletions);
@@ -247,18 +371,40 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         return not_ready();
     };
     let (parts, body) = req.into_parts();
-    let bytes = match Limited::new(body, gw.max_body).collect().await {
+    // Nothing is read or parsed for a client that no route would serve.
+    if !table.admits(presented_key(&parts.headers)) {
+        return invalid_api_key();
+    }
+    let declared = parts
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > gw.max_body as u64) {
+        return body_too_large(gw.max_body);
+    }
+    let read = tokio::time::timeout(
+        gw.limits.body_timeout,
+        Limited::new(body, gw.max_body).collect(),
+    );
+    let Ok(read) = read.await else {
+        return error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "body_timeout",
+            &format!(
+                "the request body did not arrive within {} s",
+                gw.limits.body_timeout.as_secs()
+            ),
+        );
+    };
+    let bytes = match read {
         Ok(b) => b.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-                &format!("the request body exceeds {} bytes", gw.max_body),
-            );
+            return body_too_large(gw.max_body);
         }
         Err(_) => {
             return error_response(
@@ -309,14 +455,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
     let client = match &route.client_keys {
         Some(keys) => match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
             Some(client) => client.to_owned(),
-            None => {
-                return error_response(
-                    StatusCode::UNAUTHORIZED,
-                    "invalid_request_error",
-                    "invalid_api_key",
-                    "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
-                );
-            }
+            None => return invalid_api_key(),
         },
         None => String::new(),
     };

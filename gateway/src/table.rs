@@ -93,6 +93,10 @@ pub struct RoutingTable {
     pub config: GatewayConfig,
     providers: HashMap<String, ProviderEntry>,
     routes: Vec<RouteEntry>,
+    /// Whether some route takes requests without a client key (or cannot check one).
+    any_open: bool,
+    /// The distinct client-key sets of all routes, one per Secret.
+    key_sets: Vec<Arc<ClientKeys>>,
     /// Problems that did not stop the table from being built.
     pub warnings: Vec<String>,
 }
@@ -136,7 +140,9 @@ impl RoutingTable {
             );
         }
         let mut warnings = Vec::new();
-        let routes = config
+        // Routes naming the same Secret share one key set.
+        let mut key_sets: HashMap<String, Arc<ClientKeys>> = HashMap::new();
+        let routes: Vec<RouteEntry> = config
             .routes
             .iter()
             .map(|r| {
@@ -154,7 +160,10 @@ impl RoutingTable {
                                     r.model
                                 ));
                             }
-                            (Some(Arc::new(ClientKeys::new(keys))), None)
+                            let set = key_sets
+                                .entry(name.clone())
+                                .or_insert_with(|| Arc::new(ClientKeys::new(keys)));
+                            (Some(set.clone()), None)
                         }
                         _ => (
                             None,
@@ -176,12 +185,25 @@ impl RoutingTable {
         for w in &warnings {
             tracing::warn!(warning = %w, "configuration problem");
         }
+        // A route without keys is open, or misconfigured (its Secret is missing) and must
+        // say so with a 503 once the model is known: either way no early 401.
+        let any_open = routes.iter().any(|r: &RouteEntry| r.client_keys.is_none());
         Self {
             config,
             providers,
             routes,
+            any_open,
+            key_sets: key_sets.into_values().collect(),
             warnings,
         }
+    }
+
+    /// Whether a request presenting `key` (from its headers) may be served by some route:
+    /// checked before the body is read, so a client without a valid key costs nothing.
+    /// The route's own check, once the model is known, still decides.
+    pub fn admits(&self, key: Option<&str>) -> bool {
+        self.any_open
+            || key.is_some_and(|k| self.key_sets.iter().any(|set| set.identify(k).is_some()))
     }
 
     /// The route for a requested model: exact, else the longest matching pattern.

@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from conftest import http, manifests, provider
+from conftest import CLIENT_KEY, http, manifests, provider
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -38,16 +38,38 @@ def test_unknown_model_is_404_pointing_at_the_model_list(stack, client_for):
 
 def test_malformed_json_is_400_naming_the_problem(stack):
     gw, _ = stack(["alpha"])
-    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", b'{"model": "gpt-4o",', {"authorization": "Bearer x"})
+    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", b'{"model": "gpt-4o",', {"authorization": f"Bearer {CLIENT_KEY}"})
     error = json.loads(body)["error"]
     assert status == 400 and error["code"] == "invalid_json" and "EOF" in error["message"]
 
 
 def test_oversized_body_is_413(stack):
+    """Without a declared length (chunked), the limit holds while reading; a declared one
+    over the limit is refused before reading (test_limits.py)."""
+    import socket
+
     gw, _ = stack(["alpha"])
-    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * (17 << 20)}]}).encode()
-    status, _, body = http("POST", f"{gw.url}/v1/chat/completions", big)
-    assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+    host, port = gw.url.removeprefix("http://").split(":")
+    chunk = b"x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {CLIENT_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        try:
+            for _ in range(17):
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused mid-upload, as it should be
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head[:80]
+    assert json.loads(body)["error"]["code"] == "request_too_large"
 
 
 def test_completions_and_embeddings_are_served(stack, client_for):

@@ -830,7 +830,11 @@ fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
         stderr
             .lines()
             .find(|l| l.contains(needle))
-            .map(|l| l.trim_start_matches("[harness] ").to_owned())
+            .map(|l| {
+                let l = l.trim_start_matches("[harness] ");
+                // The address and kubeconfig of a cluster that is gone say nothing.
+                l.split(" at https://").next().unwrap_or(l).to_owned()
+            })
             .unwrap_or_else(|| "not printed".into())
     };
     writeln!(report, "{REALNODE_HEADING}\n")?;

@@ -149,6 +149,9 @@ impl Region {
 /// Settings of the gateway pods, shared by every region.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("self.adminPort != self.port").message("adminPort must differ from port").field_path(".adminPort"),
+)]
 pub struct GatewaySettings {
     /// Gateway container image. Defaults to the image the operator was installed with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -159,6 +162,13 @@ pub struct GatewaySettings {
     #[serde(default = "default_gateway_port")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: i32,
+
+    /// Port of the gateway's `/metrics` and `/status` (providers, routes and their health)
+    /// inside the pod. It is not on the pool's Services, so clients cannot read them;
+    /// scrape the pods on it.
+    #[serde(default = "default_admin_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub admin_port: i32,
 
     /// Default compute resources of each gateway container; a region may override them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,11 +207,16 @@ fn default_gateway_port() -> i32 {
     8080
 }
 
+fn default_admin_port() -> i32 {
+    9090
+}
+
 impl Default for GatewaySettings {
     fn default() -> Self {
         Self {
             image: None,
             port: default_gateway_port(),
+            admin_port: default_admin_port(),
             resources: None,
             trusted_ca: None,
         }

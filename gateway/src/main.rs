@@ -70,7 +70,14 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut pool = None;
     let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
     let mut limits = gateway::ClientLimits::default();
-    let mut admin_listen = None;
+    // Also from the environment, like the shutdown delay (see there).
+    let mut admin_listen = match std::env::var("SWITCHYARD_ADMIN_LISTEN") {
+        Ok(v) => Some(
+            v.parse()
+                .context("SWITCHYARD_ADMIN_LISTEN needs an address such as 0.0.0.0:9090")?,
+        ),
+        Err(_) => None,
+    };
     let mut replay_bytes = 64 << 20;
     let mut ca_file = None;
     // The operator sets the delay through the environment, which gateway images older

@@ -360,11 +360,18 @@ fn deployment(
         env: Some(vec![
             // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving
             // until then drops no request. Delay + drain (30 s) stay within the grace
-            // period. An environment variable, not a flag, so that a pool pinned to an
-            // older gateway image still starts.
+            // period. Settings newer than some gateway images are environment variables,
+            // not flags, so that a pool pinned to an older image still starts.
             EnvVar {
                 name: "SWITCHYARD_SHUTDOWN_DELAY_SECONDS".into(),
                 value: Some(SHUTDOWN_DELAY_SECONDS.to_string()),
+                ..EnvVar::default()
+            },
+            // Clients reach the API port through the Services; what the gateway knows of
+            // providers and routes stays on a port they do not.
+            EnvVar {
+                name: "SWITCHYARD_ADMIN_LISTEN".into(),
+                value: Some(format!("0.0.0.0:{}", pool.spec.gateway.admin_port)),
                 ..EnvVar::default()
             },
             EnvVar {
@@ -379,12 +386,20 @@ fn deployment(
                 ..EnvVar::default()
             },
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: port,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: pool.spec.gateway.admin_port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
         resources,

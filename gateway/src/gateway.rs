@@ -20,8 +20,6 @@ pub struct Gateway {
     pub table: ArcSwapOption<RoutingTable>,
     /// Region this replica serves.
     pub region: String,
-    /// Largest request body accepted, in bytes.
-    pub max_body: usize,
     /// What each client connection may take.
     pub limits: ClientLimits,
     /// Whether `/metrics` and `/status` are served on the client port (no
@@ -86,7 +84,6 @@ impl Gateway {
         Self {
             table: ArcSwapOption::empty(),
             region,
-            max_body: limits.max_body,
             limits,
             admin_on_api_port: true,
             metrics: Metrics::default(),

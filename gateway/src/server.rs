@@ -24,6 +24,7 @@ use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
 use crate::proxy::{ClientRequest, UpstreamTime, serve};
+use crate::table::Admission;
 use crate::upstream::Operation;
 
 /// Largest request head (request line and headers) accepted, in bytes.
@@ -205,6 +206,11 @@ fn body_too_large(max: usize) -> Response<Body> {
     )
 }
 
+/// Liveness: the process answers.
+fn healthz() -> Response<Body> {
+    json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+}
+
 /// `/metrics` and `/status`: what the gateway knows of its providers and routes, for
 /// operators, not clients.
 fn admin(gw: &Gateway, path: &str) -> Response<Body> {
@@ -247,9 +253,7 @@ pub async fn run_admin(gw: Arc<Gateway>, listener: TcpListener) {
                 let path = req.uri().path();
                 let resp = match (req.method(), path) {
                     (&Method::GET, "/metrics" | "/status") => admin(&gw, path),
-                    (&Method::GET, "/healthz") => {
-                        json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
-                    }
+                    (&Method::GET, "/healthz") => healthz(),
                     _ => error_response(
                         StatusCode::NOT_FOUND,
                         "invalid_request_error",
@@ -296,9 +300,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     let version = req.version();
     let path = req.uri().path().to_owned();
     let mut resp = match (&method, path.as_str()) {
-        (&Method::GET, "/healthz") => {
-            json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
-        }
+        (&Method::GET, "/healthz") => healthz(),
         (&Method::GET, "/readyz") if gw.draining.load(std::sync::atomic::Ordering::Relaxed) => {
             error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -372,20 +374,20 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
     };
     let (parts, body) = req.into_parts();
     // Nothing is read or parsed for a client that no route would serve.
-    if !table.admits(presented_key(&parts.headers)) {
+    let Some(admission) = table.admit(presented_key(&parts.headers)) else {
         return invalid_api_key();
-    }
+    };
     let declared = parts
         .headers
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > gw.max_body as u64) {
-        return body_too_large(gw.max_body);
+    if declared.is_some_and(|n| n > gw.limits.max_body as u64) {
+        return body_too_large(gw.limits.max_body);
     }
     let read = tokio::time::timeout(
         gw.limits.body_timeout,
-        Limited::new(body, gw.max_body).collect(),
+        Limited::new(body, gw.limits.max_body).collect(),
     );
     let Ok(read) = read.await else {
         return error_response(
@@ -404,7 +406,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return body_too_large(gw.max_body);
+            return body_too_large(gw.limits.max_body);
         }
         Err(_) => {
             return error_response(
@@ -452,12 +454,19 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             problem,
         );
     }
-    let client = match &route.client_keys {
-        Some(keys) => match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
+    let client = match (&route.client_keys, admission) {
+        (None, _) => String::new(),
+        (
+            Some(keys),
+            Admission::Client {
+                keys: known,
+                client,
+            },
+        ) if Arc::ptr_eq(keys, known) => client.to_owned(),
+        (Some(keys), _) => match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
             Some(client) => client.to_owned(),
             None => return invalid_api_key(),
         },
-        None => String::new(),
     };
     if !route.config.allows(&client, &model) {
         return error_response(

@@ -86,6 +86,19 @@ pub struct RouteEntry {
     pub misconfigured: Option<String>,
 }
 
+/// What a request's key said before its body was read.
+#[derive(Debug, Clone, Copy)]
+pub enum Admission<'a> {
+    /// The key belongs to `client` of `keys`.
+    Client {
+        keys: &'a Arc<ClientKeys>,
+        client: &'a str,
+    },
+    /// No key set knows the key, but some route needs none (or cannot check one): the
+    /// route decides.
+    Undecided,
+}
+
 /// The immutable snapshot requests are served from.
 #[derive(Debug)]
 pub struct RoutingTable {
@@ -198,12 +211,22 @@ impl RoutingTable {
         }
     }
 
-    /// Whether a request presenting `key` (from its headers) may be served by some route:
-    /// checked before the body is read, so a client without a valid key costs nothing.
-    /// The route's own check, once the model is known, still decides.
-    pub fn admits(&self, key: Option<&str>) -> bool {
-        self.any_open
-            || key.is_some_and(|k| self.key_sets.iter().any(|set| set.identify(k).is_some()))
+    /// Who a request presenting `key` (from its headers) is, checked before its body is
+    /// read so that a client without a valid key costs nothing: `None` when no route would
+    /// serve it. The route's own check, once the model is known, still decides, reusing
+    /// the identification when the route has the same key set.
+    pub fn admit(&self, key: Option<&str>) -> Option<Admission<'_>> {
+        let identified = key.and_then(|k| {
+            self.key_sets.iter().find_map(|keys| {
+                keys.identify(k)
+                    .map(|client| Admission::Client { keys, client })
+            })
+        });
+        match identified {
+            Some(admission) => Some(admission),
+            None if self.any_open => Some(Admission::Undecided),
+            None => None,
+        }
     }
 
     /// The route for a requested model: exact, else the longest matching pattern.

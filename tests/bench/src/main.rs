@@ -845,7 +845,7 @@ fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
     let images = root.join("target/image");
     for name in ["switchyard-gateway", "switchyard-operator"] {
         let archive = images.join(format!("{name}.tar"));
-        let layers = layer_bytes(&archive).unwrap_or(0);
+        let layers = harness::images::layer_bytes(&archive).unwrap_or(0);
         let binary = std::fs::metadata(images.join("bin").join(name)).map_or(0, |m| m.len());
         writeln!(
             report,
@@ -902,31 +902,4 @@ fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
     }
     writeln!(report)?;
     Ok(())
-}
-
-/// The compressed size of an OCI archive's layers, from its manifest.
-fn layer_bytes(archive: &Path) -> Option<u64> {
-    let tar = |member: &str| {
-        Command::new("tar")
-            .arg("-xOf")
-            .arg(archive)
-            .arg(member)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
-    };
-    let index = tar("index.json")?;
-    let digest = index["manifests"][0]["digest"]
-        .as_str()?
-        .strip_prefix("sha256:")?
-        .to_owned();
-    let manifest = tar(&format!("blobs/sha256/{digest}"))?;
-    Some(
-        manifest["layers"]
-            .as_array()?
-            .iter()
-            .filter_map(|l| l["size"].as_u64())
-            .sum(),
-    )
 }

@@ -76,6 +76,22 @@ pub fn run_build_script(script: &str, env: &[(&str, &str)]) -> anyhow::Result<Pa
     Ok(PathBuf::from(dir.trim()))
 }
 
+/// Runs `cmd` to completion; an error says `what` failed, with the command's stderr.
+pub(crate) fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// A binary of this workspace, built (debug) if needed: `switchyard-operator`,
 /// `switchyard-gateway`, `fake-provider`.
 pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {

@@ -75,13 +75,6 @@ pub struct Options {
     pub real_node: bool,
 }
 
-/// The real node of a cluster.
-#[derive(Debug)]
-struct RealNode {
-    bins: PathBuf,
-    socket: PathBuf,
-}
-
 /// A running control plane.
 #[derive(Debug)]
 pub struct Cluster {
@@ -92,7 +85,8 @@ pub struct Cluster {
     children: Mutex<Vec<Component>>,
     reaper: Mutex<Option<Child>>,
     namespaces: AtomicU32,
-    node: Option<RealNode>,
+    /// With a real node: the directory of its binaries (containerd, crictl, ...).
+    node: Option<PathBuf>,
 }
 
 static SHARED: OnceLock<Result<Cluster, String>> = OnceLock::new();
@@ -155,10 +149,7 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             reaper: Mutex::new(Some(reaper)),
             namespaces: AtomicU32::new(0),
-            node: node_bins.map(|bins| RealNode {
-                bins,
-                socket: PathBuf::new(),
-            }),
+            node: node_bins,
         };
         if let Err(e) = cluster.boot() {
             cluster.keep_logs();
@@ -181,9 +172,9 @@ impl Cluster {
         pki::generate(&d)?;
         // With a real node the API server listens on the bridge, where pods (through the
         // `kubernetes` Service) and the kubelet reach it; otherwise on loopback.
-        let api_ip = if let Some(node) = &self.node {
+        let api_ip = if let Some(node_bins) = &self.node {
             self.wait_for_node_lock()?;
-            node::prepare_host(&node.bins)?;
+            node::prepare_host(node_bins)?;
             node::NODE_IP
         } else {
             "127.0.0.1"
@@ -376,13 +367,9 @@ impl Cluster {
 
     /// Starts containerd, the kubelet, kube-proxy and CoreDNS, and waits for the node to
     /// be Ready.
-    fn start_node(&mut self) -> anyhow::Result<()> {
+    fn start_node(&self) -> anyhow::Result<()> {
         let started = Instant::now();
-        let bins = self
-            .node
-            .as_ref()
-            .map(|n| n.bins.clone())
-            .context("no real node was asked for")?;
+        let bins = self.node.as_ref().context("no real node was asked for")?;
         let ports = node::NodePorts {
             kubelet: free_port()?,
             kubelet_healthz: free_port()?,
@@ -405,7 +392,7 @@ impl Cluster {
         let crictl = |args: &[&str]| {
             Command::new(bins.join("crictl"))
                 .arg("--runtime-endpoint")
-                .arg(format!("unix://{}", files.containerd_socket.display()))
+                .arg(format!("unix://{}", node::containerd_socket().display()))
                 .args(args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -416,7 +403,7 @@ impl Cluster {
         self.wait_for("containerd's CRI", Duration::from_secs(60), || {
             crictl(&["info"])
         })?;
-        node::import_pause_image(&bins, &files.containerd_socket)?;
+        node::import_pause_image(bins)?;
 
         let mut kubelet = Command::new(self.bins.path("kubelet"));
         kubelet
@@ -460,9 +447,6 @@ impl Cluster {
                 .is_ok_and(|s| s.trim() == "True")
             },
         )?;
-        if let Some(n) = self.node.as_mut() {
-            n.socket = files.containerd_socket;
-        }
         eprintln!(
             "[harness] real node {} Ready in {:.1}s (region {}, pods on {})",
             node::NODE_NAME,
@@ -492,11 +476,11 @@ impl Cluster {
 
     /// Imports an image archive (OCI or Docker) into the real node's containerd.
     pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
-        let node = self
+        let node_bins = self
             .node
             .as_ref()
             .context("this cluster has no real node to import images into")?;
-        node::import_image(&node.bins, &node.socket, archive)
+        node::import_image(node_bins, archive)
     }
 
     /// What a person debugging a failure looks at first: every pod with its node and
@@ -516,19 +500,12 @@ impl Cluster {
         )
     }
 
-    /// Whether this cluster has a real node.
-    pub fn has_real_node(&self) -> bool {
-        self.node.is_some()
-    }
-
     fn write_kubeconfig(&self) -> anyhow::Result<()> {
-        let p = |name: &str| self.dir.join(name).display().to_string();
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: switchyard-local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: switchyard-local\n  context: {{cluster: switchyard-local, user: admin, namespace: default}}\ncurrent-context: switchyard-local\n",
-            server = self.server,
-            ca = p("ca.crt"),
-            crt = p("admin.crt"),
-            key = p("admin.key"),
+        let text = kubeconfig_text(
+            &self.server,
+            &self.dir.join("ca.crt"),
+            &self.dir.join("admin.crt"),
+            &self.dir.join("admin.key"),
         );
         std::fs::write(&self.kubeconfig, text).context("writing the kubeconfig")?;
         Ok(())
@@ -754,6 +731,24 @@ impl Cluster {
         ])
     }
 
+    /// The names of the `kind` objects in `namespace` matching the label `selector`.
+    pub fn names(&self, kind: &str, namespace: &str, selector: &str) -> Vec<String> {
+        self.kubectl_ok(&[
+            "get",
+            kind,
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+    }
+
     /// Runs kubectl with `input` on stdin; returns (success, stdout, stderr).
     pub fn kubectl_input(
         &self,
@@ -906,6 +901,17 @@ impl Drop for TestNamespace<'_> {
             .cluster
             .kubectl_ok(&["delete", "namespace", &self.name, "--wait=false"]);
     }
+}
+
+/// A kubeconfig for `server` with a client certificate. `kubeconfig_as` relies on its
+/// `client-key:` line; CoreDNS on the context name.
+pub(crate) fn kubeconfig_text(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: switchyard-local\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: client\n  user:\n    client-certificate: {crt}\n    client-key: {key}\ncontexts:\n- name: switchyard-local\n  context: {{cluster: switchyard-local, user: client, namespace: default}}\ncurrent-context: switchyard-local\n",
+        ca = ca.display(),
+        crt = crt.display(),
+        key = key.display(),
+    )
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -15,14 +15,12 @@
 //! DNS server. Pods get addresses in [`POD_SUBNET`] and a route to the Service range only:
 //! no default route, so nothing a pod sends can leave the machine.
 
+use anyhow::{Context, bail};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-
-use crate::binaries::repo_root;
+use crate::binaries::{repo_root, run_cmd};
 
 /// Where the node keeps its state, sockets and pid files (machine-wide, fixed so that a
 /// teardown after a crash finds it).
@@ -46,7 +44,7 @@ pub const PAUSE_IMAGE: &str = "localhost/switchyard-pause:dev";
 
 /// Sysctls the kubelet, the bridge plugin and kube-proxy may change; saved before the node
 /// starts and restored by the teardown.
-const SAVED_SYSCTLS: [&str; 12] = [
+pub const SAVED_SYSCTLS: [&str; 12] = [
     "vm.overcommit_memory",
     "vm.panic_on_oom",
     "kernel.panic",
@@ -209,7 +207,6 @@ pub fn prepare_host(node_bins: &Path) -> anyhow::Result<()> {
 #[derive(Debug)]
 pub struct NodeFiles {
     pub containerd_config: PathBuf,
-    pub containerd_socket: PathBuf,
     pub kubelet_config: PathBuf,
     pub kubelet_kubeconfig: PathBuf,
     pub kube_proxy_config: PathBuf,
@@ -249,7 +246,7 @@ pub fn write_config(
     ] {
         std::fs::create_dir_all(p(d))?;
     }
-    let socket = p("containerd/containerd.sock");
+    let socket = containerd_socket();
     let containerd = format!(
         r#"version = 3
 root = '{root}'
@@ -320,7 +317,7 @@ state = '{state}'
     let kubelet_kubeconfig = p("kubelet.kubeconfig");
     std::fs::write(
         &kubelet_kubeconfig,
-        kubeconfig_text(
+        crate::cluster::kubeconfig_text(
             server,
             &ca,
             &cluster_dir.join("node.crt"),
@@ -402,7 +399,6 @@ conntrack: {{maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeo
 
     Ok(NodeFiles {
         containerd_config: p("containerd.toml"),
-        containerd_socket: socket,
         kubelet_config: p("kubelet.yaml"),
         kubelet_kubeconfig,
         kube_proxy_config: p("kube-proxy.yaml"),
@@ -417,69 +413,38 @@ pub fn record_pid(name: &str, pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the pause image from `tests/node/pause.Dockerfile` with buildah and imports it.
-pub fn import_pause_image(node_bins: &Path, socket: &Path) -> anyhow::Result<()> {
+/// Builds the pause image from `tests/node/pause.Dockerfile` and imports it.
+pub fn import_pause_image(node_bins: &Path) -> anyhow::Result<()> {
     let work = Path::new(BASE).join("pause-build");
     std::fs::create_dir_all(&work)?;
     std::fs::copy(node_bins.join("pause"), work.join("pause"))?;
-    std::fs::copy(
-        repo_root().join("tests/node/pause.Dockerfile"),
-        work.join("Dockerfile"),
-    )?;
     let tar = work.join("pause.tar");
-    let storage = [
-        format!("--root={}", work.join("storage").display()),
-        format!("--runroot={}", work.join("run").display()),
-        "--storage-driver=vfs".to_owned(),
-    ];
-    let mut bud = Command::new("buildah");
-    bud.args(&storage)
-        .args(["bud", "--layers=false", "-q", "-t", PAUSE_IMAGE, "."])
-        .current_dir(&work);
-    run_cmd(bud, "building the pause image with buildah")?;
-    let mut push = Command::new("buildah");
-    push.args(&storage).args([
-        "push",
-        "-q",
+    crate::images::buildah_archive(
+        &work,
+        &repo_root().join("tests/node/pause.Dockerfile"),
         PAUSE_IMAGE,
-        &format!("oci-archive:{}:{PAUSE_IMAGE}", tar.display()),
-    ]);
-    run_cmd(push, "exporting the pause image")?;
-    import_image(node_bins, socket, &tar)?;
+        &tar,
+        None,
+    )?;
+    import_image(node_bins, &tar)?;
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
+/// The containerd socket the kubelet and `ctr` talk to.
+pub fn containerd_socket() -> PathBuf {
+    Path::new(BASE).join("containerd/containerd.sock")
+}
+
 /// Imports an OCI or Docker image archive into the node's containerd, where the kubelet
 /// finds it by name.
-pub fn import_image(node_bins: &Path, socket: &Path, tar: &Path) -> anyhow::Result<()> {
+pub fn import_image(node_bins: &Path, tar: &Path) -> anyhow::Result<()> {
     let mut cmd = Command::new(node_bins.join("ctr"));
     cmd.arg("--address")
-        .arg(socket)
+        .arg(containerd_socket())
         .args(["-n", "k8s.io", "images", "import", "--local"])
         .arg(tar);
     run_cmd(cmd, &format!("importing {} into containerd", tar.display()))
-}
-
-/// Waits until `ready` holds or `timeout` passes.
-pub fn wait(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ready() {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(())
-}
-
-fn kubeconfig_text(server: &str, ca: &Path, crt: &Path, key: &Path) -> String {
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster: {{server: {server}, certificate-authority: {ca}}}\nusers:\n- name: node\n  user: {{client-certificate: {crt}, client-key: {key}}}\ncontexts:\n- name: local\n  context: {{cluster: local, user: node}}\ncurrent-context: local\n",
-        ca = ca.display(),
-        crt = crt.display(),
-        key = key.display(),
-    )
 }
 
 fn write_sysctl(key: &str, value: &str) -> anyhow::Result<()> {
@@ -500,19 +465,4 @@ fn run(program: &str, args: &[&str], what: &str) -> anyhow::Result<()> {
     let mut cmd = Command::new(program);
     cmd.args(args);
     run_cmd(cmd, what)
-}
-
-fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }

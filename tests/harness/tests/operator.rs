@@ -277,22 +277,7 @@ fn removing_a_region_removes_exactly_its_objects() {
     let c = cluster();
     let ns = c.namespace("regions").expect("namespace");
     small_pool(c, ns.name(), &["us-east", "eu-west"]);
-    let names = |kind: &str| -> Vec<String> {
-        c.kubectl_ok(&[
-            "get",
-            kind,
-            "-n",
-            ns.name(),
-            "-l",
-            "switchyard.dev/pool=small",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect()
-    };
+    let names = |kind: &str| c.names(kind, ns.name(), "switchyard.dev/pool=small");
     wait_for("both regions", Duration::from_secs(60), || {
         (names("deployments").len() == 2).then_some(())
     });

@@ -88,29 +88,9 @@ fn try_install(
         fakes.push(cluster.spawn_process(&format!("fake-{name}"), cmd)?);
     }
 
-    cluster.kubectl_ok(&["create", "namespace", SYSTEM_NS])?;
-    let out = cluster
-        .helm()
-        .args(["install", "switchyard"])
-        .arg(repo_root().join("charts/switchyard"))
-        .args(["-n", SYSTEM_NS, "--wait", "--timeout", "180s"])
-        .args(["--set", "image.repository=localhost/switchyard-operator"])
-        .args(["--set", "image.tag=dev", "--set", "image.pullPolicy=Never"])
-        .args([
-            "--set",
-            "gatewayImage.repository=localhost/switchyard-gateway",
-        ])
-        .args(["--set", "gatewayImage.tag=dev"])
-        .args(["--set", "nodeSelector.switchyard\\.dev/node=real"])
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "helm install failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    images::install_chart(cluster)?;
     cluster.kubectl_ok(&["create", "namespace", NS])?;
-    apply(cluster, &objects(primary_port, secondary_port, "primary"))?;
+    apply(cluster, &objects(primary_port, secondary_port))?;
     Ok((primary_port, secondary_port, fakes))
 }
 
@@ -121,14 +101,9 @@ fn apply(c: &Cluster, yaml: &str) -> anyhow::Result<()> {
 }
 
 /// The fake providers' Services (addressed by DNS name from the gateways), the Secrets,
-/// a pool with two gateways on the real node, and a policy that routes `m` to `first`
-/// and fails over to the other.
-fn objects(primary: u16, secondary: u16, first: &str) -> String {
-    let second = if first == "primary" {
-        "secondary"
-    } else {
-        "primary"
-    };
+/// a pool with two gateways on the real node, and a policy that routes `m` to the
+/// primary and fails over to the secondary.
+fn objects(primary: u16, secondary: u16) -> String {
     let mut out = String::new();
     for (name, port) in [("primary", primary), ("secondary", secondary)] {
         out.push_str(&format!(
@@ -136,7 +111,7 @@ fn objects(primary: u16, secondary: u16, first: &str) -> String {
         ));
     }
     out.push_str(&format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: clients, namespace: {NS}}}\nstringData: {{loadgen: {CLIENT_KEY}}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  regions: [{{name: us-east, replicas: 2}}]\n  gateway: {{resources: {{requests: {{cpu: 50m, memory: 32Mi}}, limits: {{memory: 128Mi}}}}}}\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://fake-primary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-primary, key: apiKey}}}}, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://fake-secondary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-secondary, key: apiKey}}}}, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  poolRef: {{name: chat}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: {first}, priority: 0}}, {{provider: {second}, priority: 1}}]}}]\n  timeouts: {{connect: 1s, firstByte: 5s, total: 20s}}\n"
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: clients, namespace: {NS}}}\nstringData: {{loadgen: {CLIENT_KEY}}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  regions: [{{name: us-east, replicas: 2}}]\n  gateway: {{resources: {{requests: {{cpu: 50m, memory: 32Mi}}, limits: {{memory: 128Mi}}}}}}\n  providers:\n  - {{name: primary, type: openaiCompatible, endpoint: 'http://fake-primary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-primary, key: apiKey}}}}, models: [{{name: m}}]}}\n  - {{name: secondary, type: openaiCompatible, endpoint: 'http://fake-secondary.{NS}.svc.cluster.local', region: us-east, credentials: {{secretRef: {{name: fake-secondary, key: apiKey}}}}, models: [{{name: m}}]}}\n---\napiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: chat, namespace: {NS}}}\nspec:\n  poolRef: {{name: chat}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: primary, priority: 0}}, {{provider: secondary, priority: 1}}]}}]\n  timeouts: {{connect: 1s, firstByte: 5s, total: 20s}}\n"
     ));
     out
 }
@@ -397,20 +372,7 @@ fn settled(c: &Cluster, ns: &str, deployment: &str) -> bool {
 }
 
 fn gateway_pods(c: &Cluster) -> Vec<String> {
-    c.kubectl_ok(&[
-        "get",
-        "pods",
-        "-n",
-        NS,
-        "-l",
-        "switchyard.dev/pool=chat",
-        "-o",
-        "jsonpath={.items[*].metadata.name}",
-    ])
-    .unwrap_or_default()
-    .split_whitespace()
-    .map(str::to_owned)
-    .collect()
+    c.names("pods", NS, "switchyard.dev/pool=chat")
 }
 
 /// A routine operation and how to tell it is over.

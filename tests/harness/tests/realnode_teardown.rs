@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::node::{BASE, BRIDGE, PAUSE_IMAGE};
+use harness::node::{BASE, BRIDGE, PAUSE_IMAGE, SAVED_SYSCTLS};
 use harness::{Cluster, Options};
 
 const CHILD_ENV: &str = "SWITCHYARD_TEARDOWN_CHILD";
@@ -23,28 +23,21 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Sysctls the node changes, read fresh.
+/// The sysctls the node may change, read fresh.
 fn sysctls() -> Vec<(String, String)> {
-    [
-        "vm.overcommit_memory",
-        "kernel.panic",
-        "kernel.panic_on_oops",
-        "net.ipv4.ip_forward",
-        "net.netfilter.nf_conntrack_tcp_timeout_established",
-        "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
-    ]
-    .iter()
-    .map(|k| {
-        let path = Path::new("/proc/sys").join(k.replace('.', "/"));
-        (
-            (*k).to_owned(),
-            std::fs::read_to_string(path)
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        )
-    })
-    .collect()
+    SAVED_SYSCTLS
+        .iter()
+        .map(|k| {
+            let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+            (
+                (*k).to_owned(),
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// What of a node is still on the machine, empty when nothing is.

@@ -118,14 +118,14 @@ async fn one(client: &HttpClient, args: &Args, stream: bool) -> Result<(), Strin
         if !body.ends_with(b"data: [DONE]\n\n") {
             return Err("stream ended without [DONE]".into());
         }
-        if memchr(b"\"error\"", &body) {
+        if contains(&body, b"\"error\"") {
             return Err("stream carried an error event".into());
         }
     }
     Ok(())
 }
 
-fn memchr(needle: &[u8], hay: &[u8]) -> bool {
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 

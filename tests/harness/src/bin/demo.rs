@@ -135,44 +135,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     say("helm install switchyard charts/switchyard (the operator runs in pods on the real node)");
-    let out = cluster
-        .helm()
-        .args(["install", "switchyard"])
-        .arg(repo_root().join("charts/switchyard"))
-        .args([
-            "-n",
-            "switchyard-system",
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "180s",
-        ])
-        .args([
-            "--set",
-            "image.repository=localhost/switchyard-operator,image.tag=dev,image.pullPolicy=Never",
-        ])
-        .args([
-            "--set",
-            "gatewayImage.repository=localhost/switchyard-gateway,gatewayImage.tag=dev",
-        ])
-        .args(["--set", "nodeSelector.switchyard\\.dev/node=real"])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "helm install failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            cluster.diagnose()
-        );
-    }
-    print!(
+    let installed = images::install_chart(&cluster).map_err(|e| e.context(cluster.diagnose()))?;
+    println!(
         "{}",
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .take(6)
-            .collect::<Vec<_>>()
-            .join("\n")
+        installed.lines().take(6).collect::<Vec<_>>().join("\n")
     );
-    println!();
 
     // Every provider of the example pool gets a fake on the node's bridge, where gateway
     // pods reach it; nothing leaves this machine.

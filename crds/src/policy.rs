@@ -389,16 +389,21 @@ pub struct Timeouts {
     #[serde(default = "default_connect")]
     pub connect: Duration,
 
-    /// Time from sending a request until the provider's response headers arrive. A provider
-    /// that stays silent this long is abandoned and the request fails over.
+    /// Time from sending a request until the provider's response headers arrive and, for a
+    /// stream, until its first token (SSE comments and keep-alive events do not count). A
+    /// provider that stays silent this long is abandoned and the request fails over; the
+    /// client has been sent nothing yet.
     #[serde(default = "default_first_byte")]
     pub first_byte: Duration,
 
-    /// Longest pause between two chunks of a streamed answer.
+    /// Longest wait for the next token of a streamed answer once it has started; SSE
+    /// comments and keep-alive events do not reset it. A stalled stream resumes on another
+    /// provider where one can continue it, and otherwise ends with an error event.
     #[serde(default = "default_stream_idle")]
     pub stream_idle: Duration,
 
-    /// Limit on the whole request, all retries and fallbacks included.
+    /// Limit on the whole request, all retries and fallbacks included, up to the last
+    /// token of a streamed answer (a stream still running then ends with an error event).
     #[serde(default = "default_total")]
     pub total: Duration,
 }

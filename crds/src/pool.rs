@@ -33,6 +33,8 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
     status = "ProviderPoolStatus",
     derive = "PartialEq",
     doc = "A set of upstream LLM providers and the regions where Switchyard runs gateways for them.",
+    // The pool's name becomes its Services' names, which must be DNS-1035 labels.
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name: a ProviderPool's name names its gateway Services, so it must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter, without dots"),
     printcolumn(
         name = "Regions",
         type_ = "string",

@@ -16,6 +16,8 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use crate::budget::Reservation;
+
 /// Why a body was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
@@ -36,6 +38,9 @@ pub struct RequestBody {
     members: Arc<[(String, Range<usize>)]>,
     /// `model`, decoded once: routing reads it, and so does every try.
     model: Option<String>,
+    /// The bytes' share of the memory budget, given back when the last clone is dropped
+    /// (a stream keeps the body to resume elsewhere).
+    _held: Option<Arc<Reservation>>,
 }
 
 impl RequestBody {
@@ -71,9 +76,16 @@ impl RequestBody {
             raw,
             members,
             model: None,
+            _held: None,
         };
         body.model = body.get::<String>("model");
         Ok(body)
+    }
+
+    /// The body, holding `held` (the reservation its bytes were read under).
+    pub fn holding(mut self, held: Reservation) -> Self {
+        self._held = Some(Arc::new(held));
+        self
     }
 
     /// A body made from a JSON object built in the gateway.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use crate::budget::MemoryBudget;
 use crate::idempotency::Replays;
 use crate::metrics::Metrics;
 use crate::table::RoutingTable;
@@ -25,6 +26,8 @@ pub struct Gateway {
     /// Whether `/metrics` and `/status` are served on the client port (no
     /// `--admin-listen`) rather than only on the admin listener.
     pub admin_on_api_port: bool,
+    /// How long an idle upstream connection stays pooled.
+    pub upstream_idle: Duration,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// Answers kept for requests retried with the same `Idempotency-Key`.
@@ -32,6 +35,11 @@ pub struct Gateway {
     /// Set when shutdown begins: readiness turns false and HTTP/1.1 answers close their
     /// connection.
     pub draining: AtomicBool,
+    /// Everything buffered for requests (bodies, answers, recorded replays) shares this.
+    pub budget: MemoryBudget,
+    /// Turns true just before the drain deadline: streams still running end with an
+    /// explicit interruption event instead of being cut.
+    pub stopping: tokio::sync::watch::Sender<bool>,
     clients: Mutex<HashMap<Duration, HttpClient>>,
     tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
@@ -50,6 +58,8 @@ pub struct ClientLimits {
     pub max_body: usize,
     /// Open client connections; beyond them a connection gets a 503 and is closed.
     pub max_connections: usize,
+    /// Bytes all requests together may buffer (see `budget`).
+    pub memory_budget: usize,
 }
 
 impl Default for ClientLimits {
@@ -59,6 +69,7 @@ impl Default for ClientLimits {
             body_timeout: Duration::from_secs(60),
             max_body: 16 << 20,
             max_connections: 4096,
+            memory_budget: 256 << 20,
         }
     }
 }
@@ -86,9 +97,12 @@ impl Gateway {
             region,
             limits,
             admin_on_api_port: true,
+            upstream_idle: Duration::from_secs(90),
             metrics: Metrics::default(),
             replays: Arc::new(Replays::new(replay_bytes)),
             draining: AtomicBool::new(false),
+            budget: MemoryBudget::new(limits.memory_budget),
+            stopping: tokio::sync::watch::Sender::new(false),
             clients: Mutex::new(HashMap::new()),
             tls,
             config_state: Mutex::new(ConfigState::default()),
@@ -129,7 +143,7 @@ impl Gateway {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(connect)
-            .or_insert_with(|| new_client(connect, self.tls.clone()))
+            .or_insert_with(|| new_client(connect, self.upstream_idle, self.tls.clone()))
             .clone()
     }
 }

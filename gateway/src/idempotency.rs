@@ -20,6 +20,7 @@ use lru::LruCache;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::budget::{MemoryBudget, Reservation};
 use crate::server::Body;
 
 /// Longest accepted `Idempotency-Key`.
@@ -38,15 +39,23 @@ pub struct Stored {
     pub body: Bytes,
 }
 
+/// What an entry costs beyond its strings, headers and body: the LRU node and its hash
+/// slot, the `Arc` around a kept answer, a pending entry's watch channel, and the
+/// allocator's rounding of each of those. Checked against a counting allocator in the
+/// tests below, so the bytes reported are the bytes held.
+const ENTRY_OVERHEAD: usize = 576;
+
+/// What each kept header costs beyond its name and value.
+const HEADER_OVERHEAD: usize = 64;
+
 impl Stored {
     fn size(&self) -> usize {
         self.body.len()
             + self
                 .headers
                 .iter()
-                .map(|(k, v)| k.as_str().len() + v.len())
+                .map(|(k, v)| k.as_str().len() + v.len() + HEADER_OVERHEAD)
                 .sum::<usize>()
-            + 128
     }
 }
 
@@ -60,16 +69,48 @@ enum Entry {
     Stored(Arc<Stored>),
 }
 
+impl Entry {
+    fn size(&self) -> usize {
+        match self {
+            Self::Pending { .. } => 0,
+            Self::Stored(s) => s.size(),
+        }
+    }
+}
+
 #[derive(Debug, Hash, PartialEq, Eq, Clone)]
 struct Key {
     client: String,
     key: String,
 }
 
+impl Key {
+    fn size(&self) -> usize {
+        ENTRY_OVERHEAD + self.client.len() + self.key.len()
+    }
+}
+
+/// The entries and what they hold in total, requests in flight included.
 #[derive(Debug)]
 struct Inner {
     entries: LruCache<Key, Entry, RandomState>,
     bytes: usize,
+}
+
+impl Inner {
+    fn put(&mut self, key: Key, entry: Entry) {
+        let key_size = key.size();
+        self.bytes += key_size + entry.size();
+        if let Some(old) = self.entries.put(key, entry) {
+            self.bytes = self.bytes.saturating_sub(key_size + old.size());
+        }
+    }
+
+    fn pop(&mut self, key: &Key) -> Option<Entry> {
+        let old = self.entries.pop(key)?;
+        self.bytes = self.bytes.saturating_sub(key.size() + old.size());
+        Some(old)
+    }
 }
 
 /// The replay store of one gateway.
@@ -156,11 +197,9 @@ impl Replays {
                     }
                     // Absent or expired: this request leads.
                     _ => {
-                        if let Some(Entry::Stored(old)) = inner.entries.pop(&key) {
-                            inner.bytes = inner.bytes.saturating_sub(old.size());
-                        }
+                        inner.pop(&key);
                         let (tx, rx) = watch::channel(());
-                        inner.entries.put(
+                        inner.put(
                             key.clone(),
                             Entry::Pending {
                                 fingerprint,
@@ -188,7 +227,7 @@ impl Replays {
         }
     }
 
-    /// Bytes of answers held.
+    /// Bytes held: kept answers and the keys of requests in flight.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
     }
@@ -208,20 +247,17 @@ impl Lease {
                 .collect(),
             body,
         };
-        let size = stored.size();
+        let size = self.key.size() + stored.size();
         let max = self.replays.max_bytes;
         let mut inner = self.replays.lock();
         self.stored = true;
         if size > max {
-            inner.entries.pop(&self.key);
+            inner.pop(&self.key);
             return;
         }
-        inner
-            .entries
-            .put(self.key.clone(), Entry::Stored(Arc::new(stored)));
-        inner.bytes += size;
-        // Evict kept answers, least recently used first; requests in flight hold no
-        // bytes here and keep their place.
+        inner.put(self.key.clone(), Entry::Stored(Arc::new(stored)));
+        // Evict kept answers, least recently used first; requests in flight keep their
+        // place (their number is bounded by the connection cap).
         while inner.bytes > max {
             let Some(oldest) = inner
                 .entries
@@ -232,9 +268,7 @@ impl Lease {
             else {
                 break;
             };
-            if let Some(Entry::Stored(old)) = inner.entries.pop(&oldest) {
-                inner.bytes = inner.bytes.saturating_sub(old.size());
-            }
+            inner.pop(&oldest);
         }
     }
 }
@@ -246,7 +280,7 @@ impl Drop for Lease {
         }
         let mut inner = self.replays.lock();
         if matches!(inner.entries.peek(&self.key), Some(Entry::Pending { .. })) {
-            inner.entries.pop(&self.key);
+            inner.pop(&self.key);
         }
     }
 }
@@ -268,6 +302,9 @@ pub fn fingerprint(path: &str, body: &[u8]) -> [u8; 32] {
 pub struct Recording {
     inner: Body,
     seen: BytesMut,
+    /// `seen`'s share of the memory budget; without room, the answer is not kept.
+    budget: MemoryBudget,
+    held: Reservation,
     limit: usize,
     stream: bool,
     pending: Option<(Lease, StatusCode, HeaderMap)>,
@@ -281,6 +318,7 @@ impl Recording {
         status: StatusCode,
         headers: HeaderMap,
         limit: usize,
+        budget: MemoryBudget,
     ) -> Self {
         let stream = headers
             .get(hyper::header::CONTENT_TYPE)
@@ -288,6 +326,8 @@ impl Recording {
         Self {
             inner,
             seen: BytesMut::new(),
+            budget,
+            held: Reservation::default(),
             limit,
             stream,
             pending: Some((lease, status, headers)),
@@ -316,12 +356,17 @@ impl HttpBody for Recording {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    if self.seen.len() + data.len() > self.limit {
-                        self.pending = None;
-                        self.seen = BytesMut::new();
-                    } else if self.pending.is_some() {
-                        self.seen.extend_from_slice(data);
+                if let Some(data) = frame.data_ref()
+                    && self.pending.is_some()
+                {
+                    let len = self.seen.len() + data.len();
+                    let this = &mut *self;
+                    if len > this.limit || this.budget.ensure(&mut this.held, len).is_err() {
+                        this.pending = None;
+                        this.seen = BytesMut::new();
+                        this.held.release();
+                    } else {
+                        this.seen.extend_from_slice(data);
                     }
                 }
             }
@@ -346,9 +391,107 @@ impl HttpBody for Recording {
     }
 }
 
+/// Counts, per thread, the bytes malloc really holds for this thread's allocations (the
+/// request rounded up to glibc's 16-byte chunks plus its 8-byte header), so a test can
+/// compare what a structure reports with what it costs.
+#[cfg(test)]
+#[allow(unsafe_code)]
+pub(crate) mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static NET: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn chunk(layout: Layout) -> isize {
+        let size = (layout.size() + 8 + 15) & !15;
+        isize::try_from(size.max(32)).unwrap_or(isize::MAX)
+    }
+
+    fn add(n: isize) {
+        let _ = NET.try_with(|c| c.set(c.get() + n));
+    }
+
+    /// Bytes this thread holds now, as counted.
+    pub fn held() -> isize {
+        NET.try_with(Cell::get).unwrap_or(0)
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is passed to the system allocator unchanged; only a counter in
+    // thread-local storage (const-initialised, so touching it never allocates) changes.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            add(chunk(layout));
+            // SAFETY: the caller's contract is the system allocator's.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            add(-chunk(layout));
+            // SAFETY: `ptr` came from `alloc` above with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_bytes_reported_are_the_bytes_held_even_with_long_keys_and_small_answers() {
+        let window = Duration::from_secs(600);
+        let far = Instant::now() + window;
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("x-switchyard-provider", HeaderValue::from_static("alpha"));
+        let fill = |r: &Arc<Replays>, n: usize| {
+            let r = r.clone();
+            let headers = headers.clone();
+            async move {
+                for i in 0..n {
+                    let key = format!("{i:0>255}");
+                    let l = lead(
+                        r.claim("client-with-a-long-name", &key, fp(1), window, far)
+                            .await,
+                    );
+                    l.store(
+                        StatusCode::OK,
+                        &headers,
+                        Bytes::from(format!("{{\"n\":{i}}}")),
+                    );
+                }
+            }
+        };
+        // Everything fits: what is reported covers what is held.
+        let r = Arc::new(Replays::new(usize::MAX));
+        let before = counting::held();
+        fill(&r, 4000).await;
+        let held = usize::try_from(counting::held() - before).expect("grew");
+        let reported = r.bytes();
+        assert!(
+            reported >= held && reported <= held * 2,
+            "reported {reported} bytes for {held} held"
+        );
+        drop(r);
+        // At the bound: memory stays near it however many keys arrive.
+        let max = 512 << 10;
+        let r = Arc::new(Replays::new(max));
+        let before = counting::held();
+        fill(&r, 20_000).await;
+        let held = usize::try_from(counting::held() - before).expect("grew");
+        assert!(r.bytes() <= max, "{} > {max}", r.bytes());
+        assert!(
+            held <= max + max / 4,
+            "{held} bytes held for a bound of {max}"
+        );
+    }
 
     fn fp(n: u8) -> [u8; 32] {
         [n; 32]

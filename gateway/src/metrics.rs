@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
+use crate::budget::MemoryBudget;
 use crate::table::RoutingTable;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +38,11 @@ struct ProviderLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BufferLabels {
+    buffer: &'static str,
 }
 
 /// Buckets for what the gateway itself adds: tens of microseconds up to the cost of a
@@ -68,6 +74,9 @@ pub struct Metrics {
     breaker_state: Family<ProviderLabels, Gauge>,
     provider_usable: Family<ProviderLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
+    over_budget: Family<BufferLabels, Counter>,
+    buffered_bytes: Gauge,
+    budget_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +93,9 @@ impl Default for Metrics {
             breaker_state: Family::default(),
             provider_usable: Family::default(),
             reloads: Family::default(),
+            over_budget: Family::default(),
+            buffered_bytes: Gauge::default(),
+            budget_bytes: Gauge::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -135,6 +147,21 @@ impl Default for Metrics {
                 "config_reloads",
                 "Configuration loads by result",
                 m.reloads.clone(),
+            );
+            r.register(
+                "memory_budget_refusals",
+                "Requests refused because the memory budget had no room for what they needed buffered, by buffer",
+                m.over_budget.clone(),
+            );
+            r.register(
+                "buffered_bytes",
+                "Bytes held against the memory budget now (bodies, answers, stream events, recorded replays)",
+                m.buffered_bytes.clone(),
+            );
+            r.register(
+                "memory_budget_bytes",
+                "The memory budget for buffered bytes (--memory-budget-bytes)",
+                m.budget_bytes.clone(),
             );
         }
         m
@@ -210,8 +237,20 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with provider gauges refreshed from `table`.
-    pub fn render(&self, table: Option<&RoutingTable>) -> String {
+    /// A request refused for lack of room in the memory budget.
+    pub fn over_budget(&self, buffer: &'static str) {
+        self.over_budget
+            .get_or_create(&BufferLabels { buffer })
+            .inc();
+    }
+
+    /// The text exposition, with provider gauges refreshed from `table` and the memory
+    /// gauges from `budget`.
+    pub fn render(&self, table: Option<&RoutingTable>, budget: &MemoryBudget) -> String {
+        self.buffered_bytes
+            .set(i64::try_from(budget.in_use()).unwrap_or(i64::MAX));
+        self.budget_bytes
+            .set(i64::try_from(budget.total()).unwrap_or(i64::MAX));
         if let Some(table) = table {
             let now = Instant::now();
             for p in table.providers() {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crds::policy::CircuitBreaker;
 use crds::pool::PassiveHealth;
 use crds::{RouteConfig, TargetConfig};
-use http_body_util::{BodyExt, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Response, StatusCode};
 use rand::Rng;
@@ -19,12 +19,13 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
+use crate::budget::{HeldBody, ReadError, ReadLimits, read_body};
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::health::{Outcome, ProviderHealth};
 use crate::retry::backoff_delay;
 use crate::select::pick;
-use crate::server::Body;
+use crate::server::{Body, over_budget};
 use crate::sse::{SseReader, StreamError};
 use crate::table::{RouteEntry, RoutingTable};
 use crate::upstream::{self, Operation, Step, StreamDecoder, build_request, retry_after};
@@ -382,24 +383,32 @@ async fn attempt(
             .await;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let body = match tokio::time::timeout(
-            remaining,
-            Limited::new(resp.into_body(), MAX_UPSTREAM_BODY).collect(),
-        )
-        .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) => {
-                inflight.finish(Outcome::Failure, Some(latency));
+        let declared = content_length(resp.headers());
+        let limits = ReadLimits {
+            max: MAX_UPSTREAM_BODY,
+            copies: 1,
+            timeout: remaining,
+        };
+        let (body, held) = match read_body(&gw.budget, resp.into_body(), declared, limits).await {
+            Ok(read) => read,
+            Err(ReadError::OverBudget(e)) => {
+                // The gateway's own limit, not the provider's fault.
+                inflight.finish(Outcome::Success, Some(latency));
                 gw.metrics
-                    .attempt(name, "body_error", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name}: the response body broke off: {e}"));
+                    .attempt(name, "over_budget", Some(latency.as_secs_f64()));
+                return Tried::Final(over_budget(gw, "upstream_answer", &e));
             }
-            Err(_) => {
+            Err(ReadError::TimedOut(_)) => {
                 inflight.finish(Outcome::Failure, Some(latency));
                 gw.metrics
                     .attempt(name, "timeout", Some(latency.as_secs_f64()));
                 return Tried::Retry(format!("{name}: the response body did not finish in time"));
+            }
+            Err(e) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "body_error", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: the response body: {e}"));
             }
         };
         let answer = match upstream::answer(kind, body) {
@@ -420,7 +429,7 @@ async fn attempt(
         }
         gw.metrics
             .attempt(name, "success", Some(latency.as_secs_f64()));
-        let mut resp = json_response(status, answer.body);
+        let mut resp = json_response(status, answer.body).map(|b| HeldBody::wrap(b, held));
         resp.extensions_mut().insert(UpstreamTime(t0.elapsed()));
         return Tried::Answer(resp);
     }
@@ -429,13 +438,16 @@ async fn attempt(
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(10));
-    let body =
-        match tokio::time::timeout(remaining, Limited::new(resp.into_body(), 1 << 20).collect())
-            .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            _ => Bytes::new(),
-        };
+    let declared = content_length(&headers);
+    let limits = ReadLimits {
+        max: 1 << 20,
+        copies: 1,
+        timeout: remaining,
+    };
+    let body = read_body(&gw.budget, resp.into_body(), declared, limits)
+        .await
+        .map(|(bytes, _)| bytes)
+        .unwrap_or_default();
     let (code, parsed) = upstream::error(kind, status.as_u16(), &body);
     let status = StatusCode::from_u16(code).unwrap_or(status);
     // A body that is not JSON reaches the client wrapped in an OpenAI error.
@@ -512,6 +524,16 @@ async fn attempt(
     }
 }
 
+/// A response's declared `Content-Length`.
+fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
     use std::error::Error;
     let mut text = if e.is_connect() {
@@ -545,15 +567,15 @@ async fn stream(
     resume: Resume,
 ) -> Tried {
     let stream_started = Instant::now();
-    let mut reader = SseReader::new(resp.into_body());
+    let mut reader = SseReader::new(resp.into_body(), gw.budget.clone());
     let mut decoder = StreamDecoder::new(kind, req.include_usage);
+    // Comments and empty chunks do not count: the deadline is for a token.
     let first_by = Instant::now() + first_token_budget;
     // Chunks that carry no token yet (the opening role chunk) are held back, so a provider
     // that breaks before its first token is still failed over invisibly.
     let mut pending: VecDeque<Value> = VecDeque::new();
     let complete = loop {
-        let wait = first_by.saturating_duration_since(Instant::now());
-        let why = match reader.next(wait).await {
+        let why = match reader.next(first_by).await {
             Ok(Some(data)) => match decoder.event(&data) {
                 Step::Chunks(chunks) => {
                     let token = chunks.iter().any(carries_token);
@@ -571,6 +593,10 @@ async fn stream(
                 Step::Failed(why) => why,
             },
             Ok(None) => "ended the stream".to_owned(),
+            Err(StreamError::TimedOut) => format!(
+                "sent no token within the first-byte timeout ({})",
+                rc.timeouts.first_byte
+            ),
             Err(e) => e.to_string(),
         };
         inflight.finish(Outcome::Failure, Some(latency));
@@ -583,10 +609,14 @@ async fn stream(
     let upstream_time = stream_started.elapsed() + latency;
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(32);
     let idle = rc.timeouts.stream_idle.get();
+    let total = rc.timeouts.total;
     let include_usage = req.include_usage;
     let provider = name.to_owned();
+    let mut stopping = gw.stopping.subscribe();
     tokio::spawn(async move {
         let mut state = StreamState::default();
+        // Only tokens are progress; the request's total timeout bounds the whole answer.
+        let mut idle_by = Instant::now() + idle;
         let (mut reader, mut decoder, mut inflight, mut latency, mut provider) =
             (reader, decoder, inflight, latency, provider);
         let mut complete = complete;
@@ -601,6 +631,9 @@ async fn stream(
                     trim_leading(&mut chunk, &mut state.trim_leading);
                 }
                 state.observe(&chunk);
+                if carries_token(&chunk) {
+                    idle_by = Instant::now() + idle;
+                }
                 if tx.send(Ok(event(&chunk))).await.is_err() {
                     // The client went away; the provider did nothing wrong.
                     return;
@@ -616,7 +649,17 @@ async fn stream(
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
-            let why = match reader.next(idle).await {
+            let until = idle_by.min(resume.deadline);
+            let next = tokio::select! {
+                next = reader.next(until) => next,
+                () = stop_requested(&mut stopping) => {
+                    // Not the provider's doing: the replica is at its drain deadline.
+                    drop(inflight);
+                    interrupted(&tx, &provider, "the gateway replica serving this stream is shutting down").await;
+                    return;
+                }
+            };
+            let why = match next {
                 Ok(Some(data)) => match decoder.event(&data) {
                     Step::Chunks(chunks) => {
                         pending.extend(chunks);
@@ -648,9 +691,16 @@ async fn stream(
                 Ok(None) => {
                     "the provider ended the stream before the answer was complete".to_owned()
                 }
-                Err(StreamError::Stalled(d)) => format!(
-                    "the provider stalled for {} mid-answer",
-                    crds::Duration::new(d)
+                Err(StreamError::TimedOut) if Instant::now() >= resume.deadline => {
+                    // No time is left to resume anywhere.
+                    inflight.finish(Outcome::Failure, Some(latency));
+                    let why = format!("the request's total timeout ({total}) ran out mid-answer");
+                    interrupted(&tx, &provider, &why).await;
+                    return;
+                }
+                Err(StreamError::TimedOut) => format!(
+                    "the provider sent no token for {} mid-answer",
+                    crds::Duration::new(idle)
                 ),
                 Err(other) => other.to_string(),
             };
@@ -671,6 +721,7 @@ async fn stream(
                 );
                 resumed += 1;
                 state.continuing = true;
+                idle_by = Instant::now() + idle;
                 continue;
             }
             // The original failure stands; a continuation target's own refusal is never
@@ -836,7 +887,7 @@ async fn continue_elsewhere(
                 return Some(Continuation {
                     trimmed_prefill: provider.config.provider_type
                         == crds::pool::ProviderType::Anthropic,
-                    reader: SseReader::new(resp.into_body()),
+                    reader: SseReader::new(resp.into_body(), r.gw.budget.clone()),
                     decoder: StreamDecoder::new(provider.config.provider_type, r.include_usage),
                     provider: provider.config.name.clone(),
                     inflight,
@@ -853,6 +904,13 @@ async fn continue_elsewhere(
             }
             _ => inflight.finish(Outcome::Failure, None),
         }
+    }
+}
+
+/// Resolves once the drain deadline nears (never, if the gateway is gone).
+async fn stop_requested(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

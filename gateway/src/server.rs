@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use crate::auth::presented_key;
 use crate::body::RequestBody;
+use crate::budget::{OverBudget, ReadError, ReadLimits, read_body};
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
@@ -39,6 +40,9 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Concurrent connections to the admin listener (scrapers and people, not traffic).
 const ADMIN_CONNECTIONS: usize = 16;
+
+/// Before the drain deadline, how long streams get to send their interruption event.
+const STREAM_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// HTTP/2 pings: a peer that does not answer one within this long is dropped.
 const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
@@ -111,11 +115,20 @@ pub async fn run(
         drain_seconds = shutdown.drain.as_secs(),
         "shutting down: no new connections, finishing requests in flight"
     );
-    if tokio::time::timeout(shutdown.drain, graceful.shutdown())
+    // Shortly before the deadline, streams still running are told to end with an
+    // interruption event, so no client sees a silently truncated answer.
+    let grace = (shutdown.drain / 4).min(STREAM_STOP_GRACE);
+    let finished = graceful.shutdown();
+    tokio::pin!(finished);
+    if tokio::time::timeout(shutdown.drain - grace, &mut finished)
         .await
         .is_err()
     {
-        tracing::warn!("some requests were still in flight at the drain deadline");
+        tracing::warn!("requests still in flight near the drain deadline; ending their streams");
+        gw.stopping.send_replace(true);
+        if tokio::time::timeout(grace, &mut finished).await.is_err() {
+            tracing::warn!("some requests were still in flight at the drain deadline");
+        }
     }
 }
 
@@ -197,6 +210,22 @@ fn invalid_api_key() -> Response<Body> {
     )
 }
 
+/// The answer when the memory budget has no room for what a request needs buffered.
+pub fn over_budget(gw: &Gateway, what: &'static str, e: &OverBudget) -> Response<Body> {
+    gw.metrics.over_budget(what);
+    let mut resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "memory_budget_exhausted",
+        &format!("{e}; retry shortly"),
+    );
+    resp.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("1"),
+    );
+    resp
+}
+
 fn body_too_large(max: usize) -> Response<Body> {
     error_response(
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -217,7 +246,7 @@ fn admin(gw: &Gateway, path: &str) -> Response<Body> {
     if path == "/status" {
         return status(gw);
     }
-    let text = gw.metrics.render(gw.table.load().as_deref());
+    let text = gw.metrics.render(gw.table.load().as_deref(), &gw.budget);
     let mut r = json_response(StatusCode::OK, Bytes::from(text));
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -382,33 +411,28 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > gw.limits.max_body as u64) {
-        return body_too_large(gw.limits.max_body);
-    }
-    let read = tokio::time::timeout(
-        gw.limits.body_timeout,
-        Limited::new(body, gw.limits.max_body).collect(),
-    );
-    let Ok(read) = read.await else {
-        return error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            "body_timeout",
-            &format!(
-                "the request body did not arrive within {} s",
-                gw.limits.body_timeout.as_secs()
-            ),
-        );
+    let limits = ReadLimits {
+        max: gw.limits.max_body,
+        copies: 2,
+        timeout: gw.limits.body_timeout,
     };
-    let bytes = match read {
-        Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            return body_too_large(gw.limits.max_body);
+    let read = read_body(&gw.budget, body, declared, limits).await;
+    let (bytes, held) = match read {
+        Ok(read) => read,
+        Err(ReadError::TooLarge(_)) => return body_too_large(gw.limits.max_body),
+        Err(ReadError::OverBudget(e)) => return over_budget(gw, "client_body", &e),
+        Err(ReadError::TimedOut(_)) => {
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+                &format!(
+                    "the request body did not arrive within {} s",
+                    gw.limits.body_timeout.as_secs()
+                ),
+            );
         }
-        Err(_) => {
+        Err(ReadError::Broken(_)) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -418,7 +442,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         }
     };
     let body = match RequestBody::parse(bytes) {
-        Ok(body) => body,
+        Ok(body) => body.holding(held),
         Err(e) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -553,6 +577,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             head.status,
             head.headers.clone(),
             MAX_REPLAY_BYTES,
+            gw.budget.clone(),
         );
         resp = Response::from_parts(head, recording.boxed());
     }

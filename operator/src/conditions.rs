@@ -44,7 +44,7 @@ pub fn merge(
         .collect()
 }
 
-/// Which conditions flipped (type, new status), for Events.
+/// Which conditions changed status or reason (type, new status, new reason), for Events.
 pub fn transitions(before: &[Condition], after: &[Condition]) -> Vec<(String, String, String)> {
     after
         .iter()
@@ -52,7 +52,7 @@ pub fn transitions(before: &[Condition], after: &[Condition]) -> Vec<(String, St
             before
                 .iter()
                 .find(|b| b.type_ == a.type_)
-                .is_none_or(|b| b.status != a.status)
+                .is_none_or(|b| b.status != a.status || b.reason != a.reason)
         })
         .map(|a| (a.type_.clone(), a.status.clone(), a.reason.clone()))
         .collect()

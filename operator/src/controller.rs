@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use crate::conditions::{Desired, merge};
 use crate::metrics::Metrics;
 use crate::render::{HASH_ANNOTATION, MANAGER, POOL_LABEL, config_json, render, revision, stamp};
-use crate::status::{RegionObservation, pool_status, pool_status_changed};
+use crate::status::{Problem, RegionObservation, pool_status, pool_status_changed};
 
 /// Everything a reconcile can fail with; the variant names the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -74,26 +74,95 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-/// Server-side applies `obj` unless the live object already carries the same content hash.
-async fn apply<K>(api: &Api<K>, mut obj: K, metrics: &Metrics) -> Result<K, Error>
+/// How often a pool blocked by a child it cannot write looks again.
+const BLOCKED_RECHECK: Duration = Duration::from_secs(15);
+
+/// Why a child could not be written.
+#[derive(Debug)]
+enum ChildFailure {
+    /// Retrying will not help until someone changes something; said in the pool's status.
+    Blocked(Problem),
+    /// The API server was unreachable or overloaded; the reconcile is retried.
+    Transient(Error),
+}
+
+impl From<kube::Error> for ChildFailure {
+    fn from(e: kube::Error) -> Self {
+        Self::Transient(Error::Kube(e))
+    }
+}
+
+/// Whether `obj` is controlled by the object with `uid` (the pool).
+fn controlled_by<K: Resource>(obj: &K, uid: &str) -> bool {
+    obj.meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// Sorts an API error into one a user must act on (the API server refused the object:
+/// invalid, forbidden, too large) and one that retrying fixes.
+fn refused(kind: &str, name: &str, e: kube::Error) -> ChildFailure {
+    match e {
+        kube::Error::Api(status)
+            if (400..500).contains(&status.code) && !matches!(status.code, 408 | 409 | 429) =>
+        {
+            ChildFailure::Blocked(Problem {
+                reason: "ChildRejected",
+                message: format!("the API server refused {kind} {name:?}: {}", status.message),
+            })
+        }
+        other => other.into(),
+    }
+}
+
+/// Server-side applies `obj` unless the live object already carries the same content
+/// hash. An object of that name that the pool does not control is never touched: it was
+/// created by someone else, or belongs to another pool whose children's names collide.
+async fn apply<K>(
+    api: &Api<K>,
+    mut obj: K,
+    pool_uid: &str,
+    metrics: &Metrics,
+) -> Result<K, ChildFailure>
 where
     K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
 {
     let hash = stamp(&mut obj);
     let name = obj.name_any();
-    if let Some(live) = api.get_opt(&name).await?
-        && live.annotations().get(HASH_ANNOTATION) == Some(&hash)
-    {
-        return Ok(live);
+    let kind = K::kind(&()).into_owned();
+    if let Some(live) = api.get_opt(&name).await? {
+        if !controlled_by(&live, pool_uid) {
+            let owner = live
+                .meta()
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map_or_else(
+                    || "nobody (it was not created by the operator)".to_owned(),
+                    |o| format!("{} {:?}", o.kind, o.name),
+                );
+            return Err(ChildFailure::Blocked(Problem {
+                reason: "NameConflict",
+                message: format!(
+                    "{kind} {name:?} already exists and is controlled by {owner}; the operator leaves it untouched. Delete or rename it, or rename this pool or region"
+                ),
+            }));
+        }
+        if live.annotations().get(HASH_ANNOTATION) == Some(&hash) {
+            return Ok(live);
+        }
     }
-    metrics.write(K::kind(&()).as_ref());
-    Ok(api
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&obj),
-        )
-        .await?)
+    metrics.write(&kind);
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .map_err(|e| refused(&kind, &name, e))
 }
 
 /// Publishes one Event per condition that flipped between `before` and the `status` about
@@ -109,9 +178,13 @@ async fn publish_transitions<K>(
     let after: Vec<crds::k8s::Condition> =
         serde_json::from_value(status["conditions"].clone()).unwrap_or_default();
     for (type_, state, reason) in crate::conditions::transitions(before, &after) {
+        // A rollout is routine: replicas not ready yet while it progresses is no warning.
         let good = matches!(
-            (type_.as_str(), state.as_str()),
-            ("Ready" | "Accepted" | "ResolvedRefs", "True") | ("Degraded" | "Progressing", "False")
+            (type_.as_str(), state.as_str(), reason.as_str()),
+            ("Ready" | "Accepted" | "ResolvedRefs", "True", _)
+                | ("Degraded" | "Progressing", "False", _)
+                | ("Progressing", "True", _)
+                | ("Ready", "False", "RegionsNotReady")
         );
         let note = after
             .iter()
@@ -155,10 +228,12 @@ where
     Ok(())
 }
 
-/// Deletes the pool's children of one kind that are not in `keep`.
+/// Deletes the pool's children of one kind that are not in `keep`: only objects the pool
+/// controls, whatever labels others carry.
 async fn prune<K>(
     api: &Api<K>,
     pool: &str,
+    pool_uid: &str,
     keep: &BTreeSet<String>,
     metrics: &Metrics,
 ) -> Result<(), Error>
@@ -171,13 +246,102 @@ where
         .await?
     {
         let name = obj.name_any();
-        if !keep.contains(&name) {
+        if !keep.contains(&name) && controlled_by(&obj, pool_uid) {
             metrics.write("delete");
             tracing::info!(kind = %K::kind(&()), %name, "pruning a child no longer wanted");
             api.delete(&name, &DeleteParams::background()).await?;
         }
     }
     Ok(())
+}
+
+/// Writes every child of `pool` and deletes those no longer wanted; returns what each
+/// region's Deployment shows. Stops at the first child that cannot be written, before
+/// deleting anything.
+async fn apply_children(
+    pool: &ProviderPool,
+    configs: &[crds::GatewayConfig],
+    ctx: &Context,
+    ns: &str,
+) -> Result<Vec<RegionObservation>, ChildFailure> {
+    let name = pool.name_any();
+    let uid = pool.uid().unwrap_or_default();
+    let client = ctx.client.clone();
+    let children = render(pool, configs, &ctx.gateway_image);
+    let m = &ctx.metrics;
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+        children.service_account.clone(),
+        &uid,
+        m,
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), ns),
+        children.role.clone(),
+        &uid,
+        m,
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), ns),
+        children.role_binding.clone(),
+        &uid,
+        m,
+    )
+    .await?;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    for cm in &children.config_maps {
+        apply(&cms, cm.clone(), &uid, m).await?;
+    }
+    let svcs = Api::<Service>::namespaced(client.clone(), ns);
+    for svc in &children.services {
+        apply(&svcs, svc.clone(), &uid, m).await?;
+    }
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
+    for pdb in &children.disruption_budgets {
+        apply(&pdbs, pdb.clone(), &uid, m).await?;
+    }
+    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    let mut observations = Vec::new();
+    for (i, d) in children.deployments.iter().enumerate() {
+        let live = apply(&deploys, d.clone(), &uid, m).await?;
+        let region = &pool.spec.regions[i];
+        observations.push(RegionObservation {
+            name: region.name.clone(),
+            desired: region.replicas,
+            ready: live
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+            revision: revision(&config_json(&configs[i])),
+        });
+    }
+    let names = |objs: Vec<String>| objs.into_iter().collect::<BTreeSet<_>>();
+    let keep = names(children.deployments.iter().map(|o| o.name_any()).collect());
+    prune(&deploys, &name, &uid, &keep, m)
+        .await
+        .map_err(ChildFailure::Transient)?;
+    let keep = names(children.config_maps.iter().map(|o| o.name_any()).collect());
+    prune(&cms, &name, &uid, &keep, m)
+        .await
+        .map_err(ChildFailure::Transient)?;
+    let keep = names(children.services.iter().map(|o| o.name_any()).collect());
+    prune(&svcs, &name, &uid, &keep, m)
+        .await
+        .map_err(ChildFailure::Transient)?;
+    let keep = names(
+        children
+            .disruption_budgets
+            .iter()
+            .map(|o| o.name_any())
+            .collect(),
+    );
+    prune(&pdbs, &name, &uid, &keep, m)
+        .await
+        .map_err(ChildFailure::Transient)?;
+    Ok(observations)
 }
 
 /// Reconciles a ProviderPool into its regional gateways and its status.
@@ -196,100 +360,27 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     for region in &pool.spec.regions {
         match compile(&pool, &policies, &region.name) {
             Ok(compiled) => configs.push(compiled.config),
-            Err(e) => problem = Some(e.to_string()),
+            Err(e) => {
+                problem = Some(Problem {
+                    reason: "InvalidConfiguration",
+                    message: e.to_string(),
+                });
+            }
         }
-    }
-    if problem.is_some() {
-        configs.clear();
     }
 
     let mut observations = Vec::new();
     if problem.is_none() {
-        let children = render(&pool, &configs, &ctx.gateway_image);
-        let m = &ctx.metrics;
-        apply(
-            &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
-            children.service_account.clone(),
-            m,
-        )
-        .await?;
-        apply(
-            &Api::<Role>::namespaced(client.clone(), &ns),
-            children.role.clone(),
-            m,
-        )
-        .await?;
-        apply(
-            &Api::<RoleBinding>::namespaced(client.clone(), &ns),
-            children.role_binding.clone(),
-            m,
-        )
-        .await?;
-        let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
-        for cm in &children.config_maps {
-            apply(&cms, cm.clone(), m).await?;
+        match apply_children(&pool, &configs, &ctx, &ns).await {
+            Ok(seen) => observations = seen,
+            Err(ChildFailure::Blocked(p)) => {
+                tracing::warn!(pool = %name, reason = p.reason, message = %p.message, "a child cannot be written");
+                problem = Some(p);
+            }
+            Err(ChildFailure::Transient(e)) => return Err(e),
         }
-        let svcs = Api::<Service>::namespaced(client.clone(), &ns);
-        for svc in &children.services {
-            apply(&svcs, svc.clone(), m).await?;
-        }
-        let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
-        for pdb in &children.disruption_budgets {
-            apply(&pdbs, pdb.clone(), m).await?;
-        }
-        let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
-        for (i, d) in children.deployments.iter().enumerate() {
-            let live = apply(&deploys, d.clone(), m).await?;
-            let region = &pool.spec.regions[i];
-            observations.push(RegionObservation {
-                name: region.name.clone(),
-                desired: region.replicas,
-                ready: live
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0),
-                revision: revision(&config_json(&configs[i])),
-            });
-        }
-        let names = |v: Vec<String>| v.into_iter().collect::<BTreeSet<_>>();
-        prune(
-            &deploys,
-            &name,
-            &names(children.deployments.iter().map(|o| o.name_any()).collect()),
-            m,
-        )
-        .await?;
-        prune(
-            &cms,
-            &name,
-            &names(children.config_maps.iter().map(|o| o.name_any()).collect()),
-            m,
-        )
-        .await?;
-        prune(
-            &svcs,
-            &name,
-            &names(children.services.iter().map(|o| o.name_any()).collect()),
-            m,
-        )
-        .await?;
-        prune(
-            &pdbs,
-            &name,
-            &names(
-                children
-                    .disruption_budgets
-                    .iter()
-                    .map(|o| o.name_any())
-                    .collect(),
-            ),
-            m,
-        )
-        .await?;
     }
-
-    let status = pool_status(&pool, &observations, problem.as_deref(), &now());
+    let status = pool_status(&pool, &observations, problem.as_ref(), &now());
     let ready = status["conditions"].as_array().is_some_and(|c| {
         c.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
@@ -309,6 +400,14 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
             &ctx.metrics,
         )
         .await?;
+    }
+    // An object in the way is not ours to watch: look again now and then, so the pool
+    // recovers once someone removes it.
+    if problem
+        .as_ref()
+        .is_some_and(|p| p.reason != "InvalidConfiguration")
+    {
+        return Ok(Action::requeue(BLOCKED_RECHECK));
     }
     Ok(Action::await_change())
 }

@@ -22,10 +22,20 @@ pub struct RegionObservation {
 }
 
 /// The ProviderPool status fields the operator owns, as the JSON it applies.
+/// Why a pool cannot reach its desired state, for its `Ready` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The condition's reason: `InvalidConfiguration`, `NameConflict`, `ChildRejected`.
+    pub reason: &'static str,
+    /// What a user reads, naming the field or the object.
+    pub message: String,
+}
+
+/// The pool's status from what its regions show and what blocks it, if anything.
 pub fn pool_status(
     pool: &ProviderPool,
     regions: &[RegionObservation],
-    problem: Option<&str>,
+    problem: Option<&Problem>,
     now: &Time,
 ) -> Value {
     let existing = pool.status.clone().unwrap_or_default();
@@ -42,15 +52,15 @@ pub fn pool_status(
         Desired {
             type_: types::READY,
             status: all_ready,
-            reason: if problem.is_some() {
-                "InvalidConfiguration"
+            reason: if let Some(p) = problem {
+                p.reason
             } else if all_ready {
                 "AllRegionsReady"
             } else {
                 "RegionsNotReady"
             },
             message: match problem {
-                Some(p) => p.to_owned(),
+                Some(p) => p.message.clone(),
                 None if all_ready => format!("gateways ready in all {} regions", regions.len()),
                 None => format!("waiting for gateway replicas in {}", rolling.join(", ")),
             },

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
+TARGETS = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+TARGET = TARGETS / "debug"
 PROVIDER_KEY = "sk-provider-7c1f9e2d-never-log-me"
 CLIENT_KEY = "client-key-3b8a51-never-log-me"
 INTERN_KEY = "intern-key-90d2c4-never-log-me"
@@ -27,9 +28,9 @@ def built():
     )
 
 
-def _start(cmd, log_path):
+def _start(cmd, log_path, preexec_fn=None):
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -92,13 +93,14 @@ class FakeProvider:
 
 
 class Gateway:
-    def __init__(self, manifests_dir, tmp_path, region="us-east", extra_args=()):
+    def __init__(self, manifests_dir, tmp_path, region="us-east", extra_args=(), binary=None, preexec_fn=None):
         self.log_path = tmp_path / "gateway.log"
         self.manifests_dir = manifests_dir
         self.proc, self.url = _start(
-            [str(TARGET / "switchyard-gateway"), "--manifests", str(manifests_dir), "--region", region,
+            [str(binary or TARGET / "switchyard-gateway"), "--manifests", str(manifests_dir), "--region", region,
              "--listen", "127.0.0.1:0", "--drain-seconds", "10", *extra_args],
             self.log_path,
+            preexec_fn,
         )
 
     def status(self):
@@ -147,7 +149,8 @@ def stack(tmp_path):
     """Starts fake providers and a gateway: stack(["alpha", "beta"], routes=..., **policy)."""
     started = []
 
-    def make(names, routes=None, policy=None, provider_extra=None, region="us-east", tls=(), gateway_args=()):
+    def make(names, routes=None, policy=None, provider_extra=None, region="us-east", tls=(), gateway_args=(),
+             gateway_binary=None, gateway_preexec=None):
         fakes = {n: FakeProvider(n, tmp_path, tls=n in tls) for n in names}
         started.extend(fakes.values())
         extra = provider_extra or {}
@@ -157,7 +160,8 @@ def stack(tmp_path):
         mdir = tmp_path / "manifests"
         mdir.mkdir(exist_ok=True)
         (mdir / "switchyard.yaml").write_text(manifests(providers, routes, **(policy or {})))
-        gw = Gateway(mdir, tmp_path, region=region, extra_args=gateway_args)
+        gw = Gateway(mdir, tmp_path, region=region, extra_args=gateway_args, binary=gateway_binary,
+                     preexec_fn=gateway_preexec)
         started.append(gw)
         return gw, fakes
 

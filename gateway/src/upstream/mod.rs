@@ -10,7 +10,7 @@ use hyper::{Method, Request};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::Value;
 
 use crate::body::RequestBody;
@@ -56,7 +56,7 @@ pub fn tls_config(extra_ca: Option<&std::path::Path>) -> anyhow::Result<rustls::
 }
 
 /// A client whose TCP connect gives up after `connect`.
-pub fn new_client(connect: Duration, tls: rustls::ClientConfig) -> HttpClient {
+pub fn new_client(connect: Duration, idle: Duration, tls: rustls::ClientConfig) -> HttpClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(connect));
     http.set_nodelay(true);
@@ -67,8 +67,11 @@ pub fn new_client(connect: Duration, tls: rustls::ClientConfig) -> HttpClient {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
+    // Without a timer the pool never closes idle connections.
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle)
         .pool_max_idle_per_host(256)
         .build(https)
 }

@@ -9,6 +9,7 @@
 //! ```text
 //! POST   /admin/faults    {"fault": "status:503", "model": "gpt-4o", "times": 2}
 //! DELETE /admin/faults
+//! GET    /admin/connections  {"open": N}, client connections open now
 //! GET    /admin/attempts  the requests seen (the latest 10,000), in order, with the fault applied
 //! POST   /admin/reset     clears faults and attempts
 //! ```
@@ -17,6 +18,9 @@
 //! `reset` (connection closed before headers), `hang` (no response at all),
 //! `slow-first-byte:<ms>`, `cut-after:<chunks>`, `stall-after:<chunks>`,
 //! `malformed-after:<chunks>`, `no-done`, `context-length`, `content-policy`,
+//! `comments:<ms>` (a 200 stream of nothing but `: keep-alive` comments, one every ms),
+//! `comments-after:<chunks>` (then only comments), `slow:<ms>` (a word every ms),
+//! `huge:<bytes>` (a non-streamed answer of that size, chunked, no length),
 //! With `--tls-dir DIR` it serves HTTPS (HTTP/2 or HTTP/1.1 by ALPN) with a certificate
 //! for 127.0.0.1 and localhost, signed by a throwaway CA written to `DIR/ca.pem`.
 //!
@@ -71,6 +75,8 @@ struct State {
 struct Fake {
     state: Arc<Mutex<State>>,
     started: Instant,
+    /// Client connections open now (`GET /admin/connections`).
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[tokio::main]
@@ -113,6 +119,7 @@ async fn main() -> anyhow::Result<()> {
             seen: 0,
         })),
         started,
+        connections: Arc::default(),
     };
     let tls = tls_dir.as_deref().map(tls::acceptor).transpose()?;
     let listener = TcpListener::bind(listen).await?;
@@ -127,7 +134,10 @@ async fn main() -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         let fake = fake.clone();
         let tls = tls.clone();
+        let open = fake.connections.clone();
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
+            let _open = OpenConnection(open);
             let service = hyper::service::service_fn(move |req| {
                 let fake = fake.clone();
                 async move { fake.handle(req).await }
@@ -148,6 +158,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         });
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -330,6 +349,9 @@ impl Fake {
             }
             (Method::POST, "/v1/chat/completions") if stream => {
                 stream_chat(&name, &model, &request, kind, arg)
+            }
+            (Method::POST, "/v1/chat/completions") if kind == "huge" => {
+                huge_answer(&name, &model, arg.parse().unwrap_or(64 << 20))
             }
             (Method::POST, "/v1/chat/completions") => {
                 let text = answer(&name, &request);
@@ -524,6 +546,10 @@ impl Fake {
                 state.faults.clear();
                 full(StatusCode::OK, json!({"faults": 0}))
             }
+            (&Method::GET, "/admin/connections") => full(
+                StatusCode::OK,
+                json!({"open": self.connections.load(std::sync::atomic::Ordering::Relaxed)}),
+            ),
             (&Method::GET, "/admin/attempts") => full(
                 StatusCode::OK,
                 Value::Array(state.attempts.iter().cloned().collect()),
@@ -633,6 +659,44 @@ fn cut_body(body: Value) -> Response<Body> {
     resp
 }
 
+/// A well-formed answer of about `bytes` bytes, sent in chunks without a length, as a
+/// provider gone wrong (or a hostile one) would.
+fn huge_answer(name: &str, model: &str, bytes: usize) -> Response<Body> {
+    const PIECE: usize = 64 << 10;
+    static FILLER: [u8; PIECE] = [b'a'; PIECE];
+    let head = format!(
+        r#"{{"id":"chatcmpl-{name}","object":"chat.completion","created":1700000000,"model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":""#
+    );
+    let tail = r#""},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tokio::spawn(async move {
+        if tx.send(Ok(Frame::data(Bytes::from(head)))).await.is_err() {
+            return;
+        }
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(PIECE);
+            if tx
+                .send(Ok(Frame::data(Bytes::from_static(&FILLER[..n]))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            left -= n;
+        }
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from_static(tail.as_bytes()))))
+            .await;
+    });
+    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str) -> Response<Body> {
     let text = answer(name, request);
     let words: Vec<String> = text.split_inclusive(' ').map(str::to_owned).collect();
@@ -646,7 +710,17 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
     let fault = fault.to_owned();
     let id = format!("chatcmpl-{name}");
     let model = model.to_owned();
+    let pace = Duration::from_millis(if fault == "slow" {
+        arg.parse().unwrap_or(500)
+    } else {
+        1
+    });
+    let comment_every = Duration::from_millis(arg.parse().unwrap_or(2000));
     tokio::spawn(async move {
+        if fault == "comments" {
+            keep_alive_forever(&tx, comment_every).await;
+            return;
+        }
         let chunk = |delta: Value, finish: Option<&str>| {
             let v = json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
@@ -671,7 +745,7 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
             {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(pace).await;
         }
         let _ = tx.send(chunk(json!({}), Some("stop"))).await;
         if include_usage {
@@ -710,11 +784,33 @@ async fn stream_fault(
             true
         }
         "stall-after" => std::future::pending().await,
+        "comments-after" => {
+            keep_alive_forever(tx, Duration::from_millis(500)).await;
+            true
+        }
         "malformed-after" => {
             let _ = tx.send(Ok(Frame::data(Bytes::from_static(garbage)))).await;
             false
         }
         _ => false,
+    }
+}
+
+/// Sends only SSE comments, every `every`, until the reader goes away: a stream that looks
+/// alive and never says anything.
+async fn keep_alive_forever(
+    tx: &mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
+    every: Duration,
+) {
+    loop {
+        if tx
+            .send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

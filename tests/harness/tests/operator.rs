@@ -840,3 +840,185 @@ fn the_operator_stops_cleanly_on_sigterm_and_serves_its_metrics() {
     );
     assert!(log.contains("signal received"), "{log}");
 }
+
+/// A pool named `pool` with one provider and the given regions (YAML flow mappings),
+/// and its policy.
+fn named_pool(c: &Cluster, ns: &str, pool: &str, regions: &[&str]) {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: key}}\nstringData: {{apiKey: k}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: {pool}}}\nspec:\n  regions: [{}]\n  providers:\n  - {{name: p, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: {pool}}}\nspec:\n  poolRef: {{name: {pool}}}\n  routes: [{{model: m, targets: [{{provider: p}}]}}]\n",
+        regions.join(", ")
+    );
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns, "-f", "-"], &manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+}
+
+/// Waits for `pool` to say Ready=False with `reason`; returns the message.
+fn blocked(c: &Cluster, ns: &str, pool: &str, reason: &str) -> String {
+    wait_for(
+        &format!("pool {pool} Ready=False {reason}"),
+        Duration::from_secs(60),
+        || {
+            let obj = get_json(c, &["providerpool", pool, "-n", ns])?;
+            let (status, why, message) = condition(&obj, "Ready")?;
+            (status == "False" && why == reason).then_some(message)
+        },
+    )
+}
+
+fn events(c: &Cluster, ns: &str) -> String {
+    c.kubectl_ok(&[
+        "get",
+        "events",
+        "-n",
+        ns,
+        "-o",
+        "jsonpath={range .items[*]}{.involvedObject.kind}/{.involvedObject.name}/{.type}/{.reason}: {.message}{\"\\n\"}{end}",
+    ])
+    .unwrap_or_default()
+}
+
+#[test]
+fn a_users_object_with_a_childs_name_is_never_taken_over_nor_deleted_with_the_pool() {
+    let c = cluster();
+    let ns = c.namespace("owner").expect("namespace");
+    let ns = ns.name();
+    c.kubectl_ok(&[
+        "create",
+        "configmap",
+        "small-us-east",
+        "-n",
+        ns,
+        "--from-literal=notes=mine",
+    ])
+    .expect("the user's configmap");
+    named_pool(c, ns, "small", &["{name: us-east, replicas: 1}"]);
+    let message = blocked(c, ns, "small", "NameConflict");
+    assert!(
+        message.contains("ConfigMap \"small-us-east\"")
+            && message.contains("not created by the operator"),
+        "{message}"
+    );
+    let theirs = get_json(c, &["configmap", "small-us-east", "-n", ns]).expect("configmap");
+    assert_eq!(
+        theirs["data"],
+        serde_json::json!({"notes": "mine"}),
+        "nothing merged in"
+    );
+    assert!(
+        theirs["metadata"]["ownerReferences"].is_null(),
+        "not adopted: {theirs}"
+    );
+    let seen = wait_for("a NameConflict event", Duration::from_secs(30), || {
+        let all = events(c, ns);
+        all.contains("ProviderPool/small/Warning/NameConflict")
+            .then_some(all)
+    });
+    assert!(seen.contains("small-us-east"), "{seen}");
+
+    c.kubectl_ok(&["delete", "providerpool", "small", "-n", ns, "--wait=true"])
+        .expect("delete pool");
+    std::thread::sleep(Duration::from_secs(3));
+    let kept = get_json(c, &["configmap", "small-us-east", "-n", ns])
+        .expect("the user's configmap outlives the pool");
+    assert_eq!(kept["data"], serde_json::json!({"notes": "mine"}));
+}
+
+#[test]
+fn two_pools_whose_child_names_collide_never_take_each_others_objects() {
+    let c = cluster();
+    let ns = c.namespace("collide").expect("namespace");
+    let ns = ns.name();
+    named_pool(c, ns, "col", &["{name: us-east, replicas: 1}"]);
+    wait_for("pool col's ConfigMap", Duration::from_secs(60), || {
+        get_json(c, &["configmap", "col-us-east", "-n", ns])
+    });
+    // Pool "col-us" in region "east" would name its children "col-us-east" too.
+    named_pool(c, ns, "col-us", &["{name: east, replicas: 1}"]);
+    let message = blocked(c, ns, "col-us", "NameConflict");
+    assert!(
+        message.contains("\"col-us-east\"") && message.contains("ProviderPool \"col\""),
+        "{message}"
+    );
+    let owner = |kind: &str| {
+        get_json(c, &[kind, "col-us-east", "-n", ns]).and_then(|o| {
+            o["metadata"]["ownerReferences"][0]["name"]
+                .as_str()
+                .map(str::to_owned)
+        })
+    };
+    assert_eq!(owner("configmap").as_deref(), Some("col"));
+    assert_eq!(owner("service").as_deref(), Some("col"));
+    assert_eq!(owner("deployment").as_deref(), Some("col"));
+    // Once the first pool is gone, the second one takes the names over by itself.
+    c.kubectl_ok(&["delete", "providerpool", "col", "-n", ns])
+        .expect("delete col");
+    wait_for(
+        "col-us owning its ConfigMap",
+        Duration::from_secs(90),
+        || (owner("configmap").as_deref() == Some("col-us")).then_some(()),
+    );
+}
+
+#[test]
+fn a_child_the_api_server_refuses_shows_in_the_pools_status_and_events() {
+    let c = cluster();
+    let ns = c.namespace("refused").expect("namespace");
+    let ns = ns.name();
+    // Valid for the CRD; the API server refuses a Deployment asking more than its limit.
+    named_pool(
+        c,
+        ns,
+        "greedy",
+        &["{name: us-east, replicas: 1, resources: {requests: {cpu: '2'}, limits: {cpu: '1'}}}"],
+    );
+    let message = blocked(c, ns, "greedy", "ChildRejected");
+    assert!(
+        message.contains("Deployment \"greedy-us-east\"")
+            && message.contains("must be less than or equal to cpu limit"),
+        "{message}"
+    );
+    wait_for("a ChildRejected event", Duration::from_secs(30), || {
+        events(c, ns)
+            .contains("ProviderPool/greedy/Warning/ChildRejected")
+            .then_some(())
+    });
+    // Fixing the spec clears it.
+    c.kubectl_ok(&[
+        "patch",
+        "providerpool",
+        "greedy",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        "[{\"op\":\"remove\",\"path\":\"/spec/regions/0/resources\"}]",
+    ])
+    .expect("patch");
+    wait_condition(
+        c,
+        ns,
+        "providerpool/greedy",
+        "Ready",
+        "True",
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn a_pool_name_that_cannot_name_a_service_is_refused_at_admission() {
+    let c = cluster();
+    let ns = c.namespace("dotted").expect("namespace");
+    let manifest = "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {name: chat.v2}\nspec:\n  regions: [{name: us-east}]\n  providers:\n  - {name: vllm, type: openaiCompatible, endpoint: 'http://vllm:8000', region: us-east, models: [{name: m}]}\n";
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], manifest)
+        .expect("kubectl");
+    assert!(!ok, "a dotted pool name was accepted");
+    assert!(
+        err.contains("metadata.name") && err.contains("DNS-1035"),
+        "{err}"
+    );
+}

@@ -438,7 +438,11 @@ impl Default for Timeouts {
 #[serde(rename_all = "camelCase")]
 // A CEL rule rather than `minimum: 0.01`: the API server compares an integer value such
 // as `0` against a truncated integer minimum, so `minimum` alone lets 0 through.
-#[x_kube(validation = Rule::new("self.failureRate > 0.0").message("circuitBreaker.failureRate must be greater than 0; it is a ratio such as 0.5"))]
+#[x_kube(
+    validation = Rule::new("self.failureRate > 0.0").message("circuitBreaker.failureRate must be greater than 0; it is a ratio such as 0.5"),
+    validation = Rule::new("duration(self.window) > duration('0s') && duration(self.window) <= duration('1h')").message("circuitBreaker.window must be more than 0s and at most 1h"),
+    validation = Rule::new("duration(self.openFor) > duration('0s') && duration(self.openFor) <= duration('1h')").message("circuitBreaker.openFor must be more than 0s and at most 1h"),
+)]
 pub struct CircuitBreaker {
     /// Consecutive failures that open the breaker.
     #[serde(default = "default_breaker_consecutive")]

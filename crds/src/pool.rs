@@ -283,7 +283,13 @@ pub struct Provider {
     /// `https://contoso-eastus.openai.azure.com`. For an OpenAI-compatible server include
     /// any path prefix before `/v1`.
     #[schemars(length(min = 1, max = 2048))]
-    #[x_kube(validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))").message("endpoint must be an absolute http:// or https:// URL, such as https://api.openai.com"))]
+    #[x_kube(
+        validation = Rule::new("isURL(self) && (self.startsWith('https://') || self.startsWith('http://'))").message("endpoint must be an absolute http:// or https:// URL, such as https://api.openai.com"),
+        validation = Rule::new("self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]')").message("endpoint must name a host, such as https://api.openai.com"),
+        // The endpoint is copied into the gateways' ConfigMap, which the built-in `view`
+        // role can read.
+        validation = Rule::new("!self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')").message("endpoint must not carry credentials (user:password@host): it is copied into a ConfigMap anyone with the view role can read; put the key in credentials.secretRef"),
+    )]
     pub endpoint: String,
 
     /// The region the provider's endpoint lives in. Gateways prefer providers of their own

@@ -189,7 +189,7 @@ where
         if n > limit {
             return Err(ReadError::TooLarge(limit));
         }
-        budget.grow(&mut held, n * copies)?;
+        budget.grow(&mut held, n.saturating_mul(copies))?;
         buf.reserve(n);
     }
     let read = async {
@@ -207,7 +207,7 @@ where
                 // Grow by doubling, as the buffer would, but reserve what it will hold
                 // before it is allocated.
                 let cap = len.max(buf.capacity() * 2).min(limit.max(len));
-                budget.ensure(&mut held, cap * copies)?;
+                budget.ensure(&mut held, cap.saturating_mul(copies))?;
                 buf.reserve(cap - buf.len());
             }
             buf.extend_from_slice(&data);

@@ -186,9 +186,10 @@ fn parse_args() -> anyhow::Result<Args> {
     {
         bail!("--max-connections and the timeouts must be at least 1\n{USAGE}");
     }
-    if limits.memory_budget < limits.max_body {
+    // A body counts twice against the budget (as received and as sent upstream).
+    if limits.memory_budget < limits.max_body.saturating_mul(2) {
         bail!(
-            "--memory-budget-bytes must be at least --max-body-bytes ({})",
+            "--memory-budget-bytes must be at least twice --max-body-bytes ({}): a body counts as received and as sent upstream",
             limits.max_body
         );
     }

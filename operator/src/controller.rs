@@ -117,8 +117,37 @@ fn refused(kind: &str, name: &str, e: kube::Error) -> ChildFailure {
     }
 }
 
+/// Fields of a live child that people or tools may change by hand, which the operator
+/// restores even though the content hash it stamped is unchanged.
+trait Drift {
+    /// Whether `self` (live) strays from `desired` in such a field.
+    fn drifted(&self, _desired: &Self) -> bool {
+        false
+    }
+}
+
+impl Drift for ServiceAccount {}
+impl Drift for Role {}
+impl Drift for RoleBinding {}
+impl Drift for Service {}
+impl Drift for PodDisruptionBudget {}
+
+impl Drift for ConfigMap {
+    /// An edited config would be served by every gateway of the region.
+    fn drifted(&self, desired: &Self) -> bool {
+        self.data != desired.data
+    }
+}
+
+impl Drift for Deployment {
+    /// `kubectl scale` by hand.
+    fn drifted(&self, desired: &Self) -> bool {
+        self.spec.replicas != desired.spec.replicas
+    }
+}
+
 /// Server-side applies `obj` unless the live object already carries the same content
-/// hash. An object of that name that the pool does not control is never touched: it was
+/// hash and has not drifted. An object of that name that the pool does not control is never touched: it was
 /// created by someone else, or belongs to another pool whose children's names collide.
 async fn apply<K>(
     api: &Api<K>,
@@ -127,7 +156,7 @@ async fn apply<K>(
     metrics: &Metrics,
 ) -> Result<K, ChildFailure>
 where
-    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
+    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug + Drift,
 {
     let hash = stamp(&mut obj);
     let name = obj.name_any();
@@ -151,7 +180,7 @@ where
                 ),
             }));
         }
-        if live.annotations().get(HASH_ANNOTATION) == Some(&hash) {
+        if live.annotations().get(HASH_ANNOTATION) == Some(&hash) && !live.drifted(&obj) {
             return Ok(live);
         }
     }

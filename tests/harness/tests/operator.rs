@@ -1022,3 +1022,53 @@ fn a_pool_name_that_cannot_name_a_service_is_refused_at_admission() {
         "{err}"
     );
 }
+
+#[test]
+fn a_gateway_scaled_or_its_config_edited_by_hand_is_set_back_within_seconds() {
+    let c = cluster();
+    let ns = c.namespace("drift").expect("namespace");
+    let ns = ns.name();
+    named_pool(c, ns, "drift", &["{name: us-east, replicas: 1}"]);
+    wait_condition(
+        c,
+        ns,
+        "providerpool/drift",
+        "Ready",
+        "True",
+        Duration::from_secs(60),
+    );
+    let config = |c: &Cluster| {
+        get_json(c, &["configmap", "drift-us-east", "-n", ns]).map(|cm| cm["data"].clone())
+    };
+    let good = config(c).expect("the region's config");
+    c.kubectl_ok(&[
+        "scale",
+        "deployment",
+        "drift-us-east",
+        "-n",
+        ns,
+        "--replicas=7",
+    ])
+    .expect("scale");
+    c.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "drift-us-east",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        "{\"data\":{\"gateway.json\":\"{}\"}}",
+    ])
+    .expect("edit the config");
+    wait_for(
+        "replicas and config restored",
+        Duration::from_secs(20),
+        || {
+            let replicas =
+                get_json(c, &["deployment", "drift-us-east", "-n", ns])?["spec"]["replicas"]
+                    .as_i64()?;
+            (replicas == 1 && config(c)? == good).then_some(())
+        },
+    );
+}

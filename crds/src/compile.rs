@@ -176,6 +176,70 @@ pub fn compile(
     }
 }
 
+/// Routes of a rejected policy that keep being served from the configuration in the
+/// cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CarriedRoutes {
+    /// RoutingPolicy name.
+    pub policy: String,
+    /// Public models still served as they were before the rejected edit.
+    pub models: Vec<String>,
+}
+
+impl Compiled {
+    /// Keeps serving, from `previous` (the configuration the region's gateways run now),
+    /// the routes of every policy rejected in this compile: a bad edit must not take away
+    /// routes that were serving. A kept route yields to any route compiled now for the
+    /// same model; a provider it needs that the pool no longer has comes along from
+    /// `previous` too, so the route works exactly as before. Policies deleted since are
+    /// not rejected, so their routes go.
+    pub fn carry_over(&mut self, previous: &GatewayConfig) -> Vec<CarriedRoutes> {
+        let mut carried = Vec::new();
+        for rejection in &self.rejected {
+            let mut models = Vec::new();
+            for route in previous
+                .routes
+                .iter()
+                .filter(|r| r.policy == rejection.policy)
+            {
+                if self.config.routes.iter().any(|r| r.model == route.model) {
+                    continue;
+                }
+                for target in &route.targets {
+                    let known = self
+                        .config
+                        .providers
+                        .iter()
+                        .any(|p| p.name == target.provider);
+                    if !known
+                        && let Some(p) = previous
+                            .providers
+                            .iter()
+                            .find(|p| p.name == target.provider)
+                    {
+                        self.config.providers.push(p.clone());
+                    }
+                }
+                self.config.routes.push(route.clone());
+                models.push(route.model.clone());
+            }
+            if !models.is_empty() {
+                carried.push(CarriedRoutes {
+                    policy: rejection.policy.clone(),
+                    models,
+                });
+            }
+        }
+        self.config
+            .routes
+            .sort_by(|a, b| route_order(&a.model).cmp(&route_order(&b.model)));
+        self.config
+            .providers
+            .sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
+        carried
+    }
+}
+
 /// Sort key: exact names first by name, then patterns by longest prefix.
 fn route_order(model: &str) -> (bool, std::cmp::Reverse<usize>, &str) {
     match model.strip_suffix('*') {

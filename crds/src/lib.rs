@@ -16,7 +16,9 @@ pub mod policy;
 pub mod pool;
 pub mod status;
 
-pub use compile::{CompileError, Compiled, PolicyError, PolicyRejection, RouteConflict, compile};
+pub use compile::{
+    CarriedRoutes, CompileError, Compiled, PolicyError, PolicyRejection, RouteConflict, compile,
+};
 pub use duration::Duration;
 pub use gateway_config::{
     GATEWAY_CONFIG_KEY, GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig,

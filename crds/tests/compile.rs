@@ -407,3 +407,50 @@ fn endpoint_trailing_slash_is_normalised_and_drained_providers_stay_listed() {
     assert_eq!(openai.endpoint, "https://api.openai.com");
     assert!(!openai.enabled);
 }
+
+#[test]
+fn a_rejected_edit_keeps_the_policys_previous_routes_and_the_providers_they_need() {
+    let m = examples();
+    let before = compile(&m.pools[0], &m.policies, "us-east").expect("compiles");
+    assert!(before.rejected.is_empty());
+
+    // A typo in one target rejects the whole policy.
+    let mut policies = m.policies.clone();
+    policies[0].spec.routes[0].targets[0].provider = "opneai".into();
+    let mut now = compile(&m.pools[0], &policies, "us-east").expect("compiles");
+    assert_eq!(now.rejected.len(), 1);
+    assert!(
+        now.config.routes.is_empty(),
+        "without carry-over every model is gone"
+    );
+    let carried = now.carry_over(&before.config);
+    assert_eq!(carried.len(), 1);
+    assert_eq!(
+        now.config, before.config,
+        "the previous routes serve as they were"
+    );
+
+    // A provider the pool renamed comes along with the routes that still name it.
+    let mut pool = m.pools[0].clone();
+    let old = pool.spec.providers[0].name.clone();
+    pool.spec.providers[0].name = format!("{old}-renamed");
+    let mut now = compile(&pool, &m.policies, "us-east").expect("compiles");
+    assert_eq!(now.rejected.len(), 1, "the policy still names {old}");
+    now.carry_over(&before.config);
+    let names: Vec<&str> = now
+        .config
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert!(
+        names.contains(&old.as_str()) && names.contains(&format!("{old}-renamed").as_str()),
+        "{names:?}"
+    );
+    assert_eq!(now.config.routes, before.config.routes);
+
+    // A policy that is deleted takes its routes with it.
+    let mut gone = compile(&m.pools[0], &[], "us-east").expect("compiles");
+    assert!(gone.carry_over(&before.config).is_empty());
+    assert!(gone.config.routes.is_empty());
+}

@@ -401,6 +401,15 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
     let Some(table) = gw.table.load_full() else {
         return not_ready();
     };
+    // Without routes there is no key to check and nothing to reveal; say why at once.
+    if table.routes().is_empty() {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            "no RoutingPolicy serves this gateway's ProviderPool yet, so it routes no model",
+        );
+    }
     let (parts, body) = req.into_parts();
     // Nothing is read or parsed for a client that no route would serve.
     let Some(admission) = table.admit(presented_key(&parts.headers)) else {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crds::k8s::{Secret, Time};
 use crds::status::conditions as types;
-use crds::{ProviderPool, RoutingPolicy, compile};
+use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool, RoutingPolicy, compile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -26,7 +26,9 @@ use serde_json::{Value, json};
 
 use crate::conditions::{Desired, merge};
 use crate::metrics::Metrics;
-use crate::render::{HASH_ANNOTATION, MANAGER, POOL_LABEL, config_json, render, revision, stamp};
+use crate::render::{
+    HASH_ANNOTATION, MANAGER, POOL_LABEL, config_json, regional_name, render, revision, stamp,
+};
 use crate::status::{Problem, RegionObservation, pool_status, pool_status_changed};
 
 /// Everything a reconcile can fail with; the variant names the metric label.
@@ -345,6 +347,7 @@ async fn apply_children(
                 .and_then(|s| s.ready_replicas)
                 .unwrap_or(0),
             revision: revision(&config_json(&configs[i])),
+            routes: configs[i].routes.len(),
         });
     }
     let names = |objs: Vec<String>| objs.into_iter().collect::<BTreeSet<_>>();
@@ -373,6 +376,47 @@ async fn apply_children(
     Ok(observations)
 }
 
+/// The configuration a region's gateways run now, from the pool's own ConfigMap.
+async fn running_config(
+    cms: &Api<ConfigMap>,
+    name: &str,
+    pool_uid: &str,
+) -> Result<Option<GatewayConfig>, Error> {
+    let Some(cm) = cms.get_opt(name).await? else {
+        return Ok(None);
+    };
+    if !controlled_by(&cm, pool_uid) {
+        return Ok(None);
+    }
+    Ok(cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(GATEWAY_CONFIG_KEY))
+        .and_then(|json| serde_json::from_str(json).ok()))
+}
+
+/// Models of `policy` that the pool's gateways serve now, in any region.
+async fn served_in_cluster(
+    client: &Client,
+    ns: &str,
+    pool: &str,
+    policy: &str,
+) -> Result<BTreeSet<String>, Error> {
+    let selector = format!("{POOL_LABEL}={pool},app.kubernetes.io/managed-by={MANAGER}");
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    Ok(cms
+        .items
+        .iter()
+        .filter_map(|cm| cm.data.as_ref()?.get(GATEWAY_CONFIG_KEY))
+        .filter_map(|json| serde_json::from_str::<GatewayConfig>(json).ok())
+        .flat_map(|config| config.routes)
+        .filter(|r| r.policy == policy)
+        .map(|r| r.model)
+        .collect())
+}
+
 /// Reconciles a ProviderPool into its regional gateways and its status.
 pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("ProviderPool");
@@ -386,9 +430,21 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
 
     let mut configs = Vec::new();
     let mut problem = None;
+    let cms = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let uid = pool.uid().unwrap_or_default();
     for region in &pool.spec.regions {
         match compile(&pool, &policies, &region.name) {
-            Ok(compiled) => configs.push(compiled.config),
+            Ok(mut compiled) => {
+                if !compiled.rejected.is_empty()
+                    && let Some(previous) =
+                        running_config(&cms, &regional_name(&name, &region.name), &uid).await?
+                {
+                    for kept in compiled.carry_over(&previous) {
+                        tracing::info!(pool = %name, region = %region.name, policy = %kept.policy, models = ?kept.models, "a rejected policy edit: its previous routes stay");
+                    }
+                }
+                configs.push(compiled.config);
+            }
             Err(e) => {
                 problem = Some(Problem {
                     reason: "InvalidConfiguration",
@@ -513,6 +569,21 @@ pub async fn reconcile_policy(
                         .filter(|r| r.policy == name)
                         .map(|r| r.model.clone()),
                 );
+            }
+            // A refused edit leaves the routes the policy served before in place (see
+            // `carry_over`); say which.
+            let kept = if errors.is_empty() {
+                BTreeSet::new()
+            } else {
+                served_in_cluster(&client, &ns, pool_name, &name).await?
+            };
+            if !kept.is_empty() {
+                let generation = policy.metadata.generation.unwrap_or_default();
+                let models = kept.iter().cloned().collect::<Vec<_>>().join(", ");
+                errors.push(format!(
+                    "generation {generation} was refused, so the routes it would have replaced ({models}) are still served as before"
+                ));
+                served.extend(kept);
             }
             let missing = missing_secrets(pool, &policy, &secrets).await?;
             let unknown_provider = errors.iter().any(|e| e.contains("is not in ProviderPool"));

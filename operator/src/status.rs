@@ -19,9 +19,10 @@ pub struct RegionObservation {
     pub ready: i32,
     /// Revision of the config written for it.
     pub revision: String,
+    /// Models its gateways route.
+    pub routes: usize,
 }
 
-/// The ProviderPool status fields the operator owns, as the JSON it applies.
 /// Why a pool cannot reach its desired state, for its `Ready` condition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -31,7 +32,8 @@ pub struct Problem {
     pub message: String,
 }
 
-/// The pool's status from what its regions show and what blocks it, if anything.
+/// The ProviderPool status fields the operator owns, as the JSON it applies: from what
+/// its regions show and what blocks it, if anything.
 pub fn pool_status(
     pool: &ProviderPool,
     regions: &[RegionObservation],
@@ -61,6 +63,10 @@ pub fn pool_status(
             },
             message: match problem {
                 Some(p) => p.message.clone(),
+                None if all_ready && regions.iter().all(|r| r.routes == 0) => format!(
+                    "gateways ready in all {} regions, but no RoutingPolicy routes a model to this pool, so they answer every request with 404",
+                    regions.len()
+                ),
                 None if all_ready => format!("gateways ready in all {} regions", regions.len()),
                 None => format!("waiting for gateway replicas in {}", rolling.join(", ")),
             },
@@ -188,6 +194,7 @@ mod tests {
 
     fn obs(name: &str, ready: i32) -> RegionObservation {
         RegionObservation {
+            routes: 1,
             name: name.into(),
             desired: 2,
             ready,

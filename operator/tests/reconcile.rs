@@ -35,6 +35,7 @@ fn pool() -> ProviderPool {
         desired: 1,
         ready: 1,
         revision,
+        routes: config.routes.len(),
     }];
     let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("time"));
     p.status = Some(serde_json::from_value(pool_status(&p, &obs, None, &now)).expect("status"));

@@ -232,3 +232,23 @@ def test_a_ca_file_without_certificates_stops_start_up_naming_it(tmp_path):
                            "--listen", "127.0.0.1:0", "--ca-file", str(bad)], capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert str(bad) in done.stderr and "no PEM certificate" in done.stderr, done.stderr
+
+
+def test_a_pool_that_no_policy_serves_says_so_in_the_404(tmp_path):
+    from conftest import FakeProvider, Gateway, manifests, provider
+
+    fake = FakeProvider("alpha", tmp_path)
+    docs = manifests([provider("alpha", fake.url)], []).split("\n---\n")
+    # The Secrets and the pool, without the RoutingPolicy.
+    mdir = tmp_path / "manifests"
+    mdir.mkdir()
+    (mdir / "switchyard.yaml").write_text("\n---\n".join(d for d in docs if '"RoutingPolicy"' not in d))
+    gw = Gateway(mdir, tmp_path)
+    try:
+        status, _, body = http("POST", f"{gw.url}/v1/chat/completions", {"model": "gpt-4o", "messages": MSG},
+                               headers={"Content-Type": "application/json"})
+        assert status == 404, body
+        assert "no RoutingPolicy serves this gateway's ProviderPool" in json.loads(body)["error"]["message"]
+    finally:
+        gw.stop()
+        fake.stop()

@@ -1072,3 +1072,105 @@ fn a_gateway_scaled_or_its_config_edited_by_hand_is_set_back_within_seconds() {
         },
     );
 }
+
+#[test]
+fn a_policy_edit_that_does_not_compile_keeps_the_routes_it_served_and_deleting_it_shows() {
+    let c = cluster();
+    let ns = c.namespace("lastgood").expect("namespace");
+    let ns = ns.name();
+    named_pool(c, ns, "keep", &["{name: us-east, replicas: 1}"]);
+    wait_condition(
+        c,
+        ns,
+        "routingpolicy/keep",
+        "Accepted",
+        "True",
+        Duration::from_secs(60),
+    );
+    let served = || -> Option<Vec<(String, String)>> {
+        let cm = get_json(c, &["configmap", "keep-us-east", "-n", ns])?;
+        let config: Value = serde_json::from_str(cm["data"]["gateway.json"].as_str()?).ok()?;
+        Some(
+            config["routes"]
+                .as_array()?
+                .iter()
+                .map(|r| {
+                    (
+                        r["model"].as_str().unwrap_or_default().to_owned(),
+                        r["targets"][0]["provider"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let before = wait_for(
+        "the route in the ConfigMap",
+        Duration::from_secs(30),
+        || served().filter(|r| !r.is_empty()),
+    );
+    assert_eq!(before, [("m".to_owned(), "p".to_owned())]);
+
+    // A typo in the provider's name: the edit is refused, the route keeps serving.
+    c.kubectl_ok(&[
+        "patch",
+        "routingpolicy",
+        "keep",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        "[{\"op\":\"replace\",\"path\":\"/spec/routes/0/targets/0/provider\",\"value\":\"typo\"}]",
+    ])
+    .expect("patch");
+    let policy = wait_condition(
+        c,
+        ns,
+        "routingpolicy/keep",
+        "Accepted",
+        "False",
+        Duration::from_secs(60),
+    );
+    let (_, _, message) = condition(&policy, "Accepted").expect("condition");
+    assert!(
+        message.contains("\"typo\"")
+            && message.contains("generation 2 was refused")
+            && message.contains("(m)"),
+        "{message}"
+    );
+    assert_eq!(
+        policy["status"]["routes"], "m",
+        "the status lists what is served"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        served().expect("config"),
+        before,
+        "the last good route stays in the config"
+    );
+    let pool = get_json(c, &["providerpool", "keep", "-n", ns]).expect("pool");
+    assert_eq!(
+        condition(&pool, "Ready").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+
+    // Deleting the policy does take its routes away, and the pool says so.
+    c.kubectl_ok(&["delete", "routingpolicy", "keep", "-n", ns])
+        .expect("delete policy");
+    wait_for("no routes", Duration::from_secs(60), || {
+        served().filter(|r| r.is_empty())
+    });
+    wait_for(
+        "the pool saying no policy routes to it",
+        Duration::from_secs(60),
+        || {
+            let pool = get_json(c, &["providerpool", "keep", "-n", ns])?;
+            condition(&pool, "Ready")?
+                .2
+                .contains("no RoutingPolicy routes a model")
+                .then_some(())
+        },
+    );
+}

@@ -11,11 +11,12 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -58,6 +59,23 @@ pub fn child_name(base: &str) -> String {
     let hash = format!("{:08x}", fnv1a(base.as_bytes()) as u32);
     let keep: String = base.chars().take(63 - 9).collect();
     format!("{}-{hash}", keep.trim_end_matches('-'))
+}
+
+/// A gateway's resources when neither the region nor the pool sets any: requests, so the
+/// pods are not the first evicted (BestEffort) and are scheduled where they fit, and a
+/// memory limit above what the gateway's default limits let it hold (a 256 MiB buffer
+/// budget, a 64 MiB replay store and about 20 MiB of its own). No CPU limit: throttling
+/// adds latency to every request.
+fn default_gateway_resources() -> ResourceRequirements {
+    let quantity = |q: &str| Quantity(q.to_owned());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), quantity("100m")),
+            ("memory".to_owned(), quantity("128Mi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), quantity("512Mi"))])),
+        ..ResourceRequirements::default()
+    }
 }
 
 /// FNV-1a, 64 bits: stable across Rust versions, unlike `DefaultHasher`.
@@ -310,7 +328,8 @@ fn deployment(
     let resources = region
         .resources
         .clone()
-        .or_else(|| pool.spec.gateway.resources.clone());
+        .or_else(|| pool.spec.gateway.resources.clone())
+        .unwrap_or_else(default_gateway_resources);
     let mut args = vec![
         "--configmap".into(),
         name.into(),
@@ -402,7 +421,7 @@ fn deployment(
         ]),
         liveness_probe: Some(probe("/healthz", 10)),
         readiness_probe: Some(probe("/readyz", 5)),
-        resources,
+        resources: Some(resources),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

@@ -31,6 +31,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* The rules the operator needs wherever it reconciles pools; shared by the ClusterRole
      and the per-namespace Roles. Each verb is one the operator's code uses. */}}
+{{/* The namespaces the operator manages when not cluster-wide, as a JSON list. */}}
+{{- define "switchyard.watchNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- toJson .Values.watchNamespaces -}}
+{{- else -}}
+{{- toJson (list .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "switchyard.rules" -}}
 # ProviderPools and RoutingPolicies: watched, and their status written (server-side apply).
 - apiGroups: ["switchyard.dev"]

@@ -154,9 +154,19 @@ pub fn layer_bytes(archive: &Path) -> anyhow::Result<u64> {
         .sum()
 }
 
-/// `helm install`s the chart into `switchyard-system` with the images built here and
-/// the operator on the real node; returns helm's output.
-pub fn install_chart(cluster: &Cluster) -> anyhow::Result<String> {
+/// `helm install`s the chart into `switchyard-system` with the images built here, the
+/// operator on the real node and managing the ProviderPools of `namespaces` (created if
+/// missing); returns helm's output.
+pub fn install_chart(cluster: &Cluster, namespaces: &[&str]) -> anyhow::Result<String> {
+    // The chart grants the operator a Role in each namespace it manages, so they exist
+    // before the install.
+    for ns in namespaces {
+        let manifest = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
+        let (ok, _, err) = cluster.kubectl_input(&["apply", "-f", "-"], &manifest)?;
+        if !ok {
+            bail!("creating namespace {ns}: {err}");
+        }
+    }
     let out = cluster
         .helm()
         .args(["install", "switchyard"])
@@ -176,6 +186,10 @@ pub fn install_chart(cluster: &Cluster) -> anyhow::Result<String> {
             tag(GATEWAY)
         ))
         .args(["--set", "nodeSelector.switchyard\\.dev/node=real"])
+        .args([
+            "--set",
+            &format!("watchNamespaces={{{}}}", namespaces.join(",")),
+        ])
         .output()
         .context("running helm")?;
     if !out.status.success() {

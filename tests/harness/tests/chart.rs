@@ -77,6 +77,7 @@ fn every_documented_option_renders_objects_the_api_server_accepts() {
     let sets: &[&[&str]] = &[
         &[],
         &["--set", "watchNamespaces={team-a,team-b}"],
+        &["--set", "clusterWide=true"],
         &[
             "--set",
             "serviceMonitor.enabled=true",
@@ -131,14 +132,24 @@ fn every_documented_option_renders_objects_the_api_server_accepts() {
             ok,
             "{set:?}: the API server refused the rendered chart: {err}"
         );
-        if set.iter().any(|s| s.contains("watchNamespaces")) {
+        let broad = rendered.contains("kind: ClusterRole\nmetadata:\n  name: sy-switchyard\n");
+        if set.iter().any(|s| s.contains("clusterWide")) {
+            assert!(broad, "cluster-wide mode has its ClusterRole");
+        } else {
             assert!(
-                !rendered.contains("kind: ClusterRole\nmetadata:\n  name: sy-switchyard\n"),
-                "namespaced mode has no broad ClusterRole"
+                !broad,
+                "{set:?}: only cluster-wide mode has a broad ClusterRole"
             );
+        }
+        if set.iter().any(|s| s.contains("watchNamespaces")) {
             assert!(
                 rendered.contains("namespace: team-b") && rendered.contains("--namespace=team-a"),
                 "{rendered}"
+            );
+        } else if set.is_empty() {
+            assert!(
+                rendered.contains(&format!("--namespace={NS}")),
+                "by default the release namespace only: {rendered}"
             );
         }
     }
@@ -154,6 +165,25 @@ fn the_values_schema_rejects_typos_and_wrong_types_clearly() {
     assert!(!out.status.success());
     assert!(
         text(&out).contains("/replicaCount") && text(&out).contains("want integer"),
+        "{}",
+        text(&out)
+    );
+    let out = helm(
+        c,
+        &[
+            "template",
+            RELEASE,
+            &chart(),
+            "--set",
+            "leaderElection.enabled=false",
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "two replicas without leader election were accepted"
+    );
+    assert!(
+        text(&out).contains("/replicaCount") && text(&out).contains("want 1"),
         "{}",
         text(&out)
     );
@@ -182,6 +212,8 @@ fn install_run_the_operator_as_the_charts_identity_and_uninstall_cleanly() {
             "--wait",
             "--timeout",
             "120s",
+            "--set",
+            "clusterWide=true",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -318,6 +350,84 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: p}\ns
     assert_eq!(left.trim(), "", "helm uninstall left objects behind");
     c.kubectl_ok(&["get", "crd", "providerpools.switchyard.dev"])
         .expect("CRDs stay, as Helm does");
+}
+
+/// By default the operator may act only in its own namespace: every permission it needs
+/// there, none elsewhere (checked by impersonating its ServiceAccount).
+#[test]
+fn by_default_the_operator_can_read_secrets_and_grant_roles_only_in_its_namespace() {
+    let c = cluster();
+    let ns = "sy-default-rbac";
+    let release = "syrbac";
+    // `can-i` resolves resources through discovery, so the CRDs must exist.
+    let crds = repo_root().join("charts/switchyard/crds");
+    c.kubectl_ok(&["apply", "--server-side", "-f", &crds.display().to_string()])
+        .expect("CRDs install");
+    let out = helm(
+        c,
+        &[
+            "install",
+            release,
+            &chart(),
+            "-n",
+            ns,
+            "--create-namespace",
+            "--skip-crds",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let sa = format!("system:serviceaccount:{ns}:{release}-switchyard");
+    let can = |verb: &str, resource: &str, scope: &[&str]| {
+        let mut args = vec!["auth", "can-i", verb, resource, "--as", sa.as_str()];
+        args.extend_from_slice(scope);
+        let out = c.kubectl().args(&args).output().expect("kubectl");
+        let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            answer == "yes" || answer == "no",
+            "kubectl auth can-i {verb} {resource}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        answer == "yes"
+    };
+    for (verb, resource) in [
+        ("get", "secrets"),
+        ("watch", "secrets"),
+        ("create", "roles"),
+        ("create", "rolebindings"),
+        ("patch", "deployments"),
+        ("delete", "configmaps"),
+        ("list", "routingpolicies.switchyard.dev"),
+        ("create", "events.events.k8s.io"),
+    ] {
+        assert!(
+            can(verb, resource, &["-n", ns]),
+            "it needs to {verb} {resource} in {ns}"
+        );
+    }
+    assert!(
+        can(
+            "patch",
+            "providerpools.switchyard.dev",
+            &["-n", ns, "--subresource=status"]
+        ),
+        "it needs to write pool status"
+    );
+    for (verb, resource, scope) in [
+        ("get", "secrets", ["-n", "kube-system"]),
+        ("get", "secrets", ["-n", "default"]),
+        ("create", "roles", ["-n", "kube-system"]),
+        ("create", "rolebindings", ["-n", "kube-system"]),
+        ("patch", "deployments", ["-n", "default"]),
+        ("list", "providerpools.switchyard.dev", ["-n", "default"]),
+    ] {
+        assert!(
+            !can(verb, resource, &scope),
+            "it may {verb} {resource} {scope:?}"
+        );
+    }
+    assert!(!can("list", "secrets", &["-A"]), "it may list every Secret");
+    let out = helm(c, &["uninstall", release, "-n", ns, "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// The Dockerfiles' default target builds the binary from source the way images/build.sh

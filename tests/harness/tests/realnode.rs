@@ -88,8 +88,7 @@ fn try_install(
         fakes.push(cluster.spawn_process(&format!("fake-{name}"), cmd)?);
     }
 
-    images::install_chart(cluster)?;
-    cluster.kubectl_ok(&["create", "namespace", NS])?;
+    images::install_chart(cluster, &[NS])?;
     apply(cluster, &objects(primary_port, secondary_port))?;
     Ok((primary_port, secondary_port, fakes))
 }

@@ -135,7 +135,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     say("helm install switchyard charts/switchyard (the operator runs in pods on the real node)");
-    let installed = images::install_chart(&cluster).map_err(|e| e.context(cluster.diagnose()))?;
+    let installed =
+        images::install_chart(&cluster, &[NS]).map_err(|e| e.context(cluster.diagnose()))?;
     println!(
         "{}",
         installed.lines().take(6).collect::<Vec<_>>().join("\n")

@@ -69,11 +69,18 @@ pub struct RouteConflict {
 pub struct Compiled {
     /// The configuration, built from every policy that was not rejected.
     pub config: GatewayConfig,
+    /// The pool's policies, oldest first: the order that decides who keeps a contested
+    /// model, and who is dropped first when the configuration is too large.
+    pub order: Vec<String>,
     /// Policies left out, with their errors.
     pub rejected: Vec<PolicyRejection>,
     /// Routes left out because an older policy claims the same model.
     pub conflicts: Vec<RouteConflict>,
 }
+
+/// Routes one pool may have across all its policies: with the schemas' own bounds, this
+/// keeps the largest configuration inside one ConfigMap (see the size test).
+pub const MAX_POOL_ROUTES: usize = 256;
 
 /// Compiles the pool and the policies that reference it into `region`'s GatewayConfig.
 ///
@@ -123,11 +130,28 @@ pub fn compile(
             .then_with(|| a.name_any().cmp(&b.name_any()))
     });
 
+    let order: Vec<String> = ours.iter().map(|p| p.name_any()).collect();
     let mut rejected = Vec::new();
     let mut accepted: Vec<(&RoutingPolicy, Vec<RouteConfig>)> = Vec::new();
+    let mut route_count = 0;
     for policy in ours {
         match compile_policy(pool, policy, region) {
-            Ok(routes) => accepted.push((policy, routes)),
+            Ok(routes) if route_count + routes.len() > MAX_POOL_ROUTES => {
+                rejected.push(PolicyRejection {
+                    policy: policy.name_any(),
+                    errors: vec![PolicyError {
+                        field: "spec.routes".into(),
+                        message: format!(
+                            "ProviderPool {pool_name:?} already has {route_count} routes from older RoutingPolicies; these {} would pass its limit of {MAX_POOL_ROUTES} (split the pool, or merge routes)",
+                            routes.len()
+                        ),
+                    }],
+                });
+            }
+            Ok(routes) => {
+                route_count += routes.len();
+                accepted.push((policy, routes));
+            }
             Err(errors) => rejected.push(PolicyRejection {
                 policy: policy.name_any(),
                 errors,
@@ -163,6 +187,7 @@ pub fn compile(
                     providers,
                     routes,
                 },
+                order,
                 rejected,
                 conflicts,
             });
@@ -237,6 +262,42 @@ impl Compiled {
             .providers
             .sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
         carried
+    }
+}
+
+impl Compiled {
+    /// Drops whole policies, newest first, until the encoded configuration takes at most
+    /// `max` bytes; each dropped policy is rejected saying so. The schemas bound every
+    /// field, but long names and texts in many routes can still add up past what one
+    /// ConfigMap holds, and a configuration that cannot be written would leave every
+    /// policy's status claiming what the gateways do not run.
+    pub fn fit(&mut self, max: usize) {
+        let size = |config: &GatewayConfig| match crate::gateway_config::encode(config) {
+            crate::gateway_config::Encoded::Json(json) => json.len(),
+            crate::gateway_config::Encoded::Gzip(gz) => gz.len(),
+        };
+        let mut newest = self.order.clone();
+        while size(&self.config) > max {
+            let Some(policy) = newest.pop() else { break };
+            if !self.config.routes.iter().any(|r| r.policy == policy) {
+                continue;
+            }
+            let before = size(&self.config);
+            self.config.routes.retain(|r| r.policy != policy);
+            let error = PolicyError {
+                field: "spec.routes".into(),
+                message: format!(
+                    "the pool's compiled configuration took {before} bytes encoded with this policy's routes, more than the {max} a ConfigMap can hold; the newest policies are left out until it fits (shorten texts and names, or split the pool)"
+                ),
+            };
+            match self.rejected.iter_mut().find(|r| r.policy == policy) {
+                Some(r) => r.errors.push(error),
+                None => self.rejected.push(PolicyRejection {
+                    policy,
+                    errors: vec![error],
+                }),
+            }
+        }
     }
 }
 

@@ -22,6 +22,73 @@ pub const GATEWAY_CONFIG_VERSION: u32 = 1;
 /// The ConfigMap data key holding the JSON-encoded GatewayConfig.
 pub const GATEWAY_CONFIG_KEY: &str = "gateway.json";
 
+/// The ConfigMap binaryData key holding it gzip-compressed, when it is too large to keep
+/// readable (see [`encode`]).
+pub const GATEWAY_CONFIG_GZ_KEY: &str = "gateway.json.gz";
+
+/// Largest configuration kept as readable JSON; larger ones are compressed, so the
+/// largest configuration the schemas and [`crate::compile`]'s bounds allow stays well
+/// inside a ConfigMap's 1 MiB.
+pub const INLINE_CONFIG_MAX: usize = 256 << 10;
+
+/// Largest encoded configuration the operator writes: a ConfigMap holds at most 1 MiB,
+/// and its metadata needs some of that.
+pub const CONFIG_MAP_DATA_MAX: usize = 900 << 10;
+
+/// Largest configuration a gateway inflates.
+const INFLATED_MAX: u64 = 64 << 20;
+
+/// A configuration as stored in a ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Encoded {
+    /// Compact JSON under [`GATEWAY_CONFIG_KEY`] in `data`.
+    Json(String),
+    /// Gzip-compressed JSON under [`GATEWAY_CONFIG_GZ_KEY`] in `binaryData`.
+    Gzip(Vec<u8>),
+}
+
+/// Encodes `config` for its ConfigMap: compact JSON, compressed beyond
+/// [`INLINE_CONFIG_MAX`].
+pub fn encode(config: &GatewayConfig) -> Encoded {
+    use std::io::Write;
+    let json = serde_json::to_string(config).unwrap_or_default();
+    if json.len() <= INLINE_CONFIG_MAX {
+        return Encoded::Json(json);
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(json.as_bytes());
+    Encoded::Gzip(gz.finish().unwrap_or_default())
+}
+
+/// Reads the configuration from a ConfigMap's `data` and `binaryData`, whichever holds it.
+pub fn decode(
+    data: Option<&BTreeMap<String, String>>,
+    binary: Option<&BTreeMap<String, k8s_openapi::ByteString>>,
+) -> Result<GatewayConfig, String> {
+    use std::io::Read;
+    if let Some(json) = data.and_then(|d| d.get(GATEWAY_CONFIG_KEY)) {
+        return serde_json::from_str(json)
+            .map_err(|e| format!("{GATEWAY_CONFIG_KEY} is invalid: {e}"));
+    }
+    let Some(gz) = binary.and_then(|b| b.get(GATEWAY_CONFIG_GZ_KEY)) else {
+        return Err(format!(
+            "the ConfigMap has neither {GATEWAY_CONFIG_KEY} nor {GATEWAY_CONFIG_GZ_KEY}"
+        ));
+    };
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(&gz.0[..])
+        .take(INFLATED_MAX + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| format!("{GATEWAY_CONFIG_GZ_KEY} is not valid gzip: {e}"))?;
+    if json.len() as u64 > INFLATED_MAX {
+        return Err(format!(
+            "{GATEWAY_CONFIG_GZ_KEY} inflates past {INFLATED_MAX} bytes"
+        ));
+    }
+    serde_json::from_slice(&json).map_err(|e| format!("{GATEWAY_CONFIG_GZ_KEY} is invalid: {e}"))
+}
+
 /// Everything one region's gateways need to route.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -21,8 +21,9 @@ pub use compile::{
 };
 pub use duration::Duration;
 pub use gateway_config::{
-    GATEWAY_CONFIG_KEY, GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig,
-    TargetConfig,
+    CONFIG_MAP_DATA_MAX, Encoded, GATEWAY_CONFIG_GZ_KEY, GATEWAY_CONFIG_KEY,
+    GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig, TargetConfig,
+    decode as decode_config, encode as encode_config,
 };
 pub use policy::{RoutingPolicy, RoutingPolicySpec};
 pub use pool::{ProviderPool, ProviderPoolSpec};

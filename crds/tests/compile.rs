@@ -454,3 +454,127 @@ fn a_rejected_edit_keeps_the_policys_previous_routes_and_the_providers_they_need
     assert!(gone.carry_over(&before.config).is_empty());
     assert!(gone.config.routes.is_empty());
 }
+
+/// Letters that do not compress: a name or text of `len` characters from `seed`.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + u8::try_from(x % 26).expect("< 26"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_largest_pool_fits_one_config_map_by_leaving_out_the_newest_policies() {
+    // 32 providers of 32 models each, every name as long as the schema allows.
+    let providers: Vec<serde_json::Value> = (0..32)
+        .map(|p| {
+            json!({"name": format!("p{p:02}-{}", noise(p, 59)), "type": "openaiCompatible",
+                   "endpoint": format!("https://{}.example.com", noise(1000 + p, 60)), "region": "us-east",
+                   "models": (0..32).map(|m| json!({"name": noise(p * 100 + m, 128)})).collect::<Vec<_>>()})
+        })
+        .collect();
+    let mut pool = pool();
+    pool.spec.providers = serde_json::from_value(json!(providers)).expect("providers");
+    // Five policies of 64 routes: 16 targets each, a long refusal text each.
+    let policies: Vec<RoutingPolicy> = (0..5u64)
+        .map(|n| {
+            let routes: Vec<serde_json::Value> = (0..64u64)
+                .map(|r| {
+                    let targets: Vec<serde_json::Value> = (0..16u64)
+                        .map(|t| {
+                            let p = (r + t) % 32;
+                            json!({"provider": providers[p as usize]["name"], "model": noise(p * 100 + (r % 32), 128)})
+                        })
+                        .collect();
+                    json!({"model": noise(10_000 + n * 100 + r, 128), "targets": targets,
+                           "onContentPolicy": {"response": noise(20_000 + n * 100 + r, 4096)}})
+                })
+                .collect();
+            policy(
+                &format!("team-{n}"),
+                &format!("2026-01-0{}T00:00:00Z", n + 1),
+                json!({"routes": routes, "degradedResponse": {"message": noise(30_000 + n, 4096)}}),
+            )
+        })
+        .collect();
+    let mut out = compile(&pool, &policies, "us-east").expect("compiles");
+    let rejected = |out: &crds::Compiled| -> Vec<String> {
+        out.rejected.iter().map(|r| r.policy.clone()).collect()
+    };
+    assert_eq!(
+        rejected(&out),
+        ["team-4"],
+        "a pool holds at most 256 routes"
+    );
+    assert!(
+        out.rejected[0].errors[0].message.contains("limit of 256"),
+        "{:?}",
+        out.rejected[0].errors
+    );
+    out.fit(crds::CONFIG_MAP_DATA_MAX);
+    let encoded = match crds::encode_config(&out.config) {
+        crds::Encoded::Json(json) => json.len(),
+        crds::Encoded::Gzip(gz) => gz.len(),
+    };
+    assert!(encoded <= crds::CONFIG_MAP_DATA_MAX, "{encoded} bytes");
+    let kept: std::collections::BTreeSet<&str> = out
+        .config
+        .routes
+        .iter()
+        .map(|r| r.policy.as_str())
+        .collect();
+    assert!(
+        kept.contains("team-0"),
+        "the oldest policy keeps its routes"
+    );
+    let dropped = rejected(&out);
+    assert!(dropped.len() >= 2, "{dropped:?}");
+    assert!(
+        out.rejected
+            .iter()
+            .filter(|r| r.policy != "team-4")
+            .all(|r| r.errors[0].message.contains("more than the")),
+        "{:?}",
+        out.rejected
+    );
+    eprintln!(
+        "kept {} routes of {:?}; encoded {encoded} bytes",
+        out.config.routes.len(),
+        kept
+    );
+}
+
+#[test]
+fn a_large_configuration_is_stored_compressed_and_reads_back_the_same() {
+    let m = examples();
+    let small = compile(&m.pools[0], &m.policies, "us-east")
+        .expect("compiles")
+        .config;
+    let crds::Encoded::Json(json) = crds::encode_config(&small) else {
+        panic!("a small configuration stays readable JSON");
+    };
+    let data = std::collections::BTreeMap::from([(crds::GATEWAY_CONFIG_KEY.to_owned(), json)]);
+    assert_eq!(crds::decode_config(Some(&data), None), Ok(small.clone()));
+
+    let mut large = small;
+    for i in 0..400 {
+        let mut route = large.routes[0].clone();
+        route.model = format!("{}-{i}", noise(i, 100));
+        large.routes.push(route);
+    }
+    let crds::Encoded::Gzip(gz) = crds::encode_config(&large) else {
+        panic!("a configuration over 256 KiB is compressed");
+    };
+    let binary = std::collections::BTreeMap::from([(
+        crds::GATEWAY_CONFIG_GZ_KEY.to_owned(),
+        k8s_openapi::ByteString(gz),
+    )]);
+    assert_eq!(crds::decode_config(None, Some(&binary)), Ok(large));
+    let err = crds::decode_config(None, None).expect_err("nothing to read");
+    assert!(err.contains("gateway.json"), "{err}");
+}

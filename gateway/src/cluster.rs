@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crds::status::HealthState;
-use crds::{GATEWAY_CONFIG_KEY, GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderPool};
+use crds::{GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderPool};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams};
@@ -45,16 +45,10 @@ impl std::fmt::Debug for ClusterSource {
 }
 
 fn parse(cm: &ConfigMap) -> Result<GatewayConfig, String> {
-    let text = cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(GATEWAY_CONFIG_KEY))
-        .ok_or_else(|| format!("ConfigMap has no {GATEWAY_CONFIG_KEY} key"))?;
-    let config: GatewayConfig =
-        serde_json::from_str(text).map_err(|e| format!("{GATEWAY_CONFIG_KEY} is invalid: {e}"))?;
+    let config = crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref())?;
     if config.version != GATEWAY_CONFIG_VERSION {
         return Err(format!(
-            "{GATEWAY_CONFIG_KEY} has format version {}, this gateway reads version {GATEWAY_CONFIG_VERSION}",
+            "the configuration has format version {}, this gateway reads version {GATEWAY_CONFIG_VERSION}",
             config.version
         ));
     }

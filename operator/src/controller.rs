@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crds::k8s::{Secret, Time};
 use crds::status::conditions as types;
-use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool, RoutingPolicy, compile};
+use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -216,6 +216,7 @@ async fn publish_transitions<K>(
                 | ("Degraded" | "Progressing", "False", _)
                 | ("Progressing", "True", _)
                 | ("Ready", "False", "RegionsNotReady")
+                | ("Accepted", "False", "Pending")
         );
         let note = after
             .iter()
@@ -388,11 +389,7 @@ async fn running_config(
     if !controlled_by(&cm, pool_uid) {
         return Ok(None);
     }
-    Ok(cm
-        .data
-        .as_ref()
-        .and_then(|d| d.get(GATEWAY_CONFIG_KEY))
-        .and_then(|json| serde_json::from_str(json).ok()))
+    Ok(crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
 }
 
 /// Models of `policy` that the pool's gateways serve now, in any region.
@@ -409,8 +406,7 @@ async fn served_in_cluster(
     Ok(cms
         .items
         .iter()
-        .filter_map(|cm| cm.data.as_ref()?.get(GATEWAY_CONFIG_KEY))
-        .filter_map(|json| serde_json::from_str::<GatewayConfig>(json).ok())
+        .filter_map(|cm| crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
         .flat_map(|config| config.routes)
         .filter(|r| r.policy == policy)
         .map(|r| r.model)
@@ -443,6 +439,7 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
                         tracing::info!(pool = %name, region = %region.name, policy = %kept.policy, models = ?kept.models, "a rejected policy edit: its previous routes stay");
                     }
                 }
+                compiled.fit(crds::CONFIG_MAP_DATA_MAX);
                 configs.push(compiled.config);
             }
             Err(e) => {
@@ -542,9 +539,10 @@ pub async fn reconcile_policy(
             let mut conflicts: Vec<String> = Vec::new();
             let mut served: BTreeSet<String> = BTreeSet::new();
             for region in &pool.spec.regions {
-                let Ok(out) = compile(pool, &policies, &region.name) else {
+                let Ok(mut out) = compile(pool, &policies, &region.name) else {
                     continue;
                 };
+                out.fit(crds::CONFIG_MAP_DATA_MAX);
                 for r in out.rejected.iter().filter(|r| r.policy == name) {
                     for e in &r.errors {
                         let text = e.to_string();
@@ -572,11 +570,13 @@ pub async fn reconcile_policy(
             }
             // A refused edit leaves the routes the policy served before in place (see
             // `carry_over`); say which.
+            let in_cluster = served_in_cluster(&client, &ns, pool_name, &name).await?;
             let kept = if errors.is_empty() {
                 BTreeSet::new()
             } else {
-                served_in_cluster(&client, &ns, pool_name, &name).await?
+                in_cluster.clone()
             };
+            let not_yet: Vec<String> = served.difference(&in_cluster).cloned().collect();
             if !kept.is_empty() {
                 let generation = policy.metadata.generation.unwrap_or_default();
                 let models = kept.iter().cloned().collect::<Vec<_>>().join(", ");
@@ -600,6 +600,17 @@ pub async fn reconcile_policy(
                     status: false,
                     reason: "RouteConflict",
                     message: conflicts.join("; "),
+                }
+            } else if !not_yet.is_empty() {
+                // Accepted means the gateways run it, not only that it compiles.
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "Pending",
+                    message: format!(
+                        "compiles, but the gateways' configuration does not hold its routes for {} yet; if this lasts, the ProviderPool's Ready condition says why",
+                        not_yet.join(", ")
+                    ),
                 }
             } else {
                 Desired {

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crds::pool::Region;
-use crds::{GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool};
+use crds::{Encoded, GATEWAY_CONFIG_GZ_KEY, GATEWAY_CONFIG_KEY, GatewayConfig, ProviderPool};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
@@ -178,9 +179,23 @@ pub fn render(pool: &ProviderPool, configs: &[GatewayConfig], default_image: &st
             REVISION_ANNOTATION.to_owned(),
             revision(&json),
         )]));
+        let (data, binary_data) = match crds::encode_config(config) {
+            Encoded::Json(json) => (
+                Some(BTreeMap::from([(GATEWAY_CONFIG_KEY.to_owned(), json)])),
+                None,
+            ),
+            Encoded::Gzip(gz) => (
+                None,
+                Some(BTreeMap::from([(
+                    GATEWAY_CONFIG_GZ_KEY.to_owned(),
+                    ByteString(gz),
+                )])),
+            ),
+        };
         children.config_maps.push(ConfigMap {
             metadata: cm_meta,
-            data: Some(BTreeMap::from([(GATEWAY_CONFIG_KEY.to_owned(), json)])),
+            data,
+            binary_data,
             ..ConfigMap::default()
         });
         children.deployments.push(deployment(

@@ -140,7 +140,9 @@ pub struct Route {
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(o, o.provider == t.provider && (has(o.model) ? o.model : '') == (has(t.model) ? t.model : '')))").message("a provider and model pair may appear only once among a route's targets"))]
     pub targets: Vec<Target>,
 
-    /// Other public models to try, in order, when every target of this route failed.
+    /// Other public models to try, in order, when every target of this route failed. A
+    /// request tries each model at most once, so fallbacks that lead back to a model
+    /// already tried (a cycle) are skipped; the policy's status points cycles out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 3),
@@ -292,7 +294,7 @@ impl Default for RetryPolicy {
 /// Exponential backoff with jitter.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.initial) <= duration(self.max)").message("backoff.initial must not exceed backoff.max"))]
+#[x_kube(validation = Rule::new("!self.initial.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.max.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.initial) <= duration(self.max))").message("backoff.initial must not exceed backoff.max"))]
 pub struct Backoff {
     /// Wait before the first retry.
     #[serde(default = "default_backoff_initial")]
@@ -380,9 +382,9 @@ impl Default for RetryOn {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("duration(self.connect) <= duration(self.total)").message("timeouts.connect must not exceed timeouts.total"),
-    validation = Rule::new("duration(self.firstByte) <= duration(self.total)").message("timeouts.firstByte must not exceed timeouts.total"),
-    validation = Rule::new("duration(self.connect) > duration('0s') && duration(self.firstByte) > duration('0s') && duration(self.streamIdle) > duration('0s')").message("timeouts must be greater than zero"),
+    validation = Rule::new("!self.connect.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.total.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.connect) <= duration(self.total))").message("timeouts.connect must not exceed timeouts.total"),
+    validation = Rule::new("!self.firstByte.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.total.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.firstByte) <= duration(self.total))").message("timeouts.firstByte must not exceed timeouts.total"),
+    validation = Rule::new("!self.connect.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.firstByte.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.streamIdle.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.connect) > duration('0s') && duration(self.firstByte) > duration('0s') && duration(self.streamIdle) > duration('0s'))").message("timeouts must be greater than zero"),
 )]
 pub struct Timeouts {
     /// Time to open a connection to a provider.
@@ -440,8 +442,8 @@ impl Default for Timeouts {
 // as `0` against a truncated integer minimum, so `minimum` alone lets 0 through.
 #[x_kube(
     validation = Rule::new("self.failureRate > 0.0").message("circuitBreaker.failureRate must be greater than 0; it is a ratio such as 0.5"),
-    validation = Rule::new("duration(self.window) > duration('0s') && duration(self.window) <= duration('1h')").message("circuitBreaker.window must be more than 0s and at most 1h"),
-    validation = Rule::new("duration(self.openFor) > duration('0s') && duration(self.openFor) <= duration('1h')").message("circuitBreaker.openFor must be more than 0s and at most 1h"),
+    validation = Rule::new("!self.window.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.window) > duration('0s') && duration(self.window) <= duration('1h'))").message("circuitBreaker.window must be more than 0s and at most 1h"),
+    validation = Rule::new("!self.openFor.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.openFor) > duration('0s') && duration(self.openFor) <= duration('1h'))").message("circuitBreaker.openFor must be more than 0s and at most 1h"),
 )]
 pub struct CircuitBreaker {
     /// Consecutive failures that open the breaker.
@@ -608,4 +610,68 @@ pub struct SecretRef {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub name: String,
+}
+
+impl RoutingPolicySpec {
+    /// Groups of this policy's routes whose fallbacks lead back to one another (each
+    /// group sorted, groups sorted): the strongly connected parts of the fallback graph.
+    pub fn fallback_cycles(&self) -> Vec<Vec<String>> {
+        let models: Vec<&str> = self.routes.iter().map(|r| r.model.as_str()).collect();
+        let index = |m: &str| models.iter().position(|x| *x == m);
+        let edges: Vec<Vec<usize>> = self
+            .routes
+            .iter()
+            .map(|r| r.fallbacks.iter().filter_map(|f| index(f)).collect())
+            .collect();
+        // Reachability by repeated expansion: at most 64 routes, so a quadratic closure
+        // is cheap and plain.
+        let n = models.len();
+        let mut reach = vec![vec![false; n]; n];
+        for (from, to) in edges.iter().enumerate() {
+            let mut stack: Vec<usize> = to.clone();
+            while let Some(next) = stack.pop() {
+                if !reach[from][next] {
+                    reach[from][next] = true;
+                    stack.extend(&edges[next]);
+                }
+            }
+        }
+        let mut groups: Vec<Vec<String>> = Vec::new();
+        let mut placed = vec![false; n];
+        for a in 0..n {
+            if placed[a] || !reach[a][a] {
+                continue;
+            }
+            let mut group: Vec<String> = (0..n)
+                .filter(|&b| reach[a][b] && reach[b][a])
+                .inspect(|&b| placed[b] = true)
+                .map(|b| models[b].to_owned())
+                .collect();
+            group.sort();
+            groups.push(group);
+        }
+        groups.sort();
+        groups
+    }
+}
+
+#[cfg(test)]
+mod cycle_tests {
+    use super::*;
+
+    #[test]
+    fn fallbacks_that_lead_back_are_grouped() {
+        let spec: RoutingPolicySpec = serde_json::from_value(serde_json::json!({
+            "poolRef": {"name": "p"},
+            "routes": [
+                {"model": "a", "targets": [{"provider": "x"}], "fallbacks": ["b"]},
+                {"model": "b", "targets": [{"provider": "x"}], "fallbacks": ["c"]},
+                {"model": "c", "targets": [{"provider": "x"}], "fallbacks": ["a", "d"]},
+                {"model": "d", "targets": [{"provider": "x"}]},
+                {"model": "e", "targets": [{"provider": "x"}], "fallbacks": ["d"]}
+            ]
+        }))
+        .expect("spec");
+        assert_eq!(spec.fallback_cycles(), [["a", "b", "c"]]);
+    }
 }

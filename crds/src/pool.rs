@@ -502,7 +502,7 @@ pub struct HealthCheck {
 /// Ejection driven by real traffic.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.baseEjectionTime) <= duration(self.maxEjectionTime)").message("baseEjectionTime must not exceed maxEjectionTime"))]
+#[x_kube(validation = Rule::new("!self.baseEjectionTime.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.maxEjectionTime.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.baseEjectionTime) <= duration(self.maxEjectionTime))").message("baseEjectionTime must not exceed maxEjectionTime"))]
 pub struct PassiveHealth {
     /// Consecutive failed requests (connect errors, timeouts, 5xx) that eject the provider.
     #[serde(default = "default_consecutive_failures")]
@@ -557,7 +557,7 @@ impl Default for PassiveHealth {
 /// A periodic probe of the provider.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("duration(self.timeout) < duration(self.interval)").message("probe timeout must be shorter than its interval"))]
+#[x_kube(validation = Rule::new("!self.timeout.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.interval.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.timeout) < duration(self.interval))").message("probe timeout must be shorter than its interval"))]
 pub struct ActiveProbe {
     /// Time between probes.
     #[serde(default = "default_probe_interval")]

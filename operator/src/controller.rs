@@ -413,6 +413,22 @@ async fn served_in_cluster(
         .collect())
 }
 
+/// How fallback cycles are resolved, for an accepted policy's message.
+fn cycle_note(spec: &crds::RoutingPolicySpec) -> String {
+    let groups = spec.fallback_cycles();
+    if groups.is_empty() {
+        return String::new();
+    }
+    let groups: Vec<String> = groups
+        .iter()
+        .map(|g| format!("({})", g.join(", ")))
+        .collect();
+    format!(
+        "; the fallbacks of {} lead back to one another, so a request tries each of those models at most once",
+        groups.join(" and ")
+    )
+}
+
 /// Reconciles a ProviderPool into its regional gateways and its status.
 pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("ProviderPool");
@@ -462,7 +478,9 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
             Err(ChildFailure::Transient(e)) => return Err(e),
         }
     }
-    let status = pool_status(&pool, &observations, problem.as_ref(), &now());
+    let missing =
+        missing_credentials(&pool, &Api::<Secret>::namespaced(client.clone(), &ns)).await?;
+    let status = pool_status(&pool, &observations, problem.as_ref(), &missing, &now());
     let ready = status["conditions"].as_array().is_some_and(|c| {
         c.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
@@ -617,7 +635,10 @@ pub async fn reconcile_policy(
                     type_: types::ACCEPTED,
                     status: true,
                     reason: "Accepted",
-                    message: format!("compiled into every region of ProviderPool {pool_name:?}"),
+                    message: format!(
+                        "compiled into every region of ProviderPool {pool_name:?}{}",
+                        cycle_note(&policy.spec)
+                    ),
                 }
             };
             let resolved = if unknown_provider {
@@ -690,6 +711,43 @@ pub async fn reconcile_policy(
 
 /// Secret references of the policy (its client keys, and the credentials of every
 /// provider its routes target) that do not resolve, each naming the field.
+/// Providers whose credentials Secret or key is missing, naming the field.
+async fn missing_credentials(
+    pool: &ProviderPool,
+    secrets: &Api<Secret>,
+) -> Result<Vec<String>, Error> {
+    let mut missing = Vec::new();
+    for (i, p) in pool.spec.providers.iter().enumerate() {
+        let Some(creds) = &p.credentials else {
+            continue;
+        };
+        let r = &creds.secret_ref;
+        let why = match secrets.get_opt(&r.name).await? {
+            None => "not found",
+            Some(s)
+                if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
+                    && !s
+                        .string_data
+                        .as_ref()
+                        .is_some_and(|d| d.contains_key(&r.key)) =>
+            {
+                "has no key"
+            }
+            Some(_) => continue,
+        };
+        let detail = if why == "not found" {
+            format!("Secret {:?} not found", r.name)
+        } else {
+            format!("Secret {:?} has no key {:?}", r.name, r.key)
+        };
+        missing.push(format!(
+            "spec.providers[{i}].credentials.secretRef: {detail}, so provider {:?} cannot be used",
+            p.name
+        ));
+    }
+    Ok(missing)
+}
+
 async fn missing_secrets(
     pool: &ProviderPool,
     policy: &RoutingPolicy,

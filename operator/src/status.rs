@@ -38,6 +38,7 @@ pub fn pool_status(
     pool: &ProviderPool,
     regions: &[RegionObservation],
     problem: Option<&Problem>,
+    missing_credentials: &[String],
     now: &Time,
 ) -> Value {
     let existing = pool.status.clone().unwrap_or_default();
@@ -86,19 +87,30 @@ pub fn pool_status(
             },
         },
     ];
-    desired.push(Desired {
-        type_: types::DEGRADED,
-        status: !ejected.is_empty(),
-        reason: if ejected.is_empty() {
-            "AsExpected"
-        } else {
-            "ProvidersEjected"
-        },
-        message: if ejected.is_empty() {
-            "no provider is ejected".to_owned()
-        } else {
-            format!("ejected by gateways: {}", ejected.join(", "))
-        },
+    // A provider without its key fails every request sent to it: as degrading as an
+    // ejection, and said first because only the user can fix it.
+    desired.push(if !missing_credentials.is_empty() {
+        Desired {
+            type_: types::DEGRADED,
+            status: true,
+            reason: "SecretNotFound",
+            message: missing_credentials.join("; "),
+        }
+    } else {
+        Desired {
+            type_: types::DEGRADED,
+            status: !ejected.is_empty(),
+            reason: if ejected.is_empty() {
+                "AsExpected"
+            } else {
+                "ProvidersEjected"
+            },
+            message: if ejected.is_empty() {
+                "no provider is ejected".to_owned()
+            } else {
+                format!("ejected by gateways: {}", ejected.join(", "))
+            },
+        }
     });
     let conditions: Vec<Condition> =
         merge(&existing.conditions, desired, pool.metadata.generation, now);
@@ -219,6 +231,7 @@ mod tests {
             &pool(),
             &[obs("us-east", 2), obs("eu-west", 2)],
             None,
+            &[],
             &now(),
         );
         assert_eq!(condition(&status, "Ready")["status"], "True");
@@ -234,6 +247,7 @@ mod tests {
             &pool(),
             &[obs("us-east", 2), obs("eu-west", 1)],
             None,
+            &[],
             &now(),
         );
         assert_eq!(condition(&status, "Ready")["status"], "False");
@@ -267,7 +281,13 @@ mod tests {
             }],
             ..Default::default()
         });
-        let status = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        let status = pool_status(
+            &p,
+            &[obs("us-east", 2), obs("eu-west", 2)],
+            None,
+            &[],
+            &now(),
+        );
         assert_eq!(condition(&status, "Degraded")["status"], "True");
         assert_eq!(
             condition(&status, "Degraded")["message"],
@@ -279,12 +299,30 @@ mod tests {
     #[test]
     fn an_unchanged_world_needs_no_write() {
         let mut p = pool();
-        let first = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &now());
+        let first = pool_status(
+            &p,
+            &[obs("us-east", 2), obs("eu-west", 2)],
+            None,
+            &[],
+            &now(),
+        );
         p.status = Some(serde_json::from_value(first.clone()).expect("status"));
         let later = Time(Timestamp::from_second(5_000).expect("valid"));
-        let second = pool_status(&p, &[obs("us-east", 2), obs("eu-west", 2)], None, &later);
+        let second = pool_status(
+            &p,
+            &[obs("us-east", 2), obs("eu-west", 2)],
+            None,
+            &[],
+            &later,
+        );
         assert!(!pool_status_changed(p.status.as_ref(), &second));
-        let third = pool_status(&p, &[obs("us-east", 1), obs("eu-west", 2)], None, &later);
+        let third = pool_status(
+            &p,
+            &[obs("us-east", 1), obs("eu-west", 2)],
+            None,
+            &[],
+            &later,
+        );
         assert!(pool_status_changed(p.status.as_ref(), &third));
     }
 }

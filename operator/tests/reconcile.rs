@@ -38,7 +38,8 @@ fn pool() -> ProviderPool {
         routes: config.routes.len(),
     }];
     let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("time"));
-    p.status = Some(serde_json::from_value(pool_status(&p, &obs, None, &now)).expect("status"));
+    p.status =
+        Some(serde_json::from_value(pool_status(&p, &obs, None, &[], &now)).expect("status"));
     p
 }
 

@@ -237,6 +237,22 @@ fn deleting_a_providers_secret_turns_resolved_refs_false_naming_it() {
             && message.contains("spec.providers[0].credentials.secretRef"),
         "{message}"
     );
+    // The pool says so too: its provider cannot be used.
+    let pool = wait_condition(
+        c,
+        ns.name(),
+        "providerpool/small",
+        "Degraded",
+        "True",
+        Duration::from_secs(60),
+    );
+    let (_, reason, message) = condition(&pool, "Degraded").expect("condition");
+    assert_eq!(reason, "SecretNotFound");
+    assert!(
+        message.contains("spec.providers[0].credentials.secretRef: Secret \"key\" not found")
+            && message.contains("provider \"p\" cannot be used"),
+        "{message}"
+    );
 }
 
 /// Waits for policy `small` to report ResolvedRefs=False; its (status, reason, message).
@@ -1172,5 +1188,32 @@ fn a_policy_edit_that_does_not_compile_keeps_the_routes_it_served_and_deleting_i
                 .contains("no RoutingPolicy routes a model")
                 .then_some(())
         },
+    );
+}
+
+#[test]
+fn a_fallback_cycle_is_accepted_and_the_status_says_how_it_is_resolved() {
+    let c = cluster();
+    let ns = c.namespace("cycle").expect("namespace");
+    let manifest = "apiVersion: v1\nkind: Secret\nmetadata: {name: key}\nstringData: {apiKey: k}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {name: cyc}\nspec:\n  regions: [{name: us-east, replicas: 1}]\n  providers:\n  - {name: p, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {secretRef: {name: key}}, models: [{name: big}, {name: small}]}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: cyc}\nspec:\n  poolRef: {name: cyc}\n  routes:\n  - {model: big, targets: [{provider: p}], fallbacks: [small]}\n  - {model: small, targets: [{provider: p}], fallbacks: [big]}\n";
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    let policy = wait_condition(
+        c,
+        ns.name(),
+        "routingpolicy/cyc",
+        "Accepted",
+        "True",
+        Duration::from_secs(60),
+    );
+    let (_, _, message) = condition(&policy, "Accepted").expect("condition");
+    assert!(
+        message.contains("(big, small) lead back to one another")
+            && message.contains("at most once"),
+        "{message}"
     );
 }

@@ -172,6 +172,14 @@ pub struct GatewaySettings {
     #[schemars(range(min = 1024, max = 65535))]
     pub admin_port: i32,
 
+    /// Leave each region's Deployment `replicas` to someone else, typically a
+    /// HorizontalPodAutoscaler targeting the Deployment `<pool>-<region>`: the operator
+    /// then neither sets nor restores it, `regions[].replicas` is ignored, and status
+    /// reports what the Deployment asks for. When false (the default) the operator owns
+    /// `replicas` and sets it back within seconds if anyone changes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external_replicas: bool,
+
     /// Default compute resources of each gateway container; a region may override them.
     /// Without either, gateways request 100m CPU and 128Mi memory, with a 512Mi memory
     /// limit and no CPU limit.
@@ -221,6 +229,7 @@ impl Default for GatewaySettings {
             image: None,
             port: default_gateway_port(),
             admin_port: default_admin_port(),
+            external_replicas: false,
             resources: None,
             trusted_ca: None,
         }

@@ -41,7 +41,8 @@ pub struct ProviderPoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_regions: Option<String>,
 
-    /// Providers healthy in at least one region, out of all enabled providers, such as `3/4`.
+    /// Providers healthy in at least one region, out of all enabled providers, such as `3/4`;
+    /// providers drained with `enabled: false` follow, as in `3/4, 1 drained`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_providers: Option<String>,
 

@@ -144,7 +144,8 @@ impl Drift for ConfigMap {
 impl Drift for Deployment {
     /// `kubectl scale` by hand.
     fn drifted(&self, desired: &Self) -> bool {
-        self.spec.replicas != desired.spec.replicas
+        // Unset when someone else (an autoscaler) owns it.
+        desired.spec.replicas.is_some() && self.spec.replicas != desired.spec.replicas
     }
 }
 
@@ -341,7 +342,11 @@ async fn apply_children(
         let region = &pool.spec.regions[i];
         observations.push(RegionObservation {
             name: region.name.clone(),
-            desired: region.replicas,
+            desired: if pool.spec.gateway.external_replicas {
+                live.spec.replicas.unwrap_or(1)
+            } else {
+                region.replicas
+            },
             ready: live
                 .status
                 .as_ref()

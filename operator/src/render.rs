@@ -208,7 +208,8 @@ pub fn render(pool: &ProviderPool, configs: &[GatewayConfig], default_image: &st
             port,
             &owner,
         ));
-        if region.replicas > 1 {
+        // With external replicas the count is unknown here, so the budget is always made.
+        if region.replicas > 1 || pool.spec.gateway.external_replicas {
             children.disruption_budgets.push(PodDisruptionBudget {
                 metadata: meta(pool, child.clone(), Some(&region.name), &owner),
                 spec: Some(PodDisruptionBudgetSpec {
@@ -453,7 +454,7 @@ fn deployment(
     Deployment {
         metadata: meta(pool, name.to_owned(), Some(&region.name), owner),
         spec: DeploymentSpec {
-            replicas: Some(region.replicas),
+            replicas: (!pool.spec.gateway.external_replicas).then_some(region.replicas),
             // A replacement is ready before an old gateway goes, at any replica count.
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),

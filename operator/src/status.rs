@@ -118,7 +118,10 @@ pub fn pool_status(
         "observedGeneration": pool.metadata.generation,
         "conditions": conditions,
         "readyRegions": format!("{ready_regions}/{}", regions.len()),
-        "healthyProviders": format!("{healthy}/{enabled}"),
+        "healthyProviders": match pool.spec.providers.iter().filter(|p| !p.enabled).count() {
+            0 => format!("{healthy}/{enabled}"),
+            drained => format!("{healthy}/{enabled}, {drained} drained"),
+        },
         "regions": regions.iter().map(|r| json!({
             "name": r.name,
             "desiredReplicas": r.desired,
@@ -324,5 +327,19 @@ mod tests {
             &later,
         );
         assert!(pool_status_changed(p.status.as_ref(), &third));
+    }
+
+    #[test]
+    fn drained_providers_are_counted_not_hidden() {
+        let mut p = pool();
+        p.spec.providers[1].enabled = false;
+        let status = pool_status(
+            &p,
+            &[obs("us-east", 2), obs("eu-west", 2)],
+            None,
+            &[],
+            &now(),
+        );
+        assert_eq!(status["healthyProviders"], "0/1, 1 drained");
     }
 }

@@ -1217,3 +1217,58 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: cyc}\
         "{message}"
     );
 }
+
+#[test]
+fn with_external_replicas_an_autoscalers_count_is_kept_and_reported() {
+    let c = cluster();
+    let ns = c.namespace("hpa").expect("namespace");
+    let ns = ns.name();
+    named_pool(c, ns, "auto", &["{name: us-east, replicas: 1}"]);
+    c.kubectl_ok(&[
+        "patch",
+        "providerpool",
+        "auto",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        "{\"spec\":{\"gateway\":{\"externalReplicas\":true}}}",
+    ])
+    .expect("patch");
+    wait_condition(
+        c,
+        ns,
+        "providerpool/auto",
+        "Ready",
+        "True",
+        Duration::from_secs(60),
+    );
+    // What a HorizontalPodAutoscaler does.
+    c.kubectl_ok(&[
+        "scale",
+        "deployment",
+        "auto-us-east",
+        "-n",
+        ns,
+        "--replicas=3",
+    ])
+    .expect("scale");
+    wait_for(
+        "the pool reporting 3 replicas",
+        Duration::from_secs(30),
+        || {
+            let pool = get_json(c, &["providerpool", "auto", "-n", ns])?;
+            (pool["status"]["regions"][0]["desiredReplicas"] == 3
+                && pool["status"]["regions"][0]["readyReplicas"] == 3)
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let replicas = get_json(c, &["deployment", "auto-us-east", "-n", ns]).expect("deployment")
+        ["spec"]["replicas"]
+        .clone();
+    assert_eq!(
+        replicas, 3,
+        "the operator left the autoscaler's count alone"
+    );
+}

@@ -418,6 +418,18 @@ async fn served_in_cluster(
         .collect())
 }
 
+/// Why a policy's route for `model` is not served: `winner` claimed it first. Creation
+/// times have one-second resolution, so a tie is broken by name and said to be one.
+fn conflict_text(model: &str, winner: &str, same_second: bool) -> String {
+    if same_second {
+        format!(
+            "model {model:?} is served by RoutingPolicy {winner:?}, created in the same second, which keeps it because its name sorts first"
+        )
+    } else {
+        format!("model {model:?} is already served by the older RoutingPolicy {winner:?}")
+    }
+}
+
 /// How fallback cycles are resolved, for an accepted policy's message.
 fn cycle_note(spec: &crds::RoutingPolicySpec) -> String {
     let groups = spec.fallback_cycles();
@@ -575,10 +587,15 @@ pub async fn reconcile_policy(
                     }
                 }
                 for c in out.conflicts.iter().filter(|c| c.loser == name) {
-                    let text = format!(
-                        "model {:?} is already served by the older RoutingPolicy {:?}",
-                        c.model, c.winner
-                    );
+                    let created = |policy: &str| {
+                        policies
+                            .iter()
+                            .find(|p| p.name_any() == policy)
+                            .and_then(|p| p.metadata.creation_timestamp.as_ref())
+                            .map(|t| t.0)
+                    };
+                    let text =
+                        conflict_text(&c.model, &c.winner, created(&c.winner) == created(&name));
                     if !conflicts.contains(&text) {
                         conflicts.push(text);
                     }
@@ -928,5 +945,25 @@ pub async fn run(
     tokio::select! {
         () = async { tokio::join!(pool_controller, policy_controller); } => {},
         () = shutdown => tracing::info!("shutting down the controllers"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conflict_text;
+
+    #[test]
+    fn a_same_second_tie_is_not_called_older() {
+        assert_eq!(
+            conflict_text("m", "a", false),
+            "model \"m\" is already served by the older RoutingPolicy \"a\""
+        );
+        let tie = conflict_text("m", "a", true);
+        assert!(
+            !tie.contains("older")
+                && tie.contains("same second")
+                && tie.contains("name sorts first"),
+            "{tie}"
+        );
     }
 }

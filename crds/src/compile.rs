@@ -112,7 +112,7 @@ pub fn compile(
         .iter()
         .map(|p| provider_config(p, region))
         .collect();
-    providers.sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
+    providers.sort_by(provider_order);
 
     // Oldest first: the order decides who wins a contested model.
     let mut ours: Vec<&RoutingPolicy> = policies
@@ -258,9 +258,7 @@ impl Compiled {
         self.config
             .routes
             .sort_by(|a, b| route_order(&a.model).cmp(&route_order(&b.model)));
-        self.config
-            .providers
-            .sort_by(|a, b| b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name)));
+        self.config.providers.sort_by(provider_order);
         carried
     }
 }
@@ -272,22 +270,17 @@ impl Compiled {
     /// ConfigMap holds, and a configuration that cannot be written would leave every
     /// policy's status claiming what the gateways do not run.
     pub fn fit(&mut self, max: usize) {
-        let size = |config: &GatewayConfig| match crate::gateway_config::encode(config) {
-            crate::gateway_config::Encoded::Json(json) => json.len(),
-            crate::gateway_config::Encoded::Gzip(gz) => gz.len(),
-        };
         let mut newest = self.order.clone();
-        while size(&self.config) > max {
+        while !crate::gateway_config::fits(&self.config, max) {
             let Some(policy) = newest.pop() else { break };
             if !self.config.routes.iter().any(|r| r.policy == policy) {
                 continue;
             }
-            let before = size(&self.config);
             self.config.routes.retain(|r| r.policy != policy);
             let error = PolicyError {
                 field: "spec.routes".into(),
                 message: format!(
-                    "the pool's compiled configuration took {before} bytes encoded with this policy's routes, more than the {max} a ConfigMap can hold; the newest policies are left out until it fits (shorten texts and names, or split the pool)"
+                    "with this policy's routes the pool's compiled configuration takes more than the {max} bytes a ConfigMap can hold, encoded; the newest policies are left out until it fits (shorten texts and names, or split the pool)"
                 ),
             };
             match self.rejected.iter_mut().find(|r| r.policy == policy) {
@@ -299,6 +292,11 @@ impl Compiled {
             }
         }
     }
+}
+
+/// Providers in config order: local ones first, then by name.
+fn provider_order(a: &ProviderConfig, b: &ProviderConfig) -> std::cmp::Ordering {
+    b.local.cmp(&a.local).then_with(|| a.name.cmp(&b.name))
 }
 
 /// Sort key: exact names first by name, then patterns by longest prefix.

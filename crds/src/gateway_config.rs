@@ -50,15 +50,41 @@ pub enum Encoded {
 /// Encodes `config` for its ConfigMap: compact JSON, compressed beyond
 /// [`INLINE_CONFIG_MAX`].
 pub fn encode(config: &GatewayConfig) -> Encoded {
-    use std::io::Write;
     let json = serde_json::to_string(config).unwrap_or_default();
     if json.len() <= INLINE_CONFIG_MAX {
         return Encoded::Json(json);
     }
+    Encoded::Gzip(gzip(json.as_bytes()))
+}
+
+/// Whether `config`, encoded, takes at most `max` bytes; compresses only when its JSON
+/// alone would not fit.
+pub fn fits(config: &GatewayConfig, max: usize) -> bool {
+    let json = serde_json::to_string(config).unwrap_or_default();
+    json.len() <= max || gzip(json.as_bytes()).len() <= max
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     // Writing into a Vec cannot fail.
-    let _ = gz.write_all(json.as_bytes());
-    Encoded::Gzip(gz.finish().unwrap_or_default())
+    let _ = gz.write_all(bytes);
+    gz.finish().unwrap_or_default()
+}
+
+impl Encoded {
+    /// Bytes it takes in the ConfigMap.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Json(json) => json.len(),
+            Self::Gzip(gz) => gz.len(),
+        }
+    }
+
+    /// Whether it takes no bytes (never, for a real configuration).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Reads the configuration from a ConfigMap's `data` and `binaryData`, whichever holds it.

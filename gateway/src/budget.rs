@@ -152,6 +152,16 @@ pub enum ReadError {
     Broken(String),
 }
 
+/// A message's declared `Content-Length`, if it has a valid one.
+pub fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// How much of a body to read, and how many copies of it to count.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLimits {
@@ -206,7 +216,7 @@ where
             if len > buf.capacity() {
                 // Grow by doubling, as the buffer would, but reserve what it will hold
                 // before it is allocated.
-                let cap = len.max(buf.capacity() * 2).min(limit.max(len));
+                let cap = len.max(buf.capacity() * 2).min(limit);
                 budget.ensure(&mut held, cap.saturating_mul(copies))?;
                 buf.reserve(cap - buf.len());
             }

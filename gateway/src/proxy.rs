@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::body::RequestBody;
-use crate::budget::{HeldBody, ReadError, ReadLimits, read_body};
+use crate::budget::{HeldBody, ReadError, ReadLimits, declared_length, read_body};
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::health::{Outcome, ProviderHealth};
@@ -383,7 +383,7 @@ async fn attempt(
             .await;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let declared = content_length(resp.headers());
+        let declared = declared_length(resp.headers());
         let limits = ReadLimits {
             max: MAX_UPSTREAM_BODY,
             copies: 1,
@@ -438,7 +438,7 @@ async fn attempt(
     let remaining = deadline
         .saturating_duration_since(Instant::now())
         .min(Duration::from_secs(10));
-    let declared = content_length(&headers);
+    let declared = declared_length(&headers);
     let limits = ReadLimits {
         max: 1 << 20,
         copies: 1,
@@ -522,16 +522,6 @@ async fn attempt(
     } else {
         Tried::Final(passthrough())
     }
-}
-
-/// A response's declared `Content-Length`.
-fn content_length(headers: &hyper::HeaderMap) -> Option<u64> {
-    headers
-        .get(hyper::header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {

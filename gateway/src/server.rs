@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::auth::presented_key;
 use crate::body::RequestBody;
-use crate::budget::{OverBudget, ReadError, ReadLimits, read_body};
+use crate::budget::{OverBudget, ReadError, ReadLimits, declared_length, read_body};
 use crate::errors::{error_response, json_response};
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
@@ -415,11 +415,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
     let Some(admission) = table.admit(presented_key(&parts.headers)) else {
         return invalid_api_key();
     };
-    let declared = parts
-        .headers
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&parts.headers);
     let limits = ReadLimits {
         max: gw.limits.max_body,
         copies: 2,

@@ -1,7 +1,7 @@
 //! The two controllers. Each reconcile checks every property of the world, so it can be
 //! killed at any line and resume correctly; it never branches on why it was called.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -137,7 +137,7 @@ impl Drift for PodDisruptionBudget {}
 impl Drift for ConfigMap {
     /// An edited config would be served by every gateway of the region.
     fn drifted(&self, desired: &Self) -> bool {
-        self.data != desired.data
+        self.data != desired.data || self.binary_data != desired.binary_data
     }
 }
 
@@ -739,12 +739,17 @@ async fn missing_credentials(
     secrets: &Api<Secret>,
 ) -> Result<Vec<String>, Error> {
     let mut missing = Vec::new();
+    // Providers often share one Secret: read each once.
+    let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
     for (i, p) in pool.spec.providers.iter().enumerate() {
         let Some(creds) = &p.credentials else {
             continue;
         };
         let r = &creds.secret_ref;
-        let why = match secrets.get_opt(&r.name).await? {
+        if !read.contains_key(&r.name) {
+            read.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
+        }
+        let why = match read.get(&r.name).cloned().flatten() {
             None => "not found",
             Some(s)
                 if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))

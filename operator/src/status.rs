@@ -89,28 +89,22 @@ pub fn pool_status(
     ];
     // A provider without its key fails every request sent to it: as degrading as an
     // ejection, and said first because only the user can fix it.
-    desired.push(if !missing_credentials.is_empty() {
-        Desired {
-            type_: types::DEGRADED,
-            status: true,
-            reason: "SecretNotFound",
-            message: missing_credentials.join("; "),
-        }
+    let (degraded, reason, message) = if !missing_credentials.is_empty() {
+        (true, "SecretNotFound", missing_credentials.join("; "))
+    } else if !ejected.is_empty() {
+        (
+            true,
+            "ProvidersEjected",
+            format!("ejected by gateways: {}", ejected.join(", ")),
+        )
     } else {
-        Desired {
-            type_: types::DEGRADED,
-            status: !ejected.is_empty(),
-            reason: if ejected.is_empty() {
-                "AsExpected"
-            } else {
-                "ProvidersEjected"
-            },
-            message: if ejected.is_empty() {
-                "no provider is ejected".to_owned()
-            } else {
-                format!("ejected by gateways: {}", ejected.join(", "))
-            },
-        }
+        (false, "AsExpected", "no provider is ejected".to_owned())
+    };
+    desired.push(Desired {
+        type_: types::DEGRADED,
+        status: degraded,
+        reason,
+        message,
     });
     let conditions: Vec<Condition> =
         merge(&existing.conditions, desired, pool.metadata.generation, now);

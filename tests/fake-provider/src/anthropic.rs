@@ -5,13 +5,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper::{HeaderMap, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::{Body, full, stream_fault, tokio_stream};
+use crate::{Body, full, stream_fault};
 
 const TOP_LEVEL: &[&str] = &[
     "model",
@@ -301,10 +300,5 @@ pub fn stream(
             let _ = send("message_stop", json!({"type": "message_stop"})).await;
         }
     });
-    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("text/event-stream"),
-    );
-    resp
+    crate::streamed(rx, "text/event-stream")
 }

@@ -648,11 +648,7 @@ fn cut_body(body: Value) -> Response<Body> {
             .send(Err(std::io::Error::other("cut by fault injection")))
             .await;
     });
-    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    let mut resp = streamed(rx, "application/json");
     if let Ok(v) = hyper::header::HeaderValue::from_str(&bytes.len().to_string()) {
         resp.headers_mut().insert("content-length", v);
     }
@@ -689,12 +685,7 @@ fn huge_answer(name: &str, model: &str, bytes: usize) -> Response<Body> {
             .send(Ok(Frame::data(Bytes::from_static(tail.as_bytes()))))
             .await;
     });
-    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
+    streamed(rx, "application/json")
 }
 
 fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str) -> Response<Body> {
@@ -761,12 +752,7 @@ fn stream_chat(name: &str, model: &str, request: &Value, fault: &str, arg: &str)
                 .await;
         }
     });
-    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
-    resp.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static("text/event-stream"),
-    );
-    resp
+    streamed(rx, "text/event-stream")
 }
 
 /// Applies a mid-stream fault where it is due: `cut-after` breaks the connection (true: the
@@ -812,6 +798,19 @@ async fn keep_alive_forever(
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// A response whose body is what `rx` yields, of `content_type`.
+fn streamed(
+    rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+    content_type: &'static str,
+) -> Response<Body> {
+    let mut resp = Response::new(StreamBody::new(tokio_stream(rx)).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
 }
 
 /// Adapts an mpsc receiver to a `Stream` without pulling in tokio-stream.

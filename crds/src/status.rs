@@ -84,11 +84,13 @@ pub struct ProviderHealthStatus {
     /// Provider name.
     pub name: String,
 
-    /// `Healthy`, `Degraded` (errors, but serving), `Ejected` (not sent traffic for now) or
-    /// `Unknown` (no traffic or probe seen yet).
+    /// `Healthy`, `Degraded` (errors or a failed active probe, but serving), `Ejected` (not
+    /// sent traffic for now) or `Unknown` (no traffic and no active probe seen yet).
     pub state: HealthState,
 
-    /// Why, in one CamelCase word, such as `RateLimited` or `ConnectErrors`.
+    /// Why, in one CamelCase word: `Errors`, `Slow`, `RateLimited`, `BreakerOpen`,
+    /// `Ejected`, `ProbeFailed`, `MissingCredentials`, `NoTrafficYet`, or `ProbeSucceeded`
+    /// (healthy by active probes before any request reached it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 

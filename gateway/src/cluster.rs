@@ -158,6 +158,10 @@ pub async fn publish_health(client: Client, gw: Arc<Gateway>) {
                     (Some(reason), _) => (HealthState::Ejected, Some(reason)),
                     (None, "ejected") => (HealthState::Ejected, view.reason),
                     (None, "degraded") => (HealthState::Degraded, view.reason),
+                    // Probes speak for a provider that no request has reached yet.
+                    (None, _) if view.latency_ms.is_none() && view.last_probe_ok == Some(true) => {
+                        (HealthState::Healthy, Some("ProbeSucceeded"))
+                    }
                     (None, _) if view.latency_ms.is_none() => {
                         (HealthState::Unknown, Some("NoTrafficYet"))
                     }

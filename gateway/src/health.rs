@@ -92,6 +92,8 @@ struct Inner {
     /// Active probing: consecutive results, and whether probes took the provider out.
     probe_streak: (u32, u32),
     probe_down: bool,
+    /// The last active probe's result; `None` before the first or without probes.
+    last_probe_ok: Option<bool>,
 }
 
 impl Inner {
@@ -152,6 +154,8 @@ pub struct HealthView {
     pub in_flight: u32,
     /// Milliseconds until usable again, when not usable now.
     pub unavailable_for_ms: Option<u64>,
+    /// Whether the last active probe succeeded; `None` without active probes.
+    pub last_probe_ok: Option<bool>,
 }
 
 /// Smoothing of the latency EWMA: the newest sample weighs 30%.
@@ -179,6 +183,7 @@ impl ProviderHealth {
                 reported: RateLimitReport::default(),
                 probe_streak: (0, 0),
                 probe_down: false,
+                last_probe_ok: None,
             }),
             in_flight: AtomicU32::new(0),
         }
@@ -322,6 +327,7 @@ impl ProviderHealth {
     /// `healthy` successes in a row bring it back.
     pub fn record_probe(&self, ok: bool, healthy: u32, unhealthy: u32) {
         let mut s = self.lock();
+        s.last_probe_ok = Some(ok);
         let (successes, failures) = &mut s.probe_streak;
         if ok {
             *successes += 1;
@@ -437,11 +443,14 @@ impl ProviderHealth {
         } else {
             failures as f64 / s.window.len() as f64
         };
+        // A failed probe below the ejection threshold is a warning sign of its own.
+        let probe_failing = s.last_probe_ok == Some(false);
         let state = if blocked > now || s.probe_down {
             "ejected"
         } else if s.breaker != BreakerState::Closed
             || s.consecutive_failures > 0
             || error_rate > 0.05
+            || probe_failing
         {
             "degraded"
         } else {
@@ -449,10 +458,10 @@ impl ProviderHealth {
         };
         HealthView {
             state,
-            reason: if state == "healthy" {
-                None
-            } else {
-                s.last_reason
+            reason: match state {
+                "healthy" => None,
+                _ if probe_failing && s.last_reason.is_none() => Some("ProbeFailed"),
+                _ => s.last_reason,
             },
             breaker: s.effective_breaker(now),
             error_rate,
@@ -466,6 +475,7 @@ impl ProviderHealth {
                     u64::try_from(blocked.duration_since(now).as_millis()).unwrap_or(u64::MAX)
                 })
             },
+            last_probe_ok: s.last_probe_ok,
         }
     }
 }
@@ -683,12 +693,22 @@ mod tests {
         let b = breaker();
         let now = Instant::now();
         let h = ProviderHealth::new(now);
+        assert_eq!(h.view(now).last_probe_ok, None);
+        h.record_probe(true, 2, 3);
+        assert_eq!(h.view(now).state, "healthy");
+        assert_eq!(h.view(now).last_probe_ok, Some(true));
         h.record_probe(false, 2, 3);
         h.record_probe(false, 2, 3);
         assert_eq!(
             h.availability(now, &b),
             Availability::Ready,
             "two failures are below the threshold"
+        );
+        let view = h.view(now);
+        assert_eq!(
+            (view.state, view.reason),
+            ("degraded", Some("ProbeFailed")),
+            "a failing probe shows before it ejects"
         );
         h.record_probe(false, 2, 3);
         assert!(matches!(h.availability(now, &b), Availability::Until(_)));

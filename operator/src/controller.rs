@@ -11,7 +11,7 @@ use crds::status::conditions as types;
 use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -27,9 +27,10 @@ use serde_json::{Value, json};
 use crate::conditions::{Desired, merge};
 use crate::metrics::Metrics;
 use crate::render::{
-    HASH_ANNOTATION, MANAGER, POOL_LABEL, config_json, regional_name, render, revision, stamp,
+    HASH_ANNOTATION, MANAGER, POOL_LABEL, REGION_LABEL, config_json, regional_name, render,
+    revision, stamp,
 };
-use crate::status::{Problem, RegionObservation, pool_status, pool_status_changed};
+use crate::status::{Problem, RegionObservation, Stuck, pool_status, pool_status_changed};
 
 /// Everything a reconcile can fail with; the variant names the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,8 @@ fn now() -> Time {
 
 /// How often a pool blocked by a child it cannot write looks again.
 const BLOCKED_RECHECK: Duration = Duration::from_secs(15);
+/// How often a pool with regions not ready looks at their pods again.
+const ROLLOUT_RECHECK: Duration = Duration::from_secs(10);
 
 /// Why a child could not be written.
 #[derive(Debug)]
@@ -336,24 +339,33 @@ async fn apply_children(
         apply(&pdbs, pdb.clone(), &uid, m).await?;
     }
     let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let mut observations = Vec::new();
     for (i, d) in children.deployments.iter().enumerate() {
         let live = apply(&deploys, d.clone(), &uid, m).await?;
         let region = &pool.spec.regions[i];
+        let desired = if pool.spec.gateway.external_replicas {
+            live.spec.replicas.unwrap_or(1)
+        } else {
+            region.replicas
+        };
+        let ready = live
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        let stuck = if ready < desired {
+            stuck_pods(&pods, &name, &region.name).await
+        } else {
+            None
+        };
         observations.push(RegionObservation {
             name: region.name.clone(),
-            desired: if pool.spec.gateway.external_replicas {
-                live.spec.replicas.unwrap_or(1)
-            } else {
-                region.replicas
-            },
-            ready: live
-                .status
-                .as_ref()
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0),
+            desired,
+            ready,
             revision: revision(&config_json(&configs[i])),
             routes: configs[i].routes.len(),
+            stuck,
         });
     }
     let names = |objs: Vec<String>| objs.into_iter().collect::<BTreeSet<_>>();
@@ -380,6 +392,76 @@ async fn apply_children(
         .await
         .map_err(ChildFailure::Transient)?;
     Ok(observations)
+}
+
+/// Container waiting reasons that do not pass by themselves.
+const STUCK_WAITING: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Why a region's gateway pods do not become ready, if one of them says: the scheduler
+/// found no node, or a container cannot start. A rollout that merely takes time says
+/// nothing here, and neither does a failure to list the pods: it costs only the
+/// explanation, so it never fails the reconcile.
+async fn stuck_pods(pods: &Api<Pod>, pool: &str, region: &str) -> Option<Stuck> {
+    let selector = format!("{POOL_LABEL}={pool},{REGION_LABEL}={region}");
+    let list = match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(%pool, %region, error = %e, "cannot list gateway pods to explain a region that is not ready");
+            return None;
+        }
+    };
+    for pod in list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let Some(status) = &pod.status else { continue };
+        let unschedulable = status.conditions.iter().flatten().find(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("Unschedulable")
+        });
+        if let Some(c) = unschedulable {
+            return Some(Stuck {
+                reason: "PodsUnschedulable",
+                message: format!(
+                    "pods cannot be scheduled: {}",
+                    c.message.as_deref().unwrap_or("no node fits").trim()
+                ),
+            });
+        }
+        for c in status.container_statuses.iter().flatten() {
+            let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+                continue;
+            };
+            let Some(reason) = waiting.reason.as_deref() else {
+                continue;
+            };
+            if STUCK_WAITING.contains(&reason) {
+                let detail = waiting
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {}", m.trim()))
+                    .unwrap_or_default();
+                return Some(Stuck {
+                    reason: "PodsNotStarting",
+                    message: format!(
+                        "pod {:?} container {:?} is waiting with {reason}{detail}",
+                        pod.name_any(),
+                        c.name
+                    ),
+                });
+            }
+        }
+    }
+    None
 }
 
 /// The configuration a region's gateways run now, from the pool's own ConfigMap.
@@ -526,6 +608,11 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     {
         return Ok(Action::requeue(BLOCKED_RECHECK));
     }
+    // Pods that cannot be scheduled or started do not change the Deployment: look
+    // at them again until the region is ready.
+    if observations.iter().any(|r| r.ready < r.desired) {
+        return Ok(Action::requeue(ROLLOUT_RECHECK));
+    }
     Ok(Action::await_change())
 }
 
@@ -639,7 +726,28 @@ pub async fn reconcile_policy(
                     type_: types::ACCEPTED,
                     status: false,
                     reason: "RouteConflict",
-                    message: conflicts.join("; "),
+                    // The routes it does not lose are served: say so, or the whole
+                    // policy reads as refused.
+                    message: {
+                        let live: Vec<String> = served.intersection(&in_cluster).cloned().collect();
+                        let mut text = conflicts.join("; ");
+                        if live.is_empty() && not_yet.is_empty() {
+                            text.push_str("; none of its routes is served");
+                        }
+                        if !live.is_empty() {
+                            text.push_str(&format!(
+                                "; its other routes ({}) are served",
+                                live.join(", ")
+                            ));
+                        }
+                        if !not_yet.is_empty() {
+                            text.push_str(&format!(
+                                "; its routes for {} are not in the gateways' configuration yet",
+                                not_yet.join(", ")
+                            ));
+                        }
+                        text
+                    },
                 }
             } else if !not_yet.is_empty() {
                 // Accepted means the gateways run it, not only that it compiles.

@@ -21,6 +21,17 @@ pub struct RegionObservation {
     pub revision: String,
     /// Models its gateways route.
     pub routes: usize,
+    /// Why its missing replicas cannot start, when its pods say so.
+    pub stuck: Option<Stuck>,
+}
+
+/// Why a region's gateway pods do not become ready, from the pods themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stuck {
+    /// The `Ready` reason: `PodsUnschedulable` or `PodsNotStarting`.
+    pub reason: &'static str,
+    /// The scheduler's or kubelet's own words.
+    pub message: String,
 }
 
 /// Why a pool cannot reach its desired state, for its `Ready` condition.
@@ -59,11 +70,25 @@ pub fn pool_status(
                 p.reason
             } else if all_ready {
                 "AllRegionsReady"
+            } else if let Some(stuck) = regions.iter().find_map(|r| r.stuck.as_ref()) {
+                stuck.reason
             } else {
                 "RegionsNotReady"
             },
             message: match problem {
                 Some(p) => p.message.clone(),
+                None if regions.iter().any(|r| r.stuck.is_some()) => regions
+                    .iter()
+                    .filter(|r| r.ready < r.desired)
+                    .map(|r| match &r.stuck {
+                        Some(stuck) => format!(
+                            "region {} has {}/{} gateway replicas ready: {}",
+                            r.name, r.ready, r.desired, stuck.message
+                        ),
+                        None => format!("waiting for gateway replicas in {}", r.name),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 None if all_ready && regions.iter().all(|r| r.routes == 0) => format!(
                     "gateways ready in all {} regions, but no RoutingPolicy routes a model to this pool, so they answer every request with 404",
                     regions.len()
@@ -203,6 +228,7 @@ mod tests {
 
     fn obs(name: &str, ready: i32) -> RegionObservation {
         RegionObservation {
+            stuck: None,
             routes: 1,
             name: name.into(),
             desired: 2,
@@ -321,6 +347,22 @@ mod tests {
             &later,
         );
         assert!(pool_status_changed(p.status.as_ref(), &third));
+    }
+
+    #[test]
+    fn a_region_whose_pods_cannot_start_says_why() {
+        let mut stuck = obs("eu-west", 0);
+        stuck.stuck = Some(Stuck {
+            reason: "PodsUnschedulable",
+            message: "pods cannot be scheduled: 0/9 nodes are available".into(),
+        });
+        let status = pool_status(&pool(), &[obs("us-east", 2), stuck], None, &[], &now());
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["reason"], "PodsUnschedulable");
+        assert_eq!(
+            ready["message"],
+            "region eu-west has 0/2 gateway replicas ready: pods cannot be scheduled: 0/9 nodes are available"
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ fn pool() -> ProviderPool {
         ready: 1,
         revision,
         routes: config.routes.len(),
+        stuck: None,
     }];
     let now = Time(k8s_openapi::jiff::Timestamp::from_second(1_000).expect("time"));
     p.status =

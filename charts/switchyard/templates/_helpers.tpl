@@ -65,6 +65,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch"]
+# Gateway pods, read only: a region whose pods cannot be scheduled or started says why.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 # Events when a condition flips.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

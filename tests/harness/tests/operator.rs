@@ -422,14 +422,135 @@ fn provider_state(c: &Cluster, ns: &str, region: &str, provider: &str) -> Option
     p["state"].as_str().map(str::to_owned)
 }
 
+/// A gateway of `pool` in `region` on loopback, reading the operator's ConfigMap as the
+/// pool's ServiceAccount, exactly as in a pod; returned once it is ready.
+fn gateway_process(c: &Cluster, ns: &str, pool: &str, region: &str, port: u16) -> Child {
+    let sa = format!("system:serviceaccount:{ns}:{pool}-gateway");
+    let groups = [
+        "system:serviceaccounts",
+        &format!("system:serviceaccounts:{ns}"),
+        "system:authenticated",
+    ];
+    let kubeconfig = c.kubeconfig_as(&sa, &groups).expect("kubeconfig");
+    let gw_bin =
+        workspace_binary("switchyard-gateway", "switchyard-gateway").expect("gateway builds");
+    let mut cmd = Command::new(gw_bin);
+    cmd.args([
+        "--configmap",
+        &format!("{pool}-{region}"),
+        "--namespace",
+        ns,
+        "--region",
+        region,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    cmd.env("KUBECONFIG", &kubeconfig);
+    let gateway = c
+        .spawn_process(&format!("gateway-{ns}"), cmd)
+        .expect("gateway starts");
+    wait_for("the gateway to be ready", Duration::from_secs(30), || {
+        http("GET", port, "/readyz", "").filter(|(s, _)| *s == 200)
+    });
+    gateway
+}
+
+/// Letters that do not compress much: a text of `len` characters from `seed`.
+fn noise(seed: u64, len: usize) -> String {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + u8::try_from(x % 26).expect("< 26"))
+        })
+        .collect()
+}
+
+#[test]
+fn a_configuration_too_large_for_plain_json_is_compressed_and_served_by_gateways() {
+    let c = cluster();
+    let ns = c.namespace("bulky").expect("namespace");
+    let ns = ns.name();
+    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
+    let (fake_port, gw_port) = (free_port(), free_port());
+    let mut cmd = Command::new(&fake);
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{fake_port}"),
+        "--name",
+        "alpha",
+    ]);
+    let mut provider = c
+        .spawn_process(&format!("fake-alpha-{ns}"), cmd)
+        .expect("fake starts");
+    let mut manifest = format!(
+        "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: bulky}}\nspec:\n  regions: [{{name: us-east, replicas: 1}}]\n  providers:\n  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{fake_port}', region: us-east, models: [{{name: m}}]}}\n"
+    );
+    // Four policies of 60 routes, each with a long refusal text: about 400 KB of JSON.
+    for n in 0..4u64 {
+        let routes: Vec<Value> = (0..60u64)
+            .map(|r| {
+                serde_json::json!({"model": format!("big-{n}-{r}"),
+                    "targets": [{"provider": "alpha", "model": "m"}],
+                    "onContentPolicy": {"response": noise(n * 100 + r, 1600)}})
+            })
+            .collect();
+        let policy = serde_json::json!({
+            "apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy",
+            "metadata": {"name": format!("team-{n}")},
+            "spec": {"poolRef": {"name": "bulky"}, "routes": routes}});
+        manifest.push_str(&format!("---\n{policy}\n"));
+    }
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns, "-f", "-"], &manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    for n in 0..4 {
+        wait_condition(
+            c,
+            ns,
+            &format!("routingpolicy/team-{n}"),
+            "Accepted",
+            "True",
+            Duration::from_secs(60),
+        );
+    }
+    let cm = get_json(c, &["configmap", "bulky-us-east", "-n", ns]).expect("configmap");
+    assert!(cm["data"].get("gateway.json").is_none(), "{}", cm["data"]);
+    let gz = cm["binaryData"]["gateway.json.gz"]
+        .as_str()
+        .expect("compressed config");
+    eprintln!("compressed configuration: {} base64 bytes", gz.len());
+
+    let mut gateway = gateway_process(c, ns, "bulky", "us-east", gw_port);
+    for model in ["big-0-0", "big-3-59"] {
+        let chat =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let (status, body) = http("POST", gw_port, "/v1/chat/completions", &chat).expect("answer");
+        assert_eq!(status, 200, "{model}: {body}");
+        assert!(body.contains("Hello from alpha"), "{body}");
+    }
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = provider.kill();
+    let _ = provider.wait();
+}
+
 #[test]
 fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_status() {
     let c = cluster();
     let ns = c.namespace("health").expect("namespace");
     let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
-    let (alpha_port, beta_port, gw_port) = (free_port(), free_port(), free_port());
+    let (alpha_port, beta_port, gamma_port, gw_port) =
+        (free_port(), free_port(), free_port(), free_port());
     let mut fakes = Vec::new();
-    for (name, port) in [("alpha", alpha_port), ("beta", beta_port)] {
+    for (name, port) in [
+        ("alpha", alpha_port),
+        ("beta", beta_port),
+        ("gamma", gamma_port),
+    ] {
         let mut cmd = Command::new(&fake);
         cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", name]);
         fakes.push(
@@ -451,6 +572,8 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
         "  providers:".to_owned(),
         format!("  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{alpha_port}', region: us-east, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}"),
         format!("  - {{name: beta, type: openaiCompatible, endpoint: 'http://127.0.0.1:{beta_port}', region: eu-west, credentials: {{secretRef: {{name: key}}}}, models: [{{name: m}}]}}"),
+        // No route sends it traffic: only its active probes speak for it.
+        format!("  - {{name: gamma, type: openaiCompatible, endpoint: 'http://127.0.0.1:{gamma_port}', region: us-east, models: [{{name: g}}], health: {{active: {{interval: 300ms, timeout: 200ms, healthyThreshold: 1, unhealthyThreshold: 2}}}}}}"),
         "---".to_owned(),
         "apiVersion: switchyard.dev/v1alpha1".to_owned(),
         "kind: RoutingPolicy".to_owned(),
@@ -470,35 +593,8 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
             .ok()
     });
 
-    // The gateway runs as the pool's ServiceAccount, exactly as in a pod.
+    let mut gateway = gateway_process(c, ns.name(), "health", "us-east", gw_port);
     let sa = format!("system:serviceaccount:{}:health-gateway", ns.name());
-    let groups = [
-        "system:serviceaccounts",
-        &format!("system:serviceaccounts:{}", ns.name()),
-        "system:authenticated",
-    ];
-    let kubeconfig = c.kubeconfig_as(&sa, &groups).expect("kubeconfig");
-    let gw_bin =
-        workspace_binary("switchyard-gateway", "switchyard-gateway").expect("gateway builds");
-    let mut cmd = Command::new(gw_bin);
-    cmd.args([
-        "--configmap",
-        "health-us-east",
-        "--namespace",
-        ns.name(),
-        "--region",
-        "us-east",
-        "--listen",
-        &format!("127.0.0.1:{gw_port}"),
-    ]);
-    cmd.env("KUBECONFIG", &kubeconfig);
-    let mut gateway = c
-        .spawn_process(&format!("gateway-{}", ns.name()), cmd)
-        .expect("gateway starts");
-
-    wait_for("the gateway to be ready", Duration::from_secs(30), || {
-        http("GET", gw_port, "/readyz", "").filter(|(s, _)| *s == 200)
-    });
     let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
     let (status, body) = http("POST", gw_port, "/v1/chat/completions", chat).expect("answer");
     assert_eq!(status, 200, "{body}");
@@ -511,6 +607,40 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
         Duration::from_secs(15),
         || (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(()),
     );
+
+    // A provider only probed shows the probes' verdict, not "no traffic yet".
+    let provider = |name: &str| -> Option<(String, String)> {
+        let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
+        let regions = pool["status"]["regions"].as_array()?.clone();
+        let r = regions.iter().find(|r| r["name"] == "us-east")?;
+        let p = r["providers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)?
+            .clone();
+        Some((
+            p["state"].as_str()?.to_owned(),
+            p["reason"].as_str().unwrap_or_default().to_owned(),
+        ))
+    };
+    wait_for(
+        "gamma Healthy by its probes",
+        Duration::from_secs(15),
+        || (provider("gamma")? == ("Healthy".into(), "ProbeSucceeded".into())).then_some(()),
+    );
+    http(
+        "POST",
+        gamma_port,
+        "/admin/faults",
+        r#"{"fault":"status:503"}"#,
+    )
+    .expect("fault set");
+    wait_for(
+        "gamma Ejected by its probes",
+        Duration::from_secs(15),
+        || (provider("gamma")? == ("Ejected".into(), "ProbeFailed".into())).then_some(()),
+    );
+    http("DELETE", gamma_port, "/admin/faults", "").expect("fault cleared");
 
     http(
         "POST",
@@ -596,7 +726,7 @@ fn the_newer_of_two_policies_claiming_a_model_reports_the_conflict() {
     let ns = c.namespace("conflict").expect("namespace");
     small_pool(c, ns.name(), &["us-east"]);
     std::thread::sleep(Duration::from_millis(1100)); // creation timestamps have one-second resolution
-    let newer = "apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: newer}\nspec:\n  poolRef: {name: small}\n  routes: [{model: m, targets: [{provider: p}]}]\n";
+    let newer = "apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: newer}\nspec:\n  poolRef: {name: small}\n  routes: [{model: m, targets: [{provider: p}]}, {model: mini, targets: [{provider: p, model: m}]}]\n";
     let (ok, _, err) = c
         .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], newer)
         .expect("kubectl");
@@ -613,6 +743,41 @@ fn the_newer_of_two_policies_claiming_a_model_reports_the_conflict() {
     assert!(
         message.contains("model \"m\" is already served by the older RoutingPolicy \"small\""),
         "{message}"
+    );
+    // Its other route is served, and both its status and the gateways' config say so.
+    let (_, _, message) = wait_for(
+        "the newer policy's other route served",
+        Duration::from_secs(30),
+        || {
+            let p = get_json(c, &["routingpolicy", "newer", "-n", ns.name()])?;
+            condition(&p, "Accepted").filter(|c| c.2.contains("are served"))
+        },
+    );
+    assert!(
+        message.contains("its other routes (mini) are served"),
+        "{message}"
+    );
+    let p = get_json(c, &["routingpolicy", "newer", "-n", ns.name()]).expect("newer");
+    assert_eq!(p["status"]["routes"], "mini", "{p}");
+    let cm = get_json(c, &["configmap", "small-us-east", "-n", ns.name()]).expect("configmap");
+    let config = cm["data"]["gateway.json"].as_str().expect("config text");
+    let config: Value = serde_json::from_str(config).expect("config JSON");
+    let served: Vec<(String, String)> = config["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .map(|r| {
+            (
+                r["model"].as_str().unwrap_or_default().to_owned(),
+                r["policy"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        served.contains(&("mini".into(), "newer".into()))
+            && served.contains(&("m".into(), "small".into()))
+            && served.len() == 2,
+        "{served:?}"
     );
     let older = get_json(c, &["routingpolicy", "small", "-n", ns.name()]).expect("older");
     assert_eq!(
@@ -934,6 +1099,20 @@ fn a_users_object_with_a_childs_name_is_never_taken_over_nor_deleted_with_the_po
             .then_some(all)
     });
     assert!(seen.contains("small-us-east"), "{seen}");
+    // Its policy compiles, but no gateway runs it: not Accepted.
+    let (status, _, message) = wait_for(
+        "the policy Pending while its ConfigMap cannot be written",
+        Duration::from_secs(30),
+        || {
+            let p = get_json(c, &["routingpolicy", "small", "-n", ns])?;
+            condition(&p, "Accepted").filter(|c| c.1 == "Pending")
+        },
+    );
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("does not hold its routes for m yet"),
+        "{message}"
+    );
 
     c.kubectl_ok(&["delete", "providerpool", "small", "-n", ns, "--wait=true"])
         .expect("delete pool");
@@ -1021,6 +1200,47 @@ fn a_child_the_api_server_refuses_shows_in_the_pools_status_and_events() {
         "Ready",
         "True",
         Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn a_region_whose_pods_cannot_be_scheduled_says_why() {
+    let c = cluster();
+    let ns = c.namespace("nowhere").expect("namespace");
+    let ns = ns.name();
+    // No node is labelled with this region.
+    named_pool(c, ns, "lost", &["{name: sa-east, replicas: 1}"]);
+    let message = blocked(c, ns, "lost", "PodsUnschedulable");
+    assert!(
+        message.starts_with(
+            "region sa-east has 0/1 gateway replicas ready: pods cannot be scheduled: "
+        ) && message.contains("node affinity/selector"),
+        "{message}"
+    );
+    wait_for("a PodsUnschedulable event", Duration::from_secs(30), || {
+        events(c, ns)
+            .contains("ProviderPool/lost/Warning/PodsUnschedulable")
+            .then_some(())
+    });
+    // Labelling a node is not ours to do; moving the region to where nodes are fixes it.
+    c.kubectl_ok(&[
+        "patch",
+        "providerpool",
+        "lost",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/regions/0/nodeSelector","value":{"topology.kubernetes.io/region":"us-east"}}]"#,
+    ])
+    .expect("patch the region's node selector");
+    wait_condition(
+        c,
+        ns,
+        "providerpool/lost",
+        "Ready",
+        "True",
+        Duration::from_secs(90),
     );
 }
 

@@ -35,6 +35,8 @@ pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
     doc = "A set of upstream LLM providers and the regions where Switchyard runs gateways for them.",
     // The pool's name becomes its Services' names, which must be DNS-1035 labels.
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name: a ProviderPool's name names its gateway Services, so it must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter, without dots"),
+    // Each region's Service is `<pool>-<region>`, a DNS-1035 label of at most 63 characters.
+    validation = Rule::new("self.spec.regions.all(r, size(self.metadata.name) + size(r.name) <= 62)").message("metadata.name: each region's gateway Service is named <pool>-<region>, which may have at most 63 characters; shorten the pool's name or the longest region name"),
     printcolumn(
         name = "Regions",
         type_ = "string",

@@ -36,195 +36,149 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
+use clap::{ArgGroup, CommandFactory, Parser};
 
 use crate::gateway::Gateway;
 use crate::source::ManifestSource;
 
-const USAGE: &str = "usage: switchyard-gateway (--manifests PATH | --configmap NAME) --region REGION [--namespace NS] \
-[--pool NAME] [--listen ADDR] [--admin-listen ADDR] [--max-body-bytes N] [--max-connections N] [--header-timeout-seconds N] [--body-timeout-seconds N] [--memory-budget-bytes N] [--upstream-idle-timeout-seconds N] [--idempotency-max-bytes N] [--ca-file PEM] [--shutdown-delay-seconds N] [--drain-seconds N] [--no-publish-health] [--log-format json|text]";
-
-#[derive(Debug)]
+/// An OpenAI-compatible gateway with health-aware routing and failover across providers
+/// and regions. Every option can also be set through the environment variable named
+/// beside it.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-gateway", version, about)]
+#[command(group(ArgGroup::new("source").required(true).args(["manifests", "configmap"])))]
 struct Args {
+    /// Standalone: a file or directory of ProviderPool, RoutingPolicy and Secret
+    /// manifests, reloaded when it changes.
+    #[arg(long, env = "SWITCHYARD_MANIFESTS", value_name = "PATH")]
     manifests: Option<PathBuf>,
-    config_map: Option<String>,
-    publish_health: bool,
+    /// In a cluster: the operator's ConfigMap for this region, watched through the API.
+    #[arg(long, env = "SWITCHYARD_CONFIGMAP", value_name = "NAME")]
+    configmap: Option<String>,
+    /// The region this gateway serves.
+    #[arg(long, env = "SWITCHYARD_REGION")]
     region: String,
+    /// Namespace of the ConfigMap, or of the manifests' objects.
+    #[arg(long, env = "SWITCHYARD_NAMESPACE", default_value = "default")]
     namespace: String,
+    /// With --manifests: which ProviderPool to serve, when they hold several.
+    #[arg(long, env = "SWITCHYARD_POOL", value_name = "NAME")]
     pool: Option<String>,
+    /// Where to serve the OpenAI API.
+    #[arg(
+        long,
+        env = "SWITCHYARD_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
     listen: SocketAddr,
+    /// Serve /metrics and /status here instead of on the API port (which then answers 404
+    /// for them).
+    #[arg(long, env = "SWITCHYARD_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
-    limits: gateway::ClientLimits,
-    replay_bytes: usize,
-    upstream_idle: Duration,
+    /// Largest request body; a larger declared Content-Length is refused unread.
+    #[arg(long, env = "SWITCHYARD_MAX_BODY_BYTES", default_value_t = 16 << 20, value_name = "N")]
+    max_body_bytes: usize,
+    /// Open client connections; beyond them a connection gets a 503 and is closed.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTIONS", default_value_t = 4096, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Time for a request's headers to arrive; also the idle keep-alive timeout.
+    #[arg(long, env = "SWITCHYARD_HEADER_TIMEOUT_SECONDS", default_value_t = 30, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_seconds: u64,
+    /// Time for a request's whole body to arrive once its headers have.
+    #[arg(long, env = "SWITCHYARD_BODY_TIMEOUT_SECONDS", default_value_t = 60, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_seconds: u64,
+    /// Bytes all requests together may hold buffered (bodies, answers, replays); at least
+    /// twice --max-body-bytes.
+    #[arg(long, env = "SWITCHYARD_MEMORY_BUDGET_BYTES", default_value_t = 256 << 20, value_name = "N")]
+    memory_budget_bytes: usize,
+    /// How long an idle upstream connection is kept for reuse.
+    #[arg(
+        long,
+        env = "SWITCHYARD_UPSTREAM_IDLE_TIMEOUT_SECONDS",
+        default_value_t = 90,
+        value_name = "N"
+    )]
+    upstream_idle_timeout_seconds: u64,
+    /// Bytes of answers kept for Idempotency-Key replay.
+    #[arg(long, env = "SWITCHYARD_IDEMPOTENCY_MAX_BYTES", default_value_t = 64 << 20, value_name = "N")]
+    idempotency_max_bytes: usize,
+    /// PEM certificates of private CAs that providers' certificates may chain to, trusted
+    /// besides the web PKI roots.
+    #[arg(long, env = "SWITCHYARD_CA_FILE", value_name = "PEM")]
     ca_file: Option<PathBuf>,
-    shutdown_delay: Duration,
-    drain: Duration,
-    json_logs: bool,
+    /// On SIGTERM, keep accepting and serving this long (with /readyz failing) while
+    /// endpoint removal reaches every proxy.
+    #[arg(
+        long,
+        env = "SWITCHYARD_SHUTDOWN_DELAY_SECONDS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    shutdown_delay_seconds: u64,
+    /// Then stop accepting and finish requests in flight for at most this long.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DRAIN_SECONDS",
+        default_value_t = 30,
+        value_name = "N"
+    )]
+    drain_seconds: u64,
+    /// In a cluster: do not publish provider health into the pool's status.
+    #[arg(long, env = "SWITCHYARD_NO_PUBLISH_HEALTH")]
+    no_publish_health: bool,
+    /// Log lines as JSON (for log collectors) or as text.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
 }
 
-fn parse_args() -> anyhow::Result<Args> {
-    let mut manifests = None;
-    let mut config_map = None;
-    let mut publish_health = true;
-    let mut region = None;
-    let mut namespace = "default".to_owned();
-    let mut pool = None;
-    let mut listen: SocketAddr = "0.0.0.0:8080".parse()?;
-    let mut limits = gateway::ClientLimits::default();
-    // Also from the environment, like the shutdown delay (see there).
-    let mut admin_listen = match std::env::var("SWITCHYARD_ADMIN_LISTEN") {
-        Ok(v) => Some(
-            v.parse()
-                .context("SWITCHYARD_ADMIN_LISTEN needs an address such as 0.0.0.0:9090")?,
-        ),
-        Err(_) => None,
-    };
-    let mut replay_bytes = 64 << 20;
-    let mut upstream_idle = Duration::from_secs(90);
-    let mut ca_file = None;
-    // The operator sets the delay through the environment, which gateway images older
-    // than the flag ignore instead of refusing to start.
-    let mut shutdown_delay = match std::env::var("SWITCHYARD_SHUTDOWN_DELAY_SECONDS") {
-        Ok(v) => Duration::from_secs(
-            v.parse()
-                .context("SWITCHYARD_SHUTDOWN_DELAY_SECONDS needs a number")?,
-        ),
-        Err(_) => Duration::ZERO,
-    };
-    let mut drain = Duration::from_secs(30);
-    let mut json_logs = true;
-    let mut args = flag_values(std::env::args().skip(1));
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
-        };
-        match arg.as_str() {
-            "--manifests" => manifests = Some(PathBuf::from(value()?)),
-            "--configmap" => config_map = Some(value()?),
-            "--no-publish-health" => publish_health = false,
-            "--region" => region = Some(value()?),
-            "--namespace" => namespace = value()?,
-            "--pool" => pool = Some(value()?),
-            "--listen" => {
-                listen = value()?
-                    .parse()
-                    .context("--listen needs an address such as 127.0.0.1:8080")?
-            }
-            "--max-body-bytes" => {
-                limits.max_body = value()?
-                    .parse()
-                    .context("--max-body-bytes needs a number")?
-            }
-            "--admin-listen" => {
-                admin_listen = Some(
-                    value()?
-                        .parse()
-                        .context("--admin-listen needs an address such as 0.0.0.0:9090")?,
-                )
-            }
-            "--max-connections" => {
-                limits.max_connections = value()?
-                    .parse()
-                    .context("--max-connections needs a number")?
-            }
-            "--header-timeout-seconds" => {
-                limits.header_timeout = Duration::from_secs(
-                    value()?
-                        .parse()
-                        .context("--header-timeout-seconds needs a number")?,
-                )
-            }
-            "--body-timeout-seconds" => {
-                limits.body_timeout = Duration::from_secs(
-                    value()?
-                        .parse()
-                        .context("--body-timeout-seconds needs a number")?,
-                )
-            }
-            "--upstream-idle-timeout-seconds" => {
-                upstream_idle = Duration::from_secs(
-                    value()?
-                        .parse()
-                        .context("--upstream-idle-timeout-seconds needs a number")?,
-                )
-            }
-            "--memory-budget-bytes" => {
-                limits.memory_budget = value()?
-                    .parse()
-                    .context("--memory-budget-bytes needs a number")?
-            }
-            "--idempotency-max-bytes" => {
-                replay_bytes = value()?
-                    .parse()
-                    .context("--idempotency-max-bytes needs a number")?
-            }
-            "--ca-file" => ca_file = Some(PathBuf::from(value()?)),
-            "--shutdown-delay-seconds" => {
-                shutdown_delay = Duration::from_secs(
-                    value()?
-                        .parse()
-                        .context("--shutdown-delay-seconds needs a number")?,
-                )
-            }
-            "--drain-seconds" => {
-                drain =
-                    Duration::from_secs(value()?.parse().context("--drain-seconds needs a number")?)
-            }
-            "--log-format" => json_logs = value()? != "text",
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Args {
+    fn limits(&self) -> gateway::ClientLimits {
+        gateway::ClientLimits {
+            header_timeout: Duration::from_secs(self.header_timeout_seconds),
+            body_timeout: Duration::from_secs(self.body_timeout_seconds),
+            max_body: self.max_body_bytes,
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            memory_budget: self.memory_budget_bytes,
         }
     }
-    if limits.max_connections == 0
-        || limits.header_timeout.is_zero()
-        || limits.body_timeout.is_zero()
-    {
-        bail!("--max-connections and the timeouts must be at least 1\n{USAGE}");
-    }
+}
+
+fn parse_args() -> Args {
+    let args = Args::parse();
     // A body counts twice against the budget (as received and as sent upstream).
-    if limits.memory_budget < limits.max_body.saturating_mul(2) {
-        bail!(
-            "--memory-budget-bytes must be at least twice --max-body-bytes ({}): a body counts as received and as sent upstream",
-            limits.max_body
-        );
+    if args.memory_budget_bytes < args.max_body_bytes.saturating_mul(2) {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--memory-budget-bytes must be at least twice --max-body-bytes ({}): a body counts as received and as sent upstream",
+                    args.max_body_bytes
+                ),
+            )
+            .exit();
     }
-    if manifests.is_some() == config_map.is_some() {
-        bail!("give exactly one of --manifests and --configmap\n{USAGE}");
-    }
-    let Some(region) = region else {
-        bail!("--region is required\n{USAGE}")
-    };
-    Ok(Args {
-        manifests,
-        config_map,
-        publish_health,
-        region,
-        namespace,
-        pool,
-        listen,
-        admin_listen,
-        limits,
-        replay_bytes,
-        upstream_idle,
-        ca_file,
-        shutdown_delay,
-        drain,
-        json_logs,
-    })
+    args
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
+    let args = parse_args();
     return_large_buffers_to_the_system();
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.json_logs {
+    if args.log_format == LogFormat::Json {
         tracing_subscriber::fmt()
             .json()
             .with_writer(std::io::stderr)
@@ -240,12 +194,12 @@ async fn main() -> anyhow::Result<()> {
 
     let mut gw = Gateway::new(
         args.region.clone(),
-        args.limits,
-        args.replay_bytes,
+        args.limits(),
+        args.idempotency_max_bytes,
         upstream::tls_config(args.ca_file.as_deref())?,
     );
     gw.admin_on_api_port = args.admin_listen.is_none();
-    gw.upstream_idle = args.upstream_idle;
+    gw.upstream_idle = Duration::from_secs(args.upstream_idle_timeout_seconds);
     let gw = Arc::new(gw);
     if let Some(addr) = args.admin_listen {
         let admin = tokio::net::TcpListener::bind(addr)
@@ -266,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
         tokio::spawn(source.watch(gw.clone()));
     }
-    if let Some(name) = &args.config_map {
+    if let Some(name) = &args.configmap {
         let client = kube::Client::try_default()
             .await
             .context("cannot reach the Kubernetes API")?;
@@ -276,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
             config_map: name.clone(),
         };
         tokio::spawn(source.run(gw.clone()));
-        if args.publish_health {
+        if !args.no_publish_health {
             tokio::spawn(cluster::publish_health(client, gw.clone()));
         }
         // /readyz stays false until the first config arrives; wait briefly so the open-auth
@@ -316,8 +270,8 @@ async fn main() -> anyhow::Result<()> {
     println!("switchyard-gateway listening on http://{local}");
 
     let shutdown = server::Shutdown {
-        delay: args.shutdown_delay,
-        drain: args.drain,
+        delay: Duration::from_secs(args.shutdown_delay_seconds),
+        drain: Duration::from_secs(args.drain_seconds),
     };
     server::run(gw, listener, shutdown_signal(), shutdown).await;
     Ok(())
@@ -357,13 +311,4 @@ fn return_large_buffers_to_the_system() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
-}
-
-/// Splits `--flag=value` into `--flag value`, so both spellings work (the chart uses the
-/// first).
-fn flag_values(args: impl Iterator<Item = String>) -> impl Iterator<Item = String> {
-    args.flat_map(|a| match a.split_once('=') {
-        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
-        _ => vec![a],
-    })
 }

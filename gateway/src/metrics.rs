@@ -15,7 +15,7 @@ use crate::table::RoutingTable;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    model: String,
+    route: String,
     status: u16,
 }
 
@@ -26,8 +26,9 @@ struct AttemptLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ModelLabels {
-    model: String,
+struct RouteLabels {
+    /// The route's model as configured (`gpt-4o`, or a pattern such as `gpt-*`).
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,11 +67,11 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
-    failovers: Family<ModelLabels, Counter>,
-    replays: Family<ModelLabels, Counter>,
+    failovers: Family<RouteLabels, Counter>,
+    replays: Family<RouteLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
-    request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    added_latency: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    added_latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     breaker_state: Family<ProviderLabels, Gauge>,
     provider_usable: Family<ProviderLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
@@ -100,7 +101,7 @@ impl Default for Metrics {
         if let Ok(mut r) = m.registry.lock() {
             r.register(
                 "requests",
-                "Client requests by public model and final status",
+                "Client requests by route (its model as configured, or its pattern) and final status",
                 m.requests.clone(),
             );
             r.register(
@@ -170,16 +171,16 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A finished client request.
-    pub fn request(&self, model: &str, status: u16, seconds: f64) {
+    pub fn request(&self, route: &str, status: u16, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
-                model: model.to_owned(),
+                route: route.to_owned(),
                 status,
             })
             .inc();
         self.request_duration
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
             })
             .observe(seconds);
     }
@@ -202,28 +203,28 @@ impl Metrics {
     }
 
     /// A request rescued by a target other than its first.
-    pub fn failover(&self, model: &str) {
+    pub fn failover(&self, route: &str) {
         self.failovers
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
             })
             .inc();
     }
 
     /// What the gateway added to a served request.
-    pub fn added_latency(&self, model: &str, seconds: f64) {
+    pub fn added_latency(&self, route: &str, seconds: f64) {
         self.added_latency
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
             })
             .observe(seconds);
     }
 
     /// A request answered by idempotent replay.
-    pub fn idempotent_replay(&self, model: &str) {
+    pub fn idempotent_replay(&self, route: &str) {
         self.replays
-            .get_or_create(&ModelLabels {
-                model: model.to_owned(),
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
             })
             .inc();
     }

@@ -147,7 +147,7 @@ pub async fn serve(
             match attempt(gw, &table, route, choice.target, &req, deadline, &tried).await {
                 Tried::Answer(resp) => {
                     if first_provider.as_deref() != Some(served_by.as_str()) {
-                        gw.metrics.failover(&req.model);
+                        gw.metrics.failover(&first.config.model);
                     }
                     return done(resp);
                 }

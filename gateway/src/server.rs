@@ -531,7 +531,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
             {
                 Claim::Lead(lease) => Some(lease),
                 Claim::Replay(stored) => {
-                    gw.metrics.idempotent_replay(&model);
+                    gw.metrics.idempotent_replay(&route.config.model);
                     return replay(&stored);
                 }
                 Claim::Mismatch => {
@@ -570,7 +570,8 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
     let mut resp = serve(gw, table.clone(), route, request).await;
     if let Some(UpstreamTime(upstream)) = resp.extensions().get::<UpstreamTime>() {
         let added = started.elapsed().saturating_sub(*upstream);
-        gw.metrics.added_latency(&model, added.as_secs_f64());
+        gw.metrics
+            .added_latency(&route.config.model, added.as_secs_f64());
     }
     if let Some(lease) = lease
         && resp.status().is_success()
@@ -586,8 +587,10 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         );
         resp = Response::from_parts(head, recording.boxed());
     }
+    // Labelled by the route as configured, never by the string the client sent: a
+    // pattern route would otherwise create a series per made-up model name.
     gw.metrics.request(
-        &model,
+        &route.config.model,
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );

@@ -8,51 +8,77 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::CustomResourceExt;
 use switchyard_operator::controller::{self, Context};
-use switchyard_operator::leader::LeaderElection;
+use switchyard_operator::leader::{self, LeaderElection};
 use switchyard_operator::metrics::Metrics;
 
-const USAGE: &str = "usage: switchyard-operator [--gateway-image IMAGE] [--namespace NS]... [--metrics-listen ADDR] \
-[--leader-election-namespace NS] [--no-leader-election] [--log-format json|text]";
+/// The Switchyard operator: reconciles ProviderPools and RoutingPolicies into regional
+/// gateway Deployments, ConfigMaps and Services. Every option can also be set through
+/// the environment variable named beside it.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-operator", version, about)]
+struct Args {
+    /// Gateway image for pools that name none.
+    #[arg(long, env = "SWITCHYARD_GATEWAY_IMAGE", value_name = "IMAGE",
+          default_value = concat!("ghcr.io/switchyard-dev/switchyard-gateway:", env!("CARGO_PKG_VERSION")))]
+    gateway_image: String,
+    /// A namespace to manage; repeat for several. Without any, every namespace.
+    #[arg(
+        long = "namespace",
+        env = "SWITCHYARD_NAMESPACES",
+        value_name = "NS",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
+    /// Where to serve /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "SWITCHYARD_METRICS_LISTEN",
+        default_value = "0.0.0.0:8081",
+        value_name = "ADDR"
+    )]
+    metrics_listen: SocketAddr,
+    /// Namespace of the leader Lease.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "default",
+        value_name = "NS"
+    )]
+    leader_election_namespace: String,
+    /// Reconcile without taking the leader Lease (one replica only).
+    #[arg(long, env = "SWITCHYARD_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Log lines as JSON (for log collectors) or as text.
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut image = format!(
-        "ghcr.io/switchyard-dev/switchyard-gateway:{}",
-        env!("CARGO_PKG_VERSION")
+    let args = Args::parse();
+    let (image, namespaces, listen, lease_ns, elect) = (
+        args.gateway_image,
+        args.namespaces,
+        args.metrics_listen,
+        args.leader_election_namespace,
+        !args.no_leader_election,
     );
-    let mut namespaces: Vec<String> = Vec::new();
-    let mut listen: SocketAddr = "0.0.0.0:8081".parse()?;
-    let mut lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "default".into());
-    let mut elect = true;
-    let mut json_logs = true;
-    let mut args = flag_values(std::env::args().skip(1));
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{arg} needs a value\n{USAGE}"))
-        };
-        match arg.as_str() {
-            "--gateway-image" => image = value()?,
-            "--namespace" => namespaces.push(value()?),
-            "--metrics-listen" => listen = value()?.parse()?,
-            "--leader-election-namespace" => lease_ns = value()?,
-            "--no-leader-election" => elect = false,
-            "--log-format" => json_logs = value()? != "text",
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
-            other => bail!("unknown argument {other}\n{USAGE}"),
-        }
-    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
-    if json_logs {
+    if args.log_format == LogFormat::Json {
         tracing_subscriber::fmt()
             .json()
             .with_writer(std::io::stderr)
@@ -102,24 +128,32 @@ async fn main() -> anyhow::Result<()> {
     let leading = Arc::new(AtomicBool::new(!elect));
     tokio::spawn(admin(listen, ctx.clone(), leading.clone()));
 
+    let timing = leader::Timing::for_lease(Duration::from_secs(15));
     let lease = LeaderElection::new(
         client,
         &lease_ns,
         "switchyard-operator",
         &identity,
-        Duration::from_secs(15),
+        timing.lease,
     );
+    let mut acquired = None;
     if elect {
         tracing::info!(%identity, "waiting for the leader lease");
-        lease.acquire().await;
+        acquired = Some(leader::acquire(&lease, timing).await);
         tracing::info!(%identity, "leading");
         leading.store(true, Ordering::SeqCst);
     }
     let stop = async {
         tokio::select! {
             () = shutdown_signal() => tracing::info!("signal received"),
-            () = async { if elect { lease.hold().await } else { std::future::pending().await } } => {
-                tracing::error!("lost the leader lease; exiting so a fresh replica can take over");
+            lost = async {
+                match acquired {
+                    Some(at) => leader::hold(&lease, timing, at).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // Dropping the controllers below cancels every reconcile at once.
+                tracing::error!(?lost, "lost the leader lease; exiting so a fresh replica can take over");
             }
         }
     };
@@ -203,13 +237,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {},
         () = term => {},
     }
-}
-
-/// Splits `--flag=value` into `--flag value`, so both spellings work (the chart uses the
-/// first).
-fn flag_values(args: impl Iterator<Item = String>) -> impl Iterator<Item = String> {
-    args.flat_map(|a| match a.split_once('=') {
-        Some((flag, value)) if flag.starts_with("--") => vec![flag.to_owned(), value.to_owned()],
-        _ => vec![a],
-    })
 }

@@ -82,7 +82,7 @@ def test_a_retried_request_gets_the_stored_answer_not_a_second_upstream_call(sta
         chat_with_key(client, "order-1", messages=[{"role": "user", "content": "something else"}])
     assert err.value.code == "idempotency_key_reused"
     body = http("GET", f"{gw.url}/metrics")[2].decode()
-    assert 'switchyard_gateway_idempotent_replays_total{model="gpt-4o"} 1' in body
+    assert 'switchyard_gateway_idempotent_replays_total{route="gpt-4o"} 1' in body
 
 
 def test_concurrent_duplicates_wait_for_the_first_and_share_its_answer(stack, client_for):

@@ -96,12 +96,22 @@ def test_readyz_healthz_metrics_status(stack, client_for):
     assert http("GET", f"{gw.url}/readyz")[0] == 200
     _, _, metrics = http("GET", f"{gw.url}/metrics")
     text = metrics.decode()
-    assert 'switchyard_gateway_requests_total{model="gpt-4o",status="200"} 1' in text
+    assert 'switchyard_gateway_requests_total{route="gpt-4o",status="200"} 1' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="success"} 1' in text
     assert 'switchyard_gateway_provider_usable{provider="alpha"} 1' in text
     assert 'switchyard_gateway_breaker_state{provider="alpha"} 0' in text
-    assert 'switchyard_gateway_added_latency_seconds_count{model="gpt-4o"} 1' in text
+    assert 'switchyard_gateway_added_latency_seconds_count{route="gpt-4o"} 1' in text
     assert gw.status()["providers"][0]["health"]["state"] == "healthy"
+
+
+def test_metrics_name_the_configured_route_never_the_model_a_client_made_up(stack, client_for):
+    gw, _ = stack(["alpha"], routes=[{"model": "gpt-*", "targets": [{"provider": "alpha"}]}])
+    client = client_for(gw)
+    for n in range(3):
+        client.chat.completions.create(model=f"gpt-made-up-{n}", messages=MSG)
+    text = http("GET", f"{gw.url}/metrics")[2].decode()
+    assert 'switchyard_gateway_requests_total{route="gpt-*",status="200"} 3' in text
+    assert "made-up" not in text
 
 
 def test_a_bad_update_keeps_the_last_good_config_and_a_good_one_applies_within_a_second(stack, client_for, tmp_path):

@@ -315,7 +315,7 @@ def test_failovers_are_counted_for_the_alerts(stack, client_for):
     chat(client_for(gw))
     _, _, metrics = http("GET", f"{gw.url}/metrics")
     text = metrics.decode()
-    assert 'switchyard_gateway_failovers_total{model="gpt-4o"} 1' in text
+    assert 'switchyard_gateway_failovers_total{route="gpt-4o"} 1' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="server_error"} 1' in text
 
 

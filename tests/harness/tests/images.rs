@@ -221,7 +221,10 @@ fn gateway_binary_runs_as_the_non_root_user_with_nothing_beside_it() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.starts_with("usage: switchyard-gateway"), "{stdout}");
+    assert!(
+        stdout.contains("Usage: switchyard-gateway") && stdout.contains("--region <REGION>"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -38,10 +38,25 @@ pub enum CompileError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
 pub struct PolicyError {
+    /// What kind of problem, for status reasons.
+    pub kind: PolicyErrorKind,
     /// Path of the offending field, such as `spec.routes[0].targets[1].provider`.
     pub field: String,
     /// What is wrong and how to fix it.
     pub message: String,
+}
+
+/// The kinds of policy problems, which status conditions tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyErrorKind {
+    /// A target names a provider the pool does not have.
+    UnknownProvider,
+    /// A fallback or redirect names a model no route serves.
+    UnknownModel,
+    /// A target cannot serve the route (a model its provider lacks, no local target).
+    Unservable,
+    /// The pool's limits: its route count, or what a ConfigMap holds.
+    OverLimit,
 }
 
 /// Why a policy contributes no routes to a region.
@@ -140,6 +155,7 @@ pub fn compile(
                 rejected.push(PolicyRejection {
                     policy: policy.name_any(),
                     errors: vec![PolicyError {
+                        kind: PolicyErrorKind::OverLimit,
                         field: "spec.routes".into(),
                         message: format!(
                             "ProviderPool {pool_name:?} already has {route_count} routes from older RoutingPolicies; these {} would pass its limit of {MAX_POOL_ROUTES} (split the pool, or merge routes)",
@@ -278,6 +294,7 @@ impl Compiled {
             }
             self.config.routes.retain(|r| r.policy != policy);
             let error = PolicyError {
+                kind: PolicyErrorKind::OverLimit,
                 field: "spec.routes".into(),
                 message: format!(
                     "with this policy's routes the pool's compiled configuration takes more than the {max} bytes a ConfigMap can hold, encoded; the newest policies are left out until it fits (shorten texts and names, or split the pool)"
@@ -339,6 +356,7 @@ fn check_references(policy: &RoutingPolicy, exact: &BTreeSet<&str>) -> Vec<Polic
         let mut check = |field: String, model: &str| {
             if !exact.contains(model) {
                 errors.push(PolicyError {
+                    kind: PolicyErrorKind::UnknownModel,
                     field,
                     message: format!(
                         "model {model:?} has no route in this pool (routed models: {})",
@@ -450,6 +468,7 @@ fn compile_route(
             .find(|p| p.name == target.provider)
         else {
             errors.push(PolicyError {
+                kind: PolicyErrorKind::UnknownProvider,
                 field: format!("spec.routes[{i}].targets[{j}].provider"),
                 message: format!(
                     "provider {:?} is not in ProviderPool {:?} (providers: {})",
@@ -474,6 +493,7 @@ fn compile_route(
                 Some(m) => Some(m),
                 None => {
                     errors.push(PolicyError {
+                        kind: PolicyErrorKind::Unservable,
                         field: format!("spec.routes[{i}].targets[{j}]"),
                         message: format!(
                             "provider {:?} does not serve model {name:?} (it serves: {}); set targets[{j}].model to one of them",
@@ -486,6 +506,7 @@ fn compile_route(
             },
             None if provider.provider_type == ProviderType::AzureOpenAi => {
                 errors.push(PolicyError {
+                    kind: PolicyErrorKind::Unservable,
                     field: format!("spec.routes[{i}].targets[{j}].model"),
                     message: format!(
                         "pattern route {:?} must name a model for azureOpenAI provider {:?}: Azure serves deployments, not arbitrary model names",
@@ -515,6 +536,7 @@ fn compile_route(
     }
     if errors.is_empty() && targets.is_empty() {
         errors.push(PolicyError {
+            kind: PolicyErrorKind::Unservable,
             field: format!("spec.routes[{i}].targets"),
             message: format!(
                 "regional is localOnly but no target of model {:?} lives in region {region:?}; add a local provider or use preferLocal",

@@ -17,7 +17,8 @@ pub mod pool;
 pub mod status;
 
 pub use compile::{
-    CarriedRoutes, CompileError, Compiled, PolicyError, PolicyRejection, RouteConflict, compile,
+    CarriedRoutes, CompileError, Compiled, PolicyError, PolicyErrorKind, PolicyRejection,
+    RouteConflict, compile,
 };
 pub use duration::Duration;
 pub use gateway_config::{

@@ -171,6 +171,37 @@ fn only_errors(spec: serde_json::Value, region: &str) -> Vec<String> {
         .collect()
 }
 
+/// The kinds of the errors `only_errors` reports, in order.
+fn error_kinds(spec: serde_json::Value, region: &str) -> Vec<crds::PolicyErrorKind> {
+    let out = compile(
+        &pool(),
+        &[policy("p", "2026-01-01T00:00:00Z", spec)],
+        region,
+    )
+    .expect("pool compiles");
+    out.rejected[0].errors.iter().map(|e| e.kind).collect()
+}
+
+#[test]
+fn error_kinds_tell_unresolved_references_from_unservable_targets() {
+    use crds::PolicyErrorKind::{UnknownModel, UnknownProvider, Unservable};
+    let kinds = |spec| error_kinds(spec, "us-east");
+    assert_eq!(
+        kinds(json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "bedrock"}]}]})),
+        [UnknownProvider]
+    );
+    assert_eq!(
+        kinds(json!({"routes": [{"model": "llama", "targets": [{"provider": "openai"}]}]})),
+        [Unservable]
+    );
+    assert_eq!(
+        kinds(
+            json!({"routes": [{"model": "gpt-4o", "targets": [{"provider": "openai"}], "fallbacks": ["gpt-5"]}]})
+        ),
+        [UnknownModel]
+    );
+}
+
 #[test]
 fn rejects_a_region_the_pool_does_not_have() {
     let err = compile(&pool(), &[], "ap-south").expect_err("unknown region");

@@ -1380,6 +1380,15 @@ fn a_policy_edit_that_does_not_compile_keeps_the_routes_it_served_and_deleting_i
         policy["status"]["routes"], "m",
         "the status lists what is served"
     );
+    let (refs, reason, refs_message) = condition(&policy, "ResolvedRefs").expect("condition");
+    assert_eq!(
+        (refs.as_str(), reason.as_str()),
+        ("False", "ProviderNotFound")
+    );
+    assert!(
+        refs_message.starts_with("spec.routes[0].targets[0].provider: provider \"typo\""),
+        "only the unresolved reference: {refs_message}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         served().expect("config"),

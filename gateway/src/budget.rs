@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::server::Body;
+use crate::response::Body;
 
 /// The gateway's budget of buffered bytes.
 #[derive(Debug, Clone)]

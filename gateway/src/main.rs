@@ -16,13 +16,15 @@ mod auth;
 mod body;
 mod budget;
 mod cluster;
-mod errors;
+mod dialect;
+mod error;
 mod gateway;
 mod health;
 mod idempotency;
 mod metrics;
 mod probe;
 mod proxy;
+mod response;
 mod retry;
 mod select;
 mod server;
@@ -46,7 +48,7 @@ use crate::source::ManifestSource;
 /// and regions. Every option can also be set through the environment variable named
 /// beside it.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-gateway", version, about)]
+#[command(name = "switchyard-gateway", version, about, args_override_self = true)]
 #[command(group(ArgGroup::new("source").required(true).args(["manifests", "configmap"])))]
 struct Args {
     /// Standalone: a file or directory of ProviderPool, RoutingPolicy and Secret

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, combinators::BoxBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,12 +21,13 @@ use tokio::time::Instant;
 use crate::auth::presented_key;
 use crate::body::RequestBody;
 use crate::budget::{OverBudget, ReadError, ReadLimits, declared_length, read_body};
-use crate::errors::{error_response, json_response};
+use crate::dialect::Operation;
+use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
 use crate::proxy::{ClientRequest, UpstreamTime, serve};
+use crate::response::{Body, json_response};
 use crate::table::Admission;
-use crate::upstream::Operation;
 
 /// Largest request head (request line and headers) accepted, in bytes.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -49,9 +50,6 @@ const H2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// The body of the answer to a connection beyond `--max-connections`.
 const TOO_MANY_CONNECTIONS: &str = r#"{"error":{"message":"this gateway replica is at its connection limit; retry shortly","type":"server_error","code":"too_many_connections"}}"#;
-
-/// Response body type of every handler.
-pub type Body = BoxBody<Bytes, std::io::Error>;
 
 /// How a gateway stops.
 #[derive(Debug, Clone, Copy)]
@@ -201,38 +199,10 @@ async fn refuse(mut stream: tokio::net::TcpStream) {
     .await;
 }
 
-fn invalid_api_key() -> Response<Body> {
-    error_response(
-        StatusCode::UNAUTHORIZED,
-        "invalid_request_error",
-        "invalid_api_key",
-        "missing or invalid API key; send it as 'Authorization: Bearer <key>'",
-    )
-}
-
 /// The answer when the memory budget has no room for what a request needs buffered.
-pub fn over_budget(gw: &Gateway, what: &'static str, e: &OverBudget) -> Response<Body> {
+pub fn over_budget(gw: &Gateway, what: &'static str, e: &OverBudget) -> GatewayError {
     gw.metrics.over_budget(what);
-    let mut resp = error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "memory_budget_exhausted",
-        &format!("{e}; retry shortly"),
-    );
-    resp.headers_mut().insert(
-        hyper::header::RETRY_AFTER,
-        hyper::header::HeaderValue::from_static("1"),
-    );
-    resp
-}
-
-fn body_too_large(max: usize) -> Response<Body> {
-    error_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "invalid_request_error",
-        "request_too_large",
-        &format!("the request body exceeds {max} bytes"),
-    )
+    GatewayError::MemoryBudget(e.to_string())
 }
 
 /// Liveness: the process answers.
@@ -283,12 +253,10 @@ pub async fn run_admin(gw: Arc<Gateway>, listener: TcpListener) {
                 let resp = match (req.method(), path) {
                     (&Method::GET, "/metrics" | "/status") => admin(&gw, path),
                     (&Method::GET, "/healthz") => healthz(),
-                    _ => error_response(
-                        StatusCode::NOT_FOUND,
-                        "invalid_request_error",
-                        "unknown_url",
-                        "the admin port serves /metrics, /status and /healthz",
-                    ),
+                    _ => GatewayError::UnknownUrl(
+                        "the admin port serves /metrics, /status and /healthz".into(),
+                    )
+                    .response(),
                 };
                 Ok::<_, Infallible>(resp)
             }
@@ -299,16 +267,6 @@ pub async fn run_admin(gw: Arc<Gateway>, listener: TcpListener) {
             drop(permit);
         });
     }
-}
-
-/// The answer while no configuration has loaded yet (readiness is false then too).
-fn not_ready() -> Response<Body> {
-    error_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "not_ready",
-        "no configuration loaded yet",
-    )
 }
 
 fn request_id(req: &Request<Incoming>) -> String {
@@ -331,44 +289,34 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     let mut resp = match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => healthz(),
         (&Method::GET, "/readyz") if gw.draining.load(std::sync::atomic::Ordering::Relaxed) => {
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "shutting_down",
-                "this replica is shutting down",
-            )
+            GatewayError::ShuttingDown.response()
         }
         (&Method::GET, "/readyz") => match gw.table.load().as_ref() {
             Some(_) => json_response(
                 StatusCode::OK,
                 Bytes::from_static(b"{\"status\":\"ready\"}"),
             ),
-            None => not_ready(),
+            None => GatewayError::NotReady.response(),
         },
-        (&Method::GET, "/metrics" | "/status") if !gw.admin_on_api_port => error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "unknown_url",
-            &format!("unknown path {path}"),
-        ),
+        (&Method::GET, "/metrics" | "/status") if !gw.admin_on_api_port => {
+            GatewayError::UnknownUrl(format!("unknown path {path}")).response()
+        }
         (&Method::GET, "/metrics" | "/status") => admin(&gw, &path),
         (&Method::GET, "/v1/models") => models(&gw, &req),
         (&Method::POST, p) if Operation::from_path(p).is_some() => {
             let op = Operation::from_path(p).unwrap_or(Operation::ChatCompletions);
-            api(&gw, req, op, &id).await
+            api(&gw, req, op, &id)
+                .await
+                .unwrap_or_else(|e| e.response())
         }
-        (_, p) if Operation::from_path(p).is_some() || p == "/v1/models" => error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            "method_not_allowed",
-            &format!("{method} is not allowed on {p}"),
-        ),
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "unknown_url",
-            &format!("unknown path {path}"),
-        ),
+        (_, p) if Operation::from_path(p).is_some() || p == "/v1/models" => {
+            GatewayError::MethodNotAllowed {
+                method: method.to_string(),
+                path: p.to_owned(),
+            }
+            .response()
+        }
+        _ => GatewayError::UnknownUrl(format!("unknown path {path}")).response(),
     };
     if let Ok(v) = hyper::header::HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
@@ -396,25 +344,23 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
     resp
 }
 
-async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str) -> Response<Body> {
+async fn api(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+    op: Operation,
+    id: &str,
+) -> Result<Response<Body>, GatewayError> {
     let started = Instant::now();
-    let Some(table) = gw.table.load_full() else {
-        return not_ready();
-    };
+    let table = gw.table.load_full().ok_or(GatewayError::NotReady)?;
     // Without routes there is no key to check and nothing to reveal; say why at once.
     if table.routes().is_empty() {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            "no RoutingPolicy serves this gateway's ProviderPool yet, so it routes no model",
-        );
+        return Err(GatewayError::NoRoutes);
     }
     let (parts, body) = req.into_parts();
     // Nothing is read or parsed for a client that no route would serve.
-    let Some(admission) = table.admit(presented_key(&parts.headers)) else {
-        return invalid_api_key();
-    };
+    let admission = table
+        .admit(presented_key(&parts.headers))
+        .ok_or(GatewayError::InvalidApiKey)?;
     let declared = declared_length(&parts.headers);
     let limits = ReadLimits {
         max: gw.limits.max_body,
@@ -422,66 +368,24 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         timeout: gw.limits.body_timeout,
     };
     let read = read_body(&gw.budget, body, declared, limits).await;
-    let (bytes, held) = match read {
-        Ok(read) => read,
-        Err(ReadError::TooLarge(_)) => return body_too_large(gw.limits.max_body),
-        Err(ReadError::OverBudget(e)) => return over_budget(gw, "client_body", &e),
-        Err(ReadError::TimedOut(_)) => {
-            return error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                "body_timeout",
-                &format!(
-                    "the request body did not arrive within {} s",
-                    gw.limits.body_timeout.as_secs()
-                ),
-            );
-        }
-        Err(ReadError::Broken(_)) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "body_unreadable",
-                "the request body could not be read",
-            );
-        }
-    };
-    let body = match RequestBody::parse(bytes) {
-        Ok(body) => body.holding(held),
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_json",
-                &e.to_string(),
-            );
-        }
-    };
-    let Some(model) = body.model().map(str::to_owned) else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "missing_model",
-            "the request body needs a \"model\" string",
-        );
-    };
-    let Some(route) = table.route_for(&model) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            &format!(
-                "the model {model:?} is not routed by this gateway; GET /v1/models lists the models it serves"
-            ),
-        );
-    };
+    let (bytes, held) = read.map_err(|e| match e {
+        ReadError::TooLarge(_) => GatewayError::BodyTooLarge(gw.limits.max_body),
+        ReadError::OverBudget(e) => over_budget(gw, "client_body", &e),
+        ReadError::TimedOut(_) => GatewayError::BodyTimeout(gw.limits.body_timeout.as_secs()),
+        ReadError::Broken(_) => GatewayError::BodyUnreadable,
+    })?;
+    let body = RequestBody::parse(bytes)
+        .map_err(|e| GatewayError::InvalidJson(e.to_string()))?
+        .holding(held);
+    let model = body
+        .model()
+        .map(str::to_owned)
+        .ok_or(GatewayError::MissingModel)?;
+    let route = table
+        .route_for(&model)
+        .ok_or_else(|| GatewayError::ModelNotFound(model.clone()))?;
     if let Some(problem) = &route.misconfigured {
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "misconfigured",
-            problem,
-        );
+        return Err(GatewayError::Misconfigured(problem.clone()));
     }
     let client = match (&route.client_keys, admission) {
         (None, _) => String::new(),
@@ -492,30 +396,16 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
                 client,
             },
         ) if Arc::ptr_eq(keys, known) => client.to_owned(),
-        (Some(keys), _) => match presented_key(&parts.headers).and_then(|k| keys.identify(k)) {
-            Some(client) => client.to_owned(),
-            None => return invalid_api_key(),
-        },
+        (Some(keys), _) => presented_key(&parts.headers)
+            .and_then(|k| keys.identify(k))
+            .ok_or(GatewayError::InvalidApiKey)?
+            .to_owned(),
     };
     if !route.config.allows(&client, &model) {
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "model_not_allowed",
-            &format!(
-                "the API key of client {client:?} may not use model {model:?}; GET /v1/models lists the models it may use"
-            ),
-        );
+        return Err(GatewayError::ModelNotAllowed { client, model });
     }
     let lease = match idempotency_key(&parts.headers) {
-        Err(()) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "invalid_idempotency_key",
-                &format!("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
-            );
-        }
+        Err(()) => return Err(GatewayError::InvalidIdempotencyKey(MAX_KEY_LEN)),
         Ok(Some(key)) if !route.config.idempotency_window.get().is_zero() => {
             let wait_until = started + route.config.timeouts.total.get();
             match gw
@@ -532,24 +422,10 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
                 Claim::Lead(lease) => Some(lease),
                 Claim::Replay(stored) => {
                     gw.metrics.idempotent_replay(&route.config.model);
-                    return replay(&stored);
+                    return Ok(replay(&stored));
                 }
-                Claim::Mismatch => {
-                    return error_response(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_request_error",
-                        "idempotency_key_reused",
-                        "this Idempotency-Key was already used for a different request; use a new key for a new request",
-                    );
-                }
-                Claim::StillRunning => {
-                    return error_response(
-                        StatusCode::CONFLICT,
-                        "invalid_request_error",
-                        "idempotency_key_in_use",
-                        "the first request with this Idempotency-Key is still running; retry later",
-                    );
-                }
+                Claim::Mismatch => return Err(GatewayError::IdempotencyKeyReused),
+                Claim::StillRunning => return Err(GatewayError::IdempotencyKeyInUse),
             }
         }
         Ok(_) => None,
@@ -594,7 +470,7 @@ async fn api(gw: &Arc<Gateway>, req: Request<Incoming>, op: Operation, id: &str)
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );
-    resp
+    Ok(resp)
 }
 
 /// The part of `stream_options` the gateway acts on.
@@ -630,7 +506,7 @@ fn replay(stored: &Stored) -> Response<Body> {
 
 fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let Some(table) = gw.table.load_full() else {
-        return not_ready();
+        return GatewayError::NotReady.response();
     };
     // Only the models the caller's key may use, when routes require keys.
     let key = presented_key(req.headers());

@@ -12,6 +12,7 @@ use crds::{GatewayConfig, ProviderConfig, RouteConfig};
 use tokio::time::Instant;
 
 use crate::auth::ClientKeys;
+use crate::dialect::{self, Dialect, Upstream};
 use crate::health::ProviderHealth;
 use crate::retry::RetryBudget;
 
@@ -69,6 +70,21 @@ pub struct ProviderEntry {
     pub api_key: Option<ApiKey>,
     /// Why the provider cannot be used at all, whatever its health.
     pub unusable: Option<&'static str>,
+}
+
+impl ProviderEntry {
+    /// The API it speaks.
+    pub fn dialect(&self) -> &'static dyn Dialect {
+        dialect::of(self.config.provider_type)
+    }
+
+    /// What its dialect needs to address and authenticate a request.
+    pub fn upstream(&self) -> Upstream<'_> {
+        Upstream {
+            provider: &self.config,
+            key: self.api_key.as_ref(),
+        }
+    }
 }
 
 /// A route in the table.

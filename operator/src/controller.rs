@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crds::k8s::{Secret, Time};
 use crds::status::conditions as types;
-use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
+use crds::{GatewayConfig, PolicyErrorKind, ProviderPool, RoutingPolicy, compile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
@@ -658,6 +658,8 @@ pub async fn reconcile_policy(
                 .await?
                 .items;
             let mut errors: Vec<String> = Vec::new();
+            // Targets naming providers the pool lacks: the references do not resolve.
+            let mut unknown_providers: Vec<String> = Vec::new();
             let mut conflicts: Vec<String> = Vec::new();
             let mut served: BTreeSet<String> = BTreeSet::new();
             for region in &pool.spec.regions {
@@ -668,6 +670,11 @@ pub async fn reconcile_policy(
                 for r in out.rejected.iter().filter(|r| r.policy == name) {
                     for e in &r.errors {
                         let text = e.to_string();
+                        if e.kind == PolicyErrorKind::UnknownProvider
+                            && !unknown_providers.contains(&text)
+                        {
+                            unknown_providers.push(text.clone());
+                        }
                         if !errors.contains(&text) {
                             errors.push(text);
                         }
@@ -713,7 +720,6 @@ pub async fn reconcile_policy(
                 served.extend(kept);
             }
             let missing = missing_secrets(pool, &policy, &secrets).await?;
-            let unknown_provider = errors.iter().any(|e| e.contains("is not in ProviderPool"));
             let accepted = if !errors.is_empty() {
                 Desired {
                     type_: types::ACCEPTED,
@@ -771,17 +777,12 @@ pub async fn reconcile_policy(
                     ),
                 }
             };
-            let resolved = if unknown_provider {
+            let resolved = if !unknown_providers.is_empty() {
                 Desired {
                     type_: types::RESOLVED_REFS,
                     status: false,
                     reason: "ProviderNotFound",
-                    message: errors
-                        .iter()
-                        .filter(|e| e.contains("is not in ProviderPool"))
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join("; "),
+                    message: unknown_providers.join("; "),
                 }
             } else if !missing.is_empty() {
                 Desired {

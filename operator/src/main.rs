@@ -21,7 +21,12 @@ use switchyard_operator::metrics::Metrics;
 /// gateway Deployments, ConfigMaps and Services. Every option can also be set through
 /// the environment variable named beside it.
 #[derive(Debug, Parser)]
-#[command(name = "switchyard-operator", version, about)]
+#[command(
+    name = "switchyard-operator",
+    version,
+    about,
+    args_override_self = true
+)]
 struct Args {
     /// Gateway image for pools that name none.
     #[arg(long, env = "SWITCHYARD_GATEWAY_IMAGE", value_name = "IMAGE",
@@ -236,5 +241,29 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_repeat_or_come_comma_separated_and_other_flags_take_the_last_value() {
+        let args = Args::try_parse_from([
+            "switchyard-operator",
+            "--namespace",
+            "a",
+            "--namespace=b,c",
+            "--log-format",
+            "json",
+            "--log-format=text",
+        ])
+        .expect("valid");
+        assert_eq!(args.namespaces, ["a", "b", "c"]);
+        assert_eq!(args.log_format, LogFormat::Text);
+        let err = Args::try_parse_from(["switchyard-operator", "--log-format", "yaml"])
+            .expect_err("an unknown format");
+        assert!(err.to_string().contains("--log-format"), "{err}");
     }
 }

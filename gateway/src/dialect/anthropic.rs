@@ -9,10 +9,150 @@
 //! expressed at all (`n > 1`, audio input, non-function tools) makes this target skip the
 //! request, naming the field, so another target can serve it.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::TargetConfig;
 use crds::pool::AnthropicSettings;
+use hyper::HeaderMap;
+use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
-use super::Step;
+use super::{
+    Address, Answer, Dialect, Operation, Prefill, Step, StreamDecoder, Upstream, UpstreamError,
+};
+use crate::body::RequestBody;
+use crate::health::RateLimitReport;
+
+/// Anthropic's Messages API.
+#[derive(Debug)]
+pub struct Anthropic;
+
+fn settings(up: Upstream<'_>) -> AnthropicSettings {
+    up.provider.anthropic.clone().unwrap_or_default()
+}
+
+/// The key and the API version every Anthropic request carries.
+fn auth(up: Upstream<'_>) -> Vec<(HeaderName, HeaderValue)> {
+    let version = HeaderValue::from_str(&settings(up).version)
+        .unwrap_or_else(|_| HeaderValue::from_static("2023-06-01"));
+    up.key_header("x-api-key", "")
+        .into_iter()
+        .chain([(HeaderName::from_static("anthropic-version"), version)])
+        .collect()
+}
+
+impl Dialect for Anthropic {
+    fn address(
+        &self,
+        up: Upstream<'_>,
+        _target: &TargetConfig,
+        op: Operation,
+    ) -> Result<Address, String> {
+        match op {
+            Operation::ChatCompletions => Ok(Address {
+                url: format!("{}/v1/messages", up.endpoint()),
+                headers: auth(up),
+            }),
+            Operation::Completions | Operation::Embeddings => Err(format!(
+                "Anthropic serves chat completions only, not /v1/{}",
+                op.suffix()
+            )),
+        }
+    }
+
+    fn body(&self, up: Upstream<'_>, body: &RequestBody, model: &str) -> Result<Bytes, String> {
+        let translated = request(&body.to_value()?, model, &settings(up))?;
+        serde_json::to_vec(&translated)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+
+    fn answer(&self, body: Bytes) -> Result<Answer, String> {
+        let message: Value = serde_json::from_slice(&body)
+            .map_err(|_| "the response body is not valid JSON".to_owned())?;
+        let refusal = is_refusal(&message);
+        let out = response(&message)?;
+        Ok(Answer {
+            tokens: super::total_tokens(out.get("usage")),
+            body: Bytes::from(out.to_string()),
+            refusal,
+        })
+    }
+
+    fn error(&self, status: u16, body: &[u8]) -> UpstreamError {
+        // Its 529 "overloaded" is what OpenAI clients and the retry policy know as 503.
+        let status = if status == 529 { 503 } else { status };
+        let body = match serde_json::from_slice::<Value>(body) {
+            Ok(v) if v.get("type").and_then(Value::as_str) == Some("error") => error(&v),
+            Ok(other) => other,
+            Err(_) => super::wrap_non_json(status, body),
+        };
+        UpstreamError {
+            status,
+            class: super::openai_class(status, &body),
+            body,
+        }
+    }
+
+    fn stream_decoder(&self, include_usage: bool) -> Box<dyn StreamDecoder> {
+        Box::new(StreamTranslator::new(include_usage))
+    }
+
+    fn prefill(&self) -> Prefill {
+        Prefill::Continues {
+            trims_whitespace: true,
+            flags: &[],
+        }
+    }
+
+    fn rate_limits(&self, headers: &HeaderMap) -> RateLimitReport {
+        RateLimitReport {
+            remaining_requests: super::number(headers, "anthropic-ratelimit-requests-remaining"),
+            remaining_tokens: super::number(headers, "anthropic-ratelimit-tokens-remaining"),
+            limit_requests: super::number(headers, "anthropic-ratelimit-requests-limit"),
+            limit_tokens: super::number(headers, "anthropic-ratelimit-tokens-limit"),
+        }
+    }
+
+    /// `retry-after`, else the latest of its `anthropic-ratelimit-*-reset` timestamps.
+    fn retry_after(&self, headers: &HeaderMap) -> Option<Duration> {
+        super::standard_retry_after(headers).or_else(|| {
+            let now = k8s_openapi::jiff::Timestamp::now();
+            [
+                "anthropic-ratelimit-requests-reset",
+                "anthropic-ratelimit-tokens-reset",
+                "anthropic-ratelimit-input-tokens-reset",
+                "anthropic-ratelimit-output-tokens-reset",
+            ]
+            .iter()
+            .filter_map(|name| {
+                super::text(headers, name)
+                    .and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            })
+            .filter_map(|at| Duration::try_from(at.duration_since(now)).ok())
+            .map(|d| d.min(Duration::from_secs(3600)))
+            .max()
+        })
+    }
+
+    fn probe(&self, up: Upstream<'_>) -> Address {
+        Address {
+            url: format!("{}/v1/models", up.endpoint()),
+            headers: auth(up),
+        }
+    }
+}
+
+impl StreamDecoder for StreamTranslator {
+    fn event(&mut self, data: &str) -> Step {
+        StreamTranslator::event(self, data)
+    }
+
+    fn reported_usage(&self) -> Option<Value> {
+        Some(self.usage_chunk())
+    }
+}
 
 /// The Messages request for an OpenAI chat-completion request `body`, addressed to `model`.
 pub fn request(body: &Value, model: &str, settings: &AnthropicSettings) -> Result<Value, String> {
@@ -531,9 +671,46 @@ impl StreamTranslator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dialect::tests::headers;
 
     fn settings() -> AnthropicSettings {
         AnthropicSettings::default()
+    }
+
+    #[test]
+    fn overload_is_a_503_with_an_openai_error_body_and_a_long_prompt_a_context_error() {
+        let body =
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        let e = Anthropic.error(529, body);
+        assert_eq!(e.status, 503);
+        assert_eq!(e.body["error"]["type"], "server_error");
+        assert_eq!(e.class, super::super::ErrorClass::Server);
+        assert_eq!(Anthropic.error(529, b"<html>").status, 503);
+        let long = br#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}"#;
+        assert_eq!(
+            Anthropic.error(400, long).class,
+            super::super::ErrorClass::ContextLength
+        );
+    }
+
+    #[test]
+    fn quota_and_reset_headers_are_read() {
+        let report = Anthropic.rate_limits(&headers(&[
+            ("anthropic-ratelimit-tokens-remaining", "5"),
+            ("anthropic-ratelimit-tokens-limit", "80000"),
+        ]));
+        assert_eq!(report.remaining_tokens, Some(5));
+        assert_eq!(report.limit_tokens, Some(80000));
+        let reset = (k8s_openapi::jiff::Timestamp::now()
+            + k8s_openapi::jiff::SignedDuration::from_secs(20))
+        .to_string();
+        let d = Anthropic
+            .retry_after(&headers(&[("anthropic-ratelimit-requests-reset", &reset)]))
+            .expect("a reset time");
+        assert!(
+            d > Duration::from_secs(18) && d <= Duration::from_secs(20),
+            "{d:?}"
+        );
     }
 
     #[test]

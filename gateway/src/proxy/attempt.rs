@@ -1,0 +1,381 @@
+//! One try: send the request to a target's provider, wait for its headers within the
+//! first-byte timeout, and read the answer or classify the failure for the plan.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crds::policy::CircuitBreaker;
+use crds::pool::PassiveHealth;
+use crds::{RouteConfig, TargetConfig};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use super::stream::{Resume, Source, stream};
+use super::{ClientRequest, UpstreamTime};
+use crate::budget::{HeldBody, ReadError, ReadLimits, declared_length, read_body};
+use crate::dialect::{ErrorClass, Operation, build_request};
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::health::{Outcome, ProviderHealth};
+use crate::response::{Body, json_response};
+use crate::server::over_budget;
+use crate::sse::SseReader;
+use crate::table::{ProviderEntry, RouteEntry, RoutingTable};
+
+/// Largest upstream error or non-streamed body read.
+const MAX_UPSTREAM_BODY: usize = 64 << 20;
+
+/// How one try ended.
+pub(super) enum Tried {
+    /// The answer for the client.
+    Answer(Response<Body>),
+    /// A transient failure; another target may do better.
+    Retry(String),
+    /// A failure another try cannot fix; passed to the client as is.
+    Final(Response<Body>),
+    /// The prompt does not fit the model.
+    ContextLength(Response<Body>),
+    /// The provider refused on content-policy grounds.
+    ContentPolicy(Response<Body>),
+}
+
+/// A request whose response headers arrived.
+pub(super) struct Sent {
+    pub(super) resp: Response<Incoming>,
+    pub(super) inflight: InFlight,
+    /// Time to the response headers.
+    pub(super) latency: Duration,
+    /// When the request was sent.
+    pub(super) t0: Instant,
+}
+
+/// Why no response headers arrived; the provider's health has recorded it.
+pub(super) enum SendError {
+    /// Not within the first-byte timeout.
+    TimedOut,
+    /// The connection failed (described, never with the key).
+    Connect(String),
+}
+
+/// Sends `upstream` to `provider` and waits for its response headers for at most
+/// `first_byte`, recording the outcome in the provider's health unless headers arrive
+/// (then the caller records it).
+pub(super) async fn send(
+    gw: &Gateway,
+    provider: &ProviderEntry,
+    rc: &RouteConfig,
+    upstream: Request<Full<Bytes>>,
+    first_byte: Duration,
+) -> Result<Sent, SendError> {
+    let name = provider.config.name.as_str();
+    let client = gw.client(rc.timeouts.connect.get());
+    let inflight = InFlight::start(provider.health.clone(), rc, &provider.config.health.passive);
+    let t0 = Instant::now();
+    match tokio::time::timeout(first_byte, client.request(upstream)).await {
+        Err(_) => {
+            inflight.finish(Outcome::Failure, None);
+            gw.metrics.attempt(name, "timeout", None);
+            Err(SendError::TimedOut)
+        }
+        Ok(Err(e)) => {
+            inflight.finish(Outcome::Failure, None);
+            gw.metrics.attempt(name, "connect_error", None);
+            Err(SendError::Connect(describe_client_error(&e)))
+        }
+        Ok(Ok(resp)) => Ok(Sent {
+            resp,
+            inflight,
+            latency: t0.elapsed(),
+            t0,
+        }),
+    }
+}
+
+/// Records a started request's outcome exactly once; a request abandoned by the client
+/// counts as neither success nor failure of the provider.
+pub(super) struct InFlight {
+    pub(super) health: Arc<ProviderHealth>,
+    breaker: CircuitBreaker,
+    passive: PassiveHealth,
+    done: bool,
+}
+
+impl InFlight {
+    pub(super) fn start(
+        health: Arc<ProviderHealth>,
+        route: &RouteConfig,
+        passive: &PassiveHealth,
+    ) -> Self {
+        health.start(Instant::now());
+        Self {
+            health,
+            breaker: route.circuit_breaker.clone(),
+            passive: passive.clone(),
+            done: false,
+        }
+    }
+
+    pub(super) fn finish(mut self, outcome: Outcome, latency: Option<Duration>) {
+        self.done = true;
+        self.health.finish(
+            Instant::now(),
+            outcome,
+            latency,
+            &self.breaker,
+            &self.passive,
+        );
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.health.finish(
+                Instant::now(),
+                Outcome::Success,
+                None,
+                &self.breaker,
+                &self.passive,
+            );
+        }
+    }
+}
+
+/// One try of `target`: sends the request and reads the answer (or, for a stream, its
+/// first token), classifying what went wrong.
+pub(super) async fn attempt(
+    gw: &Arc<Gateway>,
+    table: &Arc<RoutingTable>,
+    route: &RouteEntry,
+    target: &TargetConfig,
+    req: &ClientRequest,
+    deadline: Instant,
+    tried: &[String],
+) -> Tried {
+    let Some(provider) = table.provider(&target.provider) else {
+        return Tried::Retry(format!(
+            "provider {} vanished from the configuration",
+            target.provider
+        ));
+    };
+    let name = provider.config.name.as_str();
+    let dialect = provider.dialect();
+    let upstream = match build_request(
+        provider.upstream(),
+        target,
+        req.op,
+        &req.body,
+        &req.request_id,
+    ) {
+        Ok(r) => r,
+        Err(e) => return Tried::Retry(format!("{name}: {e}")),
+    };
+    let rc = &route.config;
+    let first_byte = rc
+        .timeouts
+        .first_byte
+        .get()
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let Sent {
+        resp,
+        inflight,
+        latency,
+        t0,
+    } = match send(gw, provider, rc, upstream, first_byte).await {
+        Ok(sent) => sent,
+        Err(SendError::TimedOut) => {
+            let why = format!(
+                "{name} sent no response headers within {}",
+                crds::Duration::new(first_byte)
+            );
+            return if rc.retry.retry_on.first_byte_timeout {
+                Tried::Retry(why)
+            } else {
+                Tried::Final(GatewayError::UpstreamTimeout(why).response())
+            };
+        }
+        Err(SendError::Connect(e)) => {
+            let why = format!("{name}: {e}");
+            return if rc.retry.retry_on.connect_error {
+                Tried::Retry(why)
+            } else {
+                Tried::Final(GatewayError::UpstreamConnect(why).response())
+            };
+        }
+    };
+    let status = resp.status();
+    provider
+        .health
+        .report_rate_limits(dialect.rate_limits(resp.headers()));
+
+    if status.is_success() {
+        if req.stream && req.op == Operation::ChatCompletions {
+            // Only a stream can break after its first byte, so only a stream carries what
+            // it needs to resume elsewhere.
+            let resume = Resume {
+                gw: gw.clone(),
+                table: table.clone(),
+                route_model: route.config.model.clone(),
+                tried: tried.to_vec(),
+                deadline,
+                body: req.body.clone(),
+                request_id: req.request_id.clone(),
+                include_usage: req.include_usage,
+            };
+            let source = Source {
+                provider: name.to_owned(),
+                reader: SseReader::new(resp.into_body(), gw.budget.clone()),
+                decoder: dialect.stream_decoder(req.include_usage),
+                inflight,
+                latency,
+            };
+            return stream(
+                gw,
+                rc,
+                req,
+                source,
+                first_byte.saturating_sub(latency),
+                resume,
+            )
+            .await;
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let declared = declared_length(resp.headers());
+        let limits = ReadLimits {
+            max: MAX_UPSTREAM_BODY,
+            copies: 1,
+            timeout: remaining,
+        };
+        let (body, held) = match read_body(&gw.budget, resp.into_body(), declared, limits).await {
+            Ok(read) => read,
+            Err(ReadError::OverBudget(e)) => {
+                // The gateway's own limit, not the provider's fault.
+                inflight.finish(Outcome::Success, Some(latency));
+                gw.metrics
+                    .attempt(name, "over_budget", Some(latency.as_secs_f64()));
+                return Tried::Final(over_budget(gw, "upstream_answer", &e).response());
+            }
+            Err(ReadError::TimedOut(_)) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "timeout", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: the response body did not finish in time"));
+            }
+            Err(e) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "body_error", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: the response body: {e}"));
+            }
+        };
+        let answer = match dialect.answer(body) {
+            Ok(answer) => answer,
+            Err(e) => {
+                inflight.finish(Outcome::Failure, Some(latency));
+                gw.metrics
+                    .attempt(name, "malformed", Some(latency.as_secs_f64()));
+                return Tried::Retry(format!("{name}: {e}"));
+            }
+        };
+        provider.health.record_tokens(Instant::now(), answer.tokens);
+        inflight.finish(Outcome::Success, Some(latency));
+        if answer.refusal {
+            gw.metrics
+                .attempt(name, "content_policy", Some(latency.as_secs_f64()));
+            return Tried::ContentPolicy(json_response(status, answer.body));
+        }
+        gw.metrics
+            .attempt(name, "success", Some(latency.as_secs_f64()));
+        let mut resp = json_response(status, answer.body).map(|b| HeldBody::wrap(b, held));
+        resp.extensions_mut().insert(UpstreamTime(t0.elapsed()));
+        return Tried::Answer(resp);
+    }
+
+    let headers = resp.headers().clone();
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .min(Duration::from_secs(10));
+    let declared = declared_length(&headers);
+    let limits = ReadLimits {
+        max: 1 << 20,
+        copies: 1,
+        timeout: remaining,
+    };
+    let body = read_body(&gw.budget, resp.into_body(), declared, limits)
+        .await
+        .map(|(bytes, _)| bytes)
+        .unwrap_or_default();
+    let error = dialect.error(status.as_u16(), &body);
+    let code = error.status;
+    let status = StatusCode::from_u16(code).unwrap_or(status);
+    let passthrough = || json_response(status, Bytes::from(error.body.to_string()));
+    let retryable = rc
+        .retry
+        .retry_on
+        .status_codes
+        .iter()
+        .any(|c| *c == i32::from(code));
+    let seconds = Some(latency.as_secs_f64());
+    match error.class {
+        ErrorClass::RateLimited => {
+            let wait = dialect
+                .retry_after(&headers)
+                .unwrap_or(Duration::from_secs(1));
+            inflight.finish(Outcome::RateLimited(wait), Some(latency));
+            gw.metrics.attempt(name, "rate_limited", seconds);
+            let why = format!("{name} is rate limited for {}", crds::Duration::new(wait));
+            return if retryable {
+                Tried::Retry(why)
+            } else {
+                Tried::Final(passthrough())
+            };
+        }
+        ErrorClass::ContextLength => {
+            inflight.finish(Outcome::Success, Some(latency));
+            gw.metrics.attempt(name, "context_length", seconds);
+            return Tried::ContextLength(passthrough());
+        }
+        ErrorClass::ContentPolicy => {
+            inflight.finish(Outcome::Success, Some(latency));
+            gw.metrics.attempt(name, "content_policy", seconds);
+            return Tried::ContentPolicy(passthrough());
+        }
+        ErrorClass::Server => {
+            inflight.finish(Outcome::Failure, Some(latency));
+            gw.metrics.attempt(name, "server_error", seconds);
+        }
+        ErrorClass::Client => {
+            // The client's fault, not the provider's.
+            inflight.finish(Outcome::Success, Some(latency));
+            gw.metrics.attempt(name, "client_error", seconds);
+        }
+    }
+    if retryable {
+        let said = error
+            .message()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default();
+        Tried::Retry(format!("{name} answered {code}{said}"))
+    } else {
+        Tried::Final(passthrough())
+    }
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error;
+    let mut text = if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "the connection failed before a response".to_owned()
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

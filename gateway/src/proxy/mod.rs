@@ -1,0 +1,161 @@
+//! Serving one client request: choose a target, try it, and on a transient failure try
+//! another — on the same request — until one answers, the policy's limits are reached,
+//! or nothing can serve.
+//!
+//! - `plan`: the failover decision, pure (which target next, after what wait);
+//! - `attempt`: one try, from sending the request to its answer or classified failure;
+//! - `stream`: forwarding a stream, and resuming it elsewhere when its provider breaks;
+//! - `synthetic`: answers the gateway makes up (content-policy text, degraded mode).
+
+mod attempt;
+mod plan;
+mod stream;
+mod synthetic;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Response, StatusCode};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+use crate::dialect::Operation;
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+use crate::response::Body;
+use crate::table::{RouteEntry, RoutingTable};
+use attempt::{Tried, attempt};
+use plan::{Next, OnRefusal, Plan};
+use synthetic::synthetic_answer;
+
+/// How long the serving provider took, to its first token for a stream or its whole
+/// body otherwise; the rest of the request's time is what the gateway added.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTime(pub Duration);
+
+/// A validated client request.
+#[derive(Debug)]
+pub struct ClientRequest {
+    /// Which operation.
+    pub op: Operation,
+    /// The JSON body, replayed on every try.
+    pub body: RequestBody,
+    /// The public model asked for.
+    pub model: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether the client asked for usage in the stream.
+    pub include_usage: bool,
+    /// Request id, propagated upstream and returned.
+    pub request_id: String,
+}
+
+/// Serves `req` with the current table.
+pub async fn serve(
+    gw: &Arc<Gateway>,
+    table: Arc<RoutingTable>,
+    first: &RouteEntry,
+    req: ClientRequest,
+) -> Response<Body> {
+    let started = Instant::now();
+    let deadline = started + first.config.timeouts.total.get();
+    first.budget.record_request(started);
+    let mut plan = Plan::new(&table, first, deadline);
+    let mut first_provider: Option<String> = None;
+
+    let why = loop {
+        let unit: f64 = rand::rng().random();
+        let (route, target, wait, least_bad) = match plan.next(Instant::now(), unit) {
+            Next::Try {
+                route,
+                target,
+                wait,
+                least_bad,
+            } => (route, target, wait, least_bad),
+            Next::GiveUp(why) => break why,
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if least_bad {
+            tracing::info!(request_id = %req.request_id, provider = %target.provider, "no usable provider; trying the one that recovers soonest");
+        }
+        first_provider.get_or_insert_with(|| target.provider.clone());
+        let served_by = target.provider.as_str();
+        let tries = plan.tries();
+        let done = |mut resp: Response<Body>| {
+            decorate(&mut resp, &table, served_by, tries, &req.request_id);
+            resp
+        };
+        match attempt(gw, &table, route, target, &req, deadline, plan.tried()).await {
+            Tried::Answer(resp) => {
+                if first_provider.as_deref() != Some(served_by) {
+                    gw.metrics.failover(&first.config.model);
+                }
+                return done(resp);
+            }
+            Tried::Retry(why) => plan.failed(why),
+            Tried::Final(resp) => return done(resp),
+            Tried::ContextLength(resp) => {
+                if !plan.context_length_exceeded() {
+                    return done(resp);
+                }
+            }
+            Tried::ContentPolicy(resp) => match plan.refused() {
+                OnRefusal::Answer(text) => {
+                    return done(synthetic_answer(&req, text, StatusCode::OK));
+                }
+                OnRefusal::Redirected => {}
+                OnRefusal::PassThrough => return done(resp),
+            },
+        }
+    };
+
+    let mut resp = match &first.config.degraded_response {
+        Some(degraded) => {
+            let status = StatusCode::from_u16(u16::try_from(degraded.status).unwrap_or(503))
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            if status.is_success() {
+                synthetic_answer(&req, &degraded.message, status)
+            } else {
+                GatewayError::Degraded {
+                    status,
+                    message: degraded.message.clone(),
+                }
+                .response()
+            }
+        }
+        None => GatewayError::NoProvider {
+            model: req.model.clone(),
+            tries: plan.tries(),
+            why,
+        }
+        .response(),
+    };
+    decorate(&mut resp, &table, "", plan.tries(), &req.request_id);
+    resp
+}
+
+/// Response headers naming who served.
+fn decorate(
+    resp: &mut Response<Body>,
+    table: &RoutingTable,
+    provider: &str,
+    tries: u32,
+    request_id: &str,
+) {
+    let h = resp.headers_mut();
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    set("x-request-id", request_id);
+    set("x-switchyard-attempts", &tries.to_string());
+    if let Some(p) = table.provider(provider) {
+        set("x-switchyard-provider", provider);
+        set("x-switchyard-provider-region", &p.config.region);
+    }
+    set("x-switchyard-region", &table.config.region);
+}

@@ -1,0 +1,408 @@
+//! The failover decision, kept pure: given the routing table (health, budgets), the
+//! clock and what the tries so far ended with, which target to try next, after what wait,
+//! or that nothing is left. The I/O lives in `attempt` and `stream`; this is what a test
+//! can script outcome by outcome with paused time.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crds::TargetConfig;
+use tokio::time::Instant;
+
+use crate::retry::backoff_delay;
+use crate::select::pick;
+use crate::table::{RouteEntry, RoutingTable};
+
+/// What to do next.
+#[derive(Debug)]
+pub enum Next<'t> {
+    /// Try `target` of `route`, after waiting `wait`.
+    Try {
+        /// The route the target belongs to (a fallback's, after a redirect).
+        route: &'t RouteEntry,
+        /// The target.
+        target: &'t TargetConfig,
+        /// Backoff before the try: zero when failing over to a usable target.
+        wait: Duration,
+        /// No target was usable; this one merely recovers soonest.
+        least_bad: bool,
+    },
+    /// Nothing is left to try; the text says why.
+    GiveUp(String),
+}
+
+/// What a route's content-policy handling asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum OnRefusal<'t> {
+    /// Answer with this text instead.
+    Answer(&'t str),
+    /// The plan moved on to another model; call `next`.
+    Redirected,
+    /// Pass the provider's refusal to the client.
+    PassThrough,
+}
+
+/// One request's way through its routes and their targets.
+#[derive(Debug)]
+pub struct Plan<'t> {
+    table: &'t RoutingTable,
+    route: &'t RouteEntry,
+    deadline: Instant,
+    /// Models whose routes were entered, so a redirect or fallback never loops.
+    visited: Vec<String>,
+    fallbacks: VecDeque<String>,
+    /// Providers tried on the current route.
+    tried: Vec<String>,
+    /// Tries on the current route.
+    route_tries: u32,
+    /// Tries in all.
+    tries: u32,
+    /// Set when the current route is done and the next should be a specific model.
+    redirect: Option<String>,
+    /// The current route is done (its tries or targets ran out, or it redirected).
+    route_done: bool,
+    last_failure: String,
+}
+
+impl<'t> Plan<'t> {
+    /// A plan for a request to `first`, which must be done by `deadline`.
+    pub fn new(table: &'t RoutingTable, first: &'t RouteEntry, deadline: Instant) -> Self {
+        Self {
+            table,
+            route: first,
+            deadline,
+            visited: vec![first.config.model.clone()],
+            fallbacks: first.config.fallbacks.iter().cloned().collect(),
+            tried: Vec::new(),
+            route_tries: 0,
+            tries: 0,
+            redirect: None,
+            route_done: false,
+            last_failure: "no provider could be tried".to_owned(),
+        }
+    }
+
+    /// Tries made so far.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// Providers tried on the current route, the last one included.
+    pub fn tried(&self) -> &[String] {
+        &self.tried
+    }
+
+    /// The next step at `now`; `unit` (uniform in [0, 1)) jitters the backoff.
+    pub fn next(&mut self, now: Instant, unit: f64) -> Next<'t> {
+        loop {
+            if now >= self.deadline {
+                return Next::GiveUp(format!(
+                    "the request's total timeout ({}) ran out",
+                    self.route.config.timeouts.total
+                ));
+            }
+            let attempts = u32::try_from(self.route.config.retry.attempts)
+                .unwrap_or(1)
+                .max(1);
+            let choice = if self.route_done || self.route_tries >= attempts {
+                None
+            } else {
+                pick(self.table, self.route, &self.tried, now)
+            };
+            let Some(choice) = choice else {
+                if !self.enter_next_route() {
+                    return Next::GiveUp(self.last_failure.clone());
+                }
+                continue;
+            };
+            let mut wait = Duration::ZERO;
+            if self.tries > 0 {
+                if !self.route.budget.try_retry(now, &self.route.config.retry) {
+                    return Next::GiveUp(format!(
+                        "{}; the retry budget is spent, so no further tries were made",
+                        self.last_failure
+                    ));
+                }
+                // Failing over to a different, usable target is immediate: that is the
+                // rescue. Backoff applies when the only choice left is one already known
+                // to be unwell, so a struggling provider is not hammered.
+                if self.route_tries > 0 && choice.least_bad {
+                    wait = backoff_delay(&self.route.config.retry.backoff, self.route_tries, unit)
+                        .min(self.deadline.saturating_duration_since(now));
+                }
+            }
+            self.tries += 1;
+            self.route_tries += 1;
+            self.tried.push(choice.target.provider.clone());
+            return Next::Try {
+                route: self.route,
+                target: choice.target,
+                wait,
+                least_bad: choice.least_bad,
+            };
+        }
+    }
+
+    /// The last try failed in a way another target may not: remember why.
+    pub fn failed(&mut self, why: String) {
+        self.last_failure = why;
+    }
+
+    /// The last try's prompt did not fit its model: true when the route names a larger
+    /// model not yet tried, which the next step moves to.
+    pub fn context_length_exceeded(&mut self) -> bool {
+        let target = self.route.config.on_context_length_exceeded.clone();
+        self.redirect_to(target)
+    }
+
+    /// The last try was refused on content-policy grounds: what the route says to do.
+    pub fn refused(&mut self) -> OnRefusal<'t> {
+        let route = self.route;
+        match &route.config.on_content_policy {
+            Some(action) if action.response.is_some() => {
+                OnRefusal::Answer(action.response.as_deref().unwrap_or_default())
+            }
+            Some(action) if self.redirect_to(action.model.clone()) => OnRefusal::Redirected,
+            _ => OnRefusal::PassThrough,
+        }
+    }
+
+    fn redirect_to(&mut self, model: Option<String>) -> bool {
+        match model {
+            Some(m) if !self.visited.contains(&m) => {
+                self.redirect = Some(m);
+                self.route_done = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves to the redirect target, else the next fallback not yet visited; false when
+    /// none is left (or routed).
+    fn enter_next_route(&mut self) -> bool {
+        let next = self.redirect.take().or_else(|| {
+            while let Some(model) = self.fallbacks.pop_front() {
+                if !self.visited.contains(&model) {
+                    return Some(model);
+                }
+            }
+            None
+        });
+        let Some(route) =
+            next.and_then(|m| self.table.route_for(&m).filter(|r| r.config.model == m))
+        else {
+            return false;
+        };
+        self.visited.push(route.config.model.clone());
+        self.route = route;
+        self.tried.clear();
+        self.route_tries = 0;
+        self.route_done = false;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Outcome;
+    use crate::table::Secrets;
+    use crds::GatewayConfig;
+    use serde_json::{Value, json};
+
+    /// Route `m`: a, b and c in tiers 0, 1 and 2; falls back to `big` (target d), which a
+    /// too-long prompt also goes to; `strict` refuses with a canned answer.
+    fn table(retry: Value) -> RoutingTable {
+        let provider = |name: &str| {
+            json!({"name": name, "type": "openaiCompatible", "endpoint": "http://127.0.0.1:1", "region": "r", "local": true,
+                   "enabled": true, "limits": {}, "health": {"passive": {"consecutiveFailures": 1}}})
+        };
+        let target = |name: &str, tier: u32| json!({"provider": name, "upstreamModel": "m", "weight": 1, "priority": tier, "tier": tier});
+        let route = |model: &str, targets: Value, extra: Value| {
+            let mut r = json!({"model": model, "policy": "p", "strategy": "weighted", "regional": "preferLocal",
+                               "targets": targets, "retry": retry, "timeouts": {"total": "60s"},
+                               "circuitBreaker": {"consecutiveFailures": 1}});
+            if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+                r.extend(extra.clone());
+            }
+            r
+        };
+        let config: GatewayConfig = serde_json::from_value(json!({
+            "version": 1, "namespace": "ns", "pool": "p", "region": "r",
+            "providers": [provider("a"), provider("b"), provider("c"), provider("d")],
+            "routes": [
+                route("m", json!([target("a", 0), target("b", 1), target("c", 2)]),
+                      json!({"fallbacks": ["big"], "onContextLengthExceeded": "big",
+                             "onContentPolicy": {"model": "big"}})),
+                route("big", json!([target("d", 0)]), json!({"onContextLengthExceeded": "m"})),
+                route("strict", json!([target("a", 0)]),
+                      json!({"onContentPolicy": {"response": "I cannot help with that."}})),
+            ]
+        }))
+        .expect("valid config");
+        RoutingTable::build(config, &Secrets::default(), None, Instant::now())
+    }
+
+    fn fail(t: &RoutingTable, route: &RouteEntry, provider: &str, now: Instant) {
+        let p = t.provider(provider).expect("provider");
+        p.health.start(now);
+        p.health.finish(
+            now,
+            Outcome::Failure,
+            None,
+            &route.config.circuit_breaker,
+            &p.config.health.passive,
+        );
+    }
+
+    /// Runs `plan` to the end, failing every try: the providers tried, with their waits.
+    fn fail_every_try(t: &RoutingTable, plan: &mut Plan<'_>) -> (Vec<(String, Duration)>, String) {
+        let mut tried = Vec::new();
+        loop {
+            let now = Instant::now();
+            match plan.next(now, 0.5) {
+                Next::Try {
+                    route,
+                    target,
+                    wait,
+                    ..
+                } => {
+                    fail(t, route, &target.provider, now);
+                    plan.failed(format!("{} failed", target.provider));
+                    tried.push((target.provider.clone(), wait));
+                }
+                Next::GiveUp(why) => return (tried, why),
+            }
+        }
+    }
+
+    fn names(tried: &[(String, Duration)]) -> Vec<&str> {
+        tried.iter().map(|(p, _)| p.as_str()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_move_through_the_tiers_then_the_fallback_without_waiting() {
+        let t = table(json!({"attempts": 3}));
+        let m = t.route_for("m").expect("route");
+        let mut plan = Plan::new(&t, m, Instant::now() + Duration::from_secs(60));
+        let (tried, why) = fail_every_try(&t, &mut plan);
+        assert_eq!(names(&tried), ["a", "b", "c", "d"]);
+        assert!(tried.iter().all(|(_, wait)| wait.is_zero()), "{tried:?}");
+        assert_eq!(why, "d failed", "the last failure is reported");
+        assert_eq!(plan.tries(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_attempts_bound_each_route_separately() {
+        let t = table(json!({"attempts": 2}));
+        let m = t.route_for("m").expect("route");
+        let mut plan = Plan::new(&t, m, Instant::now() + Duration::from_secs(60));
+        let (tried, _) = fail_every_try(&t, &mut plan);
+        assert_eq!(names(&tried), ["a", "b", "d"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_known_to_be_down_is_tried_last_and_only_after_a_backoff() {
+        let t = table(
+            json!({"attempts": 3, "backoff": {"initial": "100ms", "max": "1s", "multiplier": 2, "jitter": 0}}),
+        );
+        let m = t.route_for("m").expect("route");
+        let now = Instant::now();
+        // Every target of m is down before the request arrives.
+        for p in ["a", "b", "c"] {
+            fail(&t, m, p, now);
+        }
+        let mut plan = Plan::new(&t, m, now + Duration::from_secs(60));
+        let (tried, _) = fail_every_try(&t, &mut plan);
+        let waits: Vec<Duration> = tried.iter().map(|(_, w)| *w).collect();
+        assert_eq!(
+            waits[..3],
+            [
+                Duration::ZERO,
+                Duration::from_millis(100),
+                Duration::from_millis(200)
+            ],
+            "{tried:?}"
+        );
+        assert_eq!(tried[3], ("d".to_owned(), Duration::ZERO), "d was usable");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_tried_after_the_deadline() {
+        let t = table(json!({"attempts": 3}));
+        let m = t.route_for("m").expect("route");
+        let mut plan = Plan::new(&t, m, Instant::now() + Duration::from_secs(5));
+        assert!(matches!(plan.next(Instant::now(), 0.5), Next::Try { .. }));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        match plan.next(Instant::now(), 0.5) {
+            Next::GiveUp(why) => assert!(why.contains("total timeout (1m) ran out"), "{why}"),
+            other => panic!("tried after the deadline: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_retry_budget_stops_after_the_first_try() {
+        let t = table(json!({"attempts": 3, "budget": 0.0}));
+        let m = t.route_for("m").expect("route");
+        let now = Instant::now();
+        while m.budget.try_retry(now, &m.config.retry) {}
+        let mut plan = Plan::new(&t, m, now + Duration::from_secs(60));
+        let (tried, why) = fail_every_try(&t, &mut plan);
+        assert_eq!(names(&tried), ["a"]);
+        assert!(
+            why.starts_with("a failed; the retry budget is spent"),
+            "{why}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prompt_too_long_moves_to_the_larger_model_once() {
+        let t = table(json!({"attempts": 3}));
+        let m = t.route_for("m").expect("route");
+        let mut plan = Plan::new(&t, m, Instant::now() + Duration::from_secs(60));
+        assert!(
+            matches!(plan.next(Instant::now(), 0.5), Next::Try { target, .. } if target.provider == "a")
+        );
+        assert!(plan.context_length_exceeded());
+        match plan.next(Instant::now(), 0.5) {
+            Next::Try { route, target, .. } => {
+                assert_eq!(
+                    (route.config.model.as_str(), target.provider.as_str()),
+                    ("big", "d")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !plan.context_length_exceeded(),
+            "big points back at m, which was tried: the error stands"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_answered_redirected_or_passed_on_as_the_route_says() {
+        let t = table(json!({}));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let strict = t.route_for("strict").expect("route");
+        let mut plan = Plan::new(&t, strict, deadline);
+        let _ = plan.next(Instant::now(), 0.5);
+        assert_eq!(
+            plan.refused(),
+            OnRefusal::Answer("I cannot help with that.")
+        );
+
+        let m = t.route_for("m").expect("route");
+        let mut plan = Plan::new(&t, m, deadline);
+        let _ = plan.next(Instant::now(), 0.5);
+        assert_eq!(plan.refused(), OnRefusal::Redirected);
+        assert!(
+            matches!(plan.next(Instant::now(), 0.5), Next::Try { target, .. } if target.provider == "d")
+        );
+        assert_eq!(
+            plan.refused(),
+            OnRefusal::PassThrough,
+            "big has no policy of its own"
+        );
+    }
+}

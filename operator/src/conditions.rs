@@ -44,6 +44,28 @@ pub fn merge(
         .collect()
 }
 
+/// Conditions that are good when `False`; every other type is good when `True`, except
+/// `Progressing`, which is neither.
+const NEGATIVE_POLARITY: [&str; 1] = ["Degraded"];
+
+/// Bad states that are routine and pass by themselves: a rollout under way, a policy
+/// waiting for its gateways' ConfigMap.
+const ROUTINE: [(&str, &str); 2] = [("Ready", "RegionsNotReady"), ("Accepted", "Pending")];
+
+/// Whether a condition in this state deserves a `Warning` Event rather than a `Normal`
+/// one.
+pub fn warns(type_: &str, status: &str, reason: &str) -> bool {
+    if type_ == "Progressing" || ROUTINE.contains(&(type_, reason)) {
+        return false;
+    }
+    let good_when = if NEGATIVE_POLARITY.contains(&type_) {
+        "False"
+    } else {
+        "True"
+    };
+    status != good_when
+}
+
 /// Which conditions changed status or reason (type, new status, new reason), for Events.
 pub fn transitions(before: &[Condition], after: &[Condition]) -> Vec<(String, String, String)> {
     after
@@ -61,6 +83,19 @@ pub fn transitions(before: &[Condition], after: &[Condition]) -> Vec<(String, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warnings_follow_each_conditions_polarity_and_spare_routine_states() {
+        assert!(warns("Ready", "False", "NameConflict"));
+        assert!(!warns("Ready", "False", "RegionsNotReady"));
+        assert!(!warns("Ready", "True", "AllRegionsReady"));
+        assert!(warns("Degraded", "True", "SecretNotFound"));
+        assert!(!warns("Degraded", "False", "AsExpected"));
+        assert!(!warns("Progressing", "True", "RollingOut"));
+        assert!(warns("Accepted", "False", "Invalid"));
+        assert!(!warns("Accepted", "False", "Pending"));
+        assert!(warns("ResolvedRefs", "False", "ProviderNotFound"));
+    }
     use k8s_openapi::jiff::Timestamp;
 
     fn at(secs: i64) -> Time {

@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crds::k8s::{Secret, Time};
-use crds::status::conditions as types;
-use crds::{GatewayConfig, PolicyErrorKind, ProviderPool, RoutingPolicy, compile};
+use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
@@ -24,13 +23,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::conditions::{Desired, merge};
 use crate::metrics::Metrics;
 use crate::render::{
     HASH_ANNOTATION, MANAGER, POOL_LABEL, REGION_LABEL, config_json, regional_name, render,
     revision, stamp,
 };
-use crate::status::{Problem, RegionObservation, Stuck, pool_status, pool_status_changed};
+use crate::status::{
+    PolicyCompiled, PolicyFacts, Problem, RegionObservation, Stuck, policy_status,
+    policy_status_changed, pool_status, pool_status_changed,
+};
 
 /// Everything a reconcile can fail with; the variant names the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -213,15 +214,7 @@ async fn publish_transitions<K>(
     let after: Vec<crds::k8s::Condition> =
         serde_json::from_value(status["conditions"].clone()).unwrap_or_default();
     for (type_, state, reason) in crate::conditions::transitions(before, &after) {
-        // A rollout is routine: replicas not ready yet while it progresses is no warning.
-        let good = matches!(
-            (type_.as_str(), state.as_str(), reason.as_str()),
-            ("Ready" | "Accepted" | "ResolvedRefs", "True", _)
-                | ("Degraded" | "Progressing", "False", _)
-                | ("Progressing", "True", _)
-                | ("Ready", "False", "RegionsNotReady")
-                | ("Accepted", "False", "Pending")
-        );
+        let good = !crate::conditions::warns(&type_, &state, &reason);
         let note = after
             .iter()
             .find(|c| c.type_ == type_)
@@ -631,54 +624,23 @@ pub async fn reconcile_policy(
         .await?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
 
-    let (accepted, resolved, routes) = match &pool {
-        None => {
-            let msg = format!(
-                "spec.poolRef.name: ProviderPool {pool_name:?} not found in namespace {ns:?}"
-            );
-            (
-                Desired {
-                    type_: types::ACCEPTED,
-                    status: false,
-                    reason: "PoolNotFound",
-                    message: msg.clone(),
-                },
-                Desired {
-                    type_: types::RESOLVED_REFS,
-                    status: false,
-                    reason: "PoolNotFound",
-                    message: msg,
-                },
-                String::new(),
-            )
-        }
+    let facts = match &pool {
+        None => PolicyFacts::PoolMissing {
+            namespace: ns.clone(),
+        },
         Some(pool) => {
             let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns)
                 .list(&ListParams::default())
                 .await?
                 .items;
-            let mut errors: Vec<String> = Vec::new();
-            // Targets naming providers the pool lacks: the references do not resolve.
-            let mut unknown_providers: Vec<String> = Vec::new();
-            let mut conflicts: Vec<String> = Vec::new();
-            let mut served: BTreeSet<String> = BTreeSet::new();
+            let mut seen = PolicyCompiled::default();
             for region in &pool.spec.regions {
                 let Ok(mut out) = compile(pool, &policies, &region.name) else {
                     continue;
                 };
                 out.fit(crds::CONFIG_MAP_DATA_MAX);
                 for r in out.rejected.iter().filter(|r| r.policy == name) {
-                    for e in &r.errors {
-                        let text = e.to_string();
-                        if e.kind == PolicyErrorKind::UnknownProvider
-                            && !unknown_providers.contains(&text)
-                        {
-                            unknown_providers.push(text.clone());
-                        }
-                        if !errors.contains(&text) {
-                            errors.push(text);
-                        }
-                    }
+                    seen.errors.extend(r.errors.iter().cloned());
                 }
                 for c in out.conflicts.iter().filter(|c| c.loser == name) {
                     let created = |policy: &str| {
@@ -688,13 +650,13 @@ pub async fn reconcile_policy(
                             .and_then(|p| p.metadata.creation_timestamp.as_ref())
                             .map(|t| t.0)
                     };
-                    let text =
-                        conflict_text(&c.model, &c.winner, created(&c.winner) == created(&name));
-                    if !conflicts.contains(&text) {
-                        conflicts.push(text);
-                    }
+                    seen.conflicts.push(conflict_text(
+                        &c.model,
+                        &c.winner,
+                        created(&c.winner) == created(&name),
+                    ));
                 }
-                served.extend(
+                seen.compiled.extend(
                     out.config
                         .routes
                         .iter()
@@ -702,132 +664,15 @@ pub async fn reconcile_policy(
                         .map(|r| r.model.clone()),
                 );
             }
-            // A refused edit leaves the routes the policy served before in place (see
-            // `carry_over`); say which.
-            let in_cluster = served_in_cluster(&client, &ns, pool_name, &name).await?;
-            let kept = if errors.is_empty() {
-                BTreeSet::new()
-            } else {
-                in_cluster.clone()
-            };
-            let not_yet: Vec<String> = served.difference(&in_cluster).cloned().collect();
-            if !kept.is_empty() {
-                let generation = policy.metadata.generation.unwrap_or_default();
-                let models = kept.iter().cloned().collect::<Vec<_>>().join(", ");
-                errors.push(format!(
-                    "generation {generation} was refused, so the routes it would have replaced ({models}) are still served as before"
-                ));
-                served.extend(kept);
-            }
-            let missing = missing_secrets(pool, &policy, &secrets).await?;
-            let accepted = if !errors.is_empty() {
-                Desired {
-                    type_: types::ACCEPTED,
-                    status: false,
-                    reason: "Invalid",
-                    message: errors.join("; "),
-                }
-            } else if !conflicts.is_empty() {
-                Desired {
-                    type_: types::ACCEPTED,
-                    status: false,
-                    reason: "RouteConflict",
-                    // The routes it does not lose are served: say so, or the whole
-                    // policy reads as refused.
-                    message: {
-                        let live: Vec<String> = served.intersection(&in_cluster).cloned().collect();
-                        let mut text = conflicts.join("; ");
-                        if live.is_empty() && not_yet.is_empty() {
-                            text.push_str("; none of its routes is served");
-                        }
-                        if !live.is_empty() {
-                            text.push_str(&format!(
-                                "; its other routes ({}) are served",
-                                live.join(", ")
-                            ));
-                        }
-                        if !not_yet.is_empty() {
-                            text.push_str(&format!(
-                                "; its routes for {} are not in the gateways' configuration yet",
-                                not_yet.join(", ")
-                            ));
-                        }
-                        text
-                    },
-                }
-            } else if !not_yet.is_empty() {
-                // Accepted means the gateways run it, not only that it compiles.
-                Desired {
-                    type_: types::ACCEPTED,
-                    status: false,
-                    reason: "Pending",
-                    message: format!(
-                        "compiles, but the gateways' configuration does not hold its routes for {} yet; if this lasts, the ProviderPool's Ready condition says why",
-                        not_yet.join(", ")
-                    ),
-                }
-            } else {
-                Desired {
-                    type_: types::ACCEPTED,
-                    status: true,
-                    reason: "Accepted",
-                    message: format!(
-                        "compiled into every region of ProviderPool {pool_name:?}{}",
-                        cycle_note(&policy.spec)
-                    ),
-                }
-            };
-            let resolved = if !unknown_providers.is_empty() {
-                Desired {
-                    type_: types::RESOLVED_REFS,
-                    status: false,
-                    reason: "ProviderNotFound",
-                    message: unknown_providers.join("; "),
-                }
-            } else if !missing.is_empty() {
-                Desired {
-                    type_: types::RESOLVED_REFS,
-                    status: false,
-                    reason: "SecretNotFound",
-                    message: missing.join("; "),
-                }
-            } else {
-                Desired {
-                    type_: types::RESOLVED_REFS,
-                    status: true,
-                    reason: "ResolvedRefs",
-                    message: "the pool, its providers and every referenced Secret exist".to_owned(),
-                }
-            };
-            let routes: Vec<String> = policy
-                .spec
-                .routes
-                .iter()
-                .map(|r| r.model.clone())
-                .filter(|m| served.contains(m))
-                .collect();
-            (accepted, resolved, routes.join(","))
+            seen.in_cluster = served_in_cluster(&client, &ns, pool_name, &name).await?;
+            seen.missing_secrets = missing_secrets(pool, &policy, &secrets).await?;
+            seen.cycle_note = cycle_note(&policy.spec);
+            PolicyFacts::Compiled(seen)
         }
     };
     let existing = policy.status.clone().unwrap_or_default();
-    let conditions = merge(
-        &existing.conditions,
-        vec![accepted, resolved],
-        policy.metadata.generation,
-        &now(),
-    );
-    let desired = json!({
-        "observedGeneration": policy.metadata.generation,
-        "conditions": conditions,
-        "routes": if routes.is_empty() { Value::Null } else { Value::String(routes) },
-    });
-    let current = serde_json::to_value(&existing).unwrap_or(Value::Null);
-    let changed = ["observedGeneration", "conditions", "routes"]
-        .iter()
-        .any(|k| {
-            current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null)
-        });
-    if changed {
+    let desired = policy_status(&policy, &facts, &now());
+    if policy_status_changed(&existing, &desired) {
         publish_transitions(&ctx, policy.as_ref(), &existing.conditions, &desired).await;
         apply_status(
             &Api::<RoutingPolicy>::namespaced(client, &ns),
@@ -953,6 +798,27 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(5))
 }
 
+/// A watch mapper: the objects in `store`, in the changed object's namespace, that
+/// `depends` says are affected by it.
+fn dependents<K, W>(
+    store: kube::runtime::reflector::Store<K>,
+    depends: impl Fn(&K, &W) -> bool + Send + Sync + 'static,
+) -> impl Fn(W) -> Vec<ObjectRef<K>> + Send + Sync + 'static
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    W: Resource,
+{
+    move |changed: W| {
+        let ns = changed.namespace();
+        store
+            .state()
+            .into_iter()
+            .filter(|k| k.namespace() == ns && depends(k, &changed))
+            .map(|k| ObjectRef::from_obj(&*k))
+            .collect()
+    }
+}
+
 /// Runs both controllers until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -1008,15 +874,14 @@ pub async fn run(
         .watches(
             secrets.clone(),
             watcher::Config::default(),
-            move |s: Secret| {
-                let ns = s.namespace().unwrap_or_default();
-                pool_store
-                    .state()
-                    .into_iter()
-                    .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
+            dependents(pool_store, |pool: &ProviderPool, s: &Secret| {
+                let name = s.name_any();
+                pool.spec.providers.iter().any(|p| {
+                    p.credentials
+                        .as_ref()
+                        .is_some_and(|c| c.secret_ref.name == name)
+                })
+            }),
         )
         .run(reconcile_pool, error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -1024,34 +889,22 @@ pub async fn run(
     let policy_controller =
         Controller::new(policies, watcher::Config::default()).with_config(config);
     let policy_store = policy_controller.store();
-    let policy_store2 = policy_store.clone();
     let policy_controller = policy_controller
         .watches(
             pools,
             watcher::Config::default(),
-            move |pool: ProviderPool| {
-                let ns = pool.namespace().unwrap_or_default();
-                let name = pool.name_any();
-                policy_store
-                    .state()
-                    .into_iter()
-                    .filter(|p| {
-                        p.namespace().as_deref() == Some(ns.as_str())
-                            && p.spec.pool_ref.name == name
-                    })
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
+            dependents(
+                policy_store.clone(),
+                |p: &RoutingPolicy, pool: &ProviderPool| p.spec.pool_ref.name == pool.name_any(),
+            ),
         )
-        .watches(secrets, watcher::Config::default(), move |s: Secret| {
-            let ns = s.namespace().unwrap_or_default();
-            policy_store2
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        })
+        // A policy's references include its pool's provider Secrets, which only the
+        // pool knows: any Secret of the namespace may matter.
+        .watches(
+            secrets,
+            watcher::Config::default(),
+            dependents(policy_store, |_: &RoutingPolicy, _: &Secret| true),
+        )
         .run(reconcile_policy, error_policy, ctx.clone())
         .for_each(|_| async {});
 

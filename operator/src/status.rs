@@ -1,9 +1,11 @@
 //! Status math for both kinds, kept pure: observed facts in, the status the operator
-//! owns out.
+//! owns out, its conditions built by `conditions::merge`.
 
-use crds::ProviderPool;
+use std::collections::BTreeSet;
+
 use crds::k8s::{Condition, Time};
-use crds::status::{HealthState, ProviderPoolStatus, conditions as types};
+use crds::status::{HealthState, ProviderPoolStatus, RoutingPolicyStatus, conditions as types};
+use crds::{PolicyError, PolicyErrorKind, ProviderPool, RoutingPolicy};
 use serde_json::{Value, json};
 
 use crate::conditions::{Desired, merge};
@@ -178,6 +180,206 @@ fn provider_summary(
         .map(|(r, p)| format!("{}/{}", r.name, p.name))
         .collect();
     (enabled.len(), healthy, ejected)
+}
+
+/// What the operator observed about a RoutingPolicy.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyFacts {
+    /// Its pool does not exist.
+    PoolMissing {
+        /// The policy's namespace.
+        namespace: String,
+    },
+    /// It was compiled against its pool.
+    Compiled(PolicyCompiled),
+}
+
+/// What compiling a policy against its pool, in every region, showed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyCompiled {
+    /// Why it (this generation) was refused, in any region.
+    pub errors: Vec<PolicyError>,
+    /// Models an older policy keeps, each as the sentence that says so.
+    pub conflicts: Vec<String>,
+    /// Its models in the newly compiled configuration.
+    pub compiled: BTreeSet<String>,
+    /// Its models in the gateways' ConfigMaps now.
+    pub in_cluster: BTreeSet<String>,
+    /// Secrets or keys it needs that do not exist.
+    pub missing_secrets: Vec<String>,
+    /// How its fallback cycles are resolved, appended to the Accepted message.
+    pub cycle_note: String,
+}
+
+/// Adds `item` unless present: the same problem is found once per region.
+fn push_unique(list: &mut Vec<String>, item: String) {
+    if !list.contains(&item) {
+        list.push(item);
+    }
+}
+
+/// The RoutingPolicy status fields the operator owns, as the JSON it applies.
+pub fn policy_status(policy: &RoutingPolicy, facts: &PolicyFacts, now: &Time) -> Value {
+    let pool = &policy.spec.pool_ref.name;
+    let (accepted, resolved, served) = match facts {
+        PolicyFacts::PoolMissing { namespace } => {
+            let msg = format!(
+                "spec.poolRef.name: ProviderPool {pool:?} not found in namespace {namespace:?}"
+            );
+            (
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "PoolNotFound",
+                    message: msg.clone(),
+                },
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "PoolNotFound",
+                    message: msg,
+                },
+                BTreeSet::new(),
+            )
+        }
+        PolicyFacts::Compiled(seen) => {
+            let mut errors = Vec::new();
+            let mut unknown_providers = Vec::new();
+            for e in &seen.errors {
+                if e.kind == PolicyErrorKind::UnknownProvider {
+                    push_unique(&mut unknown_providers, e.to_string());
+                }
+                push_unique(&mut errors, e.to_string());
+            }
+            let mut conflicts = Vec::new();
+            for c in &seen.conflicts {
+                push_unique(&mut conflicts, c.clone());
+            }
+            let mut served = seen.compiled.clone();
+            let not_yet: Vec<String> = served.difference(&seen.in_cluster).cloned().collect();
+            // A refused edit leaves the routes the policy served before in place (see
+            // `Compiled::carry_over`); say which.
+            if !errors.is_empty() && !seen.in_cluster.is_empty() {
+                let generation = policy.metadata.generation.unwrap_or_default();
+                let models = seen
+                    .in_cluster
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                errors.push(format!(
+                    "generation {generation} was refused, so the routes it would have replaced ({models}) are still served as before"
+                ));
+                served.extend(seen.in_cluster.iter().cloned());
+            }
+            let accepted = if !errors.is_empty() {
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "Invalid",
+                    message: errors.join("; "),
+                }
+            } else if !conflicts.is_empty() {
+                // The routes it does not lose are served: say so, or the whole policy
+                // reads as refused.
+                let live: Vec<String> = served.intersection(&seen.in_cluster).cloned().collect();
+                let mut text = conflicts.join("; ");
+                if live.is_empty() && not_yet.is_empty() {
+                    text.push_str("; none of its routes is served");
+                }
+                if !live.is_empty() {
+                    text.push_str(&format!(
+                        "; its other routes ({}) are served",
+                        live.join(", ")
+                    ));
+                }
+                if !not_yet.is_empty() {
+                    text.push_str(&format!(
+                        "; its routes for {} are not in the gateways' configuration yet",
+                        not_yet.join(", ")
+                    ));
+                }
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "RouteConflict",
+                    message: text,
+                }
+            } else if !not_yet.is_empty() {
+                // Accepted means the gateways run it, not only that it compiles.
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: false,
+                    reason: "Pending",
+                    message: format!(
+                        "compiles, but the gateways' configuration does not hold its routes for {} yet; if this lasts, the ProviderPool's Ready condition says why",
+                        not_yet.join(", ")
+                    ),
+                }
+            } else {
+                Desired {
+                    type_: types::ACCEPTED,
+                    status: true,
+                    reason: "Accepted",
+                    message: format!(
+                        "compiled into every region of ProviderPool {pool:?}{}",
+                        seen.cycle_note
+                    ),
+                }
+            };
+            let resolved = if !unknown_providers.is_empty() {
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "ProviderNotFound",
+                    message: unknown_providers.join("; "),
+                }
+            } else if !seen.missing_secrets.is_empty() {
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: false,
+                    reason: "SecretNotFound",
+                    message: seen.missing_secrets.join("; "),
+                }
+            } else {
+                Desired {
+                    type_: types::RESOLVED_REFS,
+                    status: true,
+                    reason: "ResolvedRefs",
+                    message: "the pool, its providers and every referenced Secret exist".to_owned(),
+                }
+            };
+            (accepted, resolved, served)
+        }
+    };
+    let existing = policy.status.clone().unwrap_or_default();
+    let conditions = merge(
+        &existing.conditions,
+        vec![accepted, resolved],
+        policy.metadata.generation,
+        now,
+    );
+    // In the policy's own order.
+    let routes: Vec<&str> = policy
+        .spec
+        .routes
+        .iter()
+        .map(|r| r.model.as_str())
+        .filter(|m| served.contains(*m))
+        .collect();
+    json!({
+        "observedGeneration": policy.metadata.generation,
+        "conditions": conditions,
+        "routes": if routes.is_empty() { Value::Null } else { Value::String(routes.join(",")) },
+    })
+}
+
+/// Whether applying `desired` would change the policy status the operator owns.
+pub fn policy_status_changed(current: &RoutingPolicyStatus, desired: &Value) -> bool {
+    let current = serde_json::to_value(current).unwrap_or(Value::Null);
+    ["observedGeneration", "conditions", "routes"]
+        .iter()
+        .any(|k| current.get(*k).unwrap_or(&Value::Null) != desired.get(*k).unwrap_or(&Value::Null))
 }
 
 /// Whether applying `desired` would change what `current` (the live status) shows for
@@ -363,6 +565,115 @@ mod tests {
             ready["message"],
             "region eu-west has 0/2 gateway replicas ready: pods cannot be scheduled: 0/9 nodes are available"
         );
+    }
+
+    fn policy() -> RoutingPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy",
+            "metadata": {"name": "team", "namespace": "ns", "generation": 4},
+            "spec": {"poolRef": {"name": "chat"}, "routes": [
+                {"model": "m", "targets": [{"provider": "a"}]},
+                {"model": "mini", "targets": [{"provider": "a"}]}]}
+        }))
+        .expect("valid")
+    }
+
+    fn models(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|m| (*m).to_owned()).collect()
+    }
+
+    fn policy_conditions(facts: PolicyFacts) -> (Value, Value, Value) {
+        let status = policy_status(&policy(), &facts, &now());
+        (
+            condition(&status, "Accepted").clone(),
+            condition(&status, "ResolvedRefs").clone(),
+            status["routes"].clone(),
+        )
+    }
+
+    #[test]
+    fn a_policy_is_accepted_only_once_its_routes_are_in_the_gateways_config() {
+        let compiled = PolicyCompiled {
+            compiled: models(&["m", "mini"]),
+            in_cluster: models(&["m"]),
+            ..Default::default()
+        };
+        let (accepted, _, routes) = policy_conditions(PolicyFacts::Compiled(compiled.clone()));
+        assert_eq!(accepted["reason"], "Pending");
+        assert!(
+            accepted["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("its routes for mini yet")),
+            "{accepted}"
+        );
+        assert_eq!(routes, "m,mini");
+        let (accepted, refs, _) = policy_conditions(PolicyFacts::Compiled(PolicyCompiled {
+            in_cluster: models(&["m", "mini"]),
+            ..compiled
+        }));
+        assert_eq!(
+            (accepted["status"].as_str(), accepted["reason"].as_str()),
+            (Some("True"), Some("Accepted"))
+        );
+        assert_eq!(refs["status"], "True");
+    }
+
+    #[test]
+    fn a_refused_edit_names_its_errors_and_the_routes_still_served() {
+        let unknown = PolicyError {
+            kind: PolicyErrorKind::UnknownProvider,
+            field: "spec.routes[0].targets[0].provider".into(),
+            message: "provider \"typo\" is not in ProviderPool \"chat\"".into(),
+        };
+        let (accepted, refs, routes) = policy_conditions(PolicyFacts::Compiled(PolicyCompiled {
+            // Found in two regions, said once.
+            errors: vec![unknown.clone(), unknown],
+            in_cluster: models(&["m", "mini"]),
+            ..Default::default()
+        }));
+        assert_eq!(accepted["reason"], "Invalid");
+        assert_eq!(
+            accepted["message"],
+            "spec.routes[0].targets[0].provider: provider \"typo\" is not in ProviderPool \"chat\"; generation 4 was refused, so the routes it would have replaced (m, mini) are still served as before"
+        );
+        assert_eq!(
+            (refs["status"].as_str(), refs["reason"].as_str()),
+            (Some("False"), Some("ProviderNotFound"))
+        );
+        assert_eq!(routes, "m,mini");
+    }
+
+    #[test]
+    fn a_policy_losing_a_model_says_which_of_its_routes_are_served() {
+        let (accepted, _, routes) = policy_conditions(PolicyFacts::Compiled(PolicyCompiled {
+            conflicts: vec![
+                "model \"m\" is already served by the older RoutingPolicy \"old\"".into(),
+            ],
+            compiled: models(&["mini"]),
+            in_cluster: models(&["mini"]),
+            ..Default::default()
+        }));
+        assert_eq!(accepted["reason"], "RouteConflict");
+        assert!(
+            accepted["message"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("; its other routes (mini) are served")),
+            "{accepted}"
+        );
+        assert_eq!(routes, "mini");
+    }
+
+    #[test]
+    fn a_missing_pool_is_named() {
+        let (accepted, refs, routes) = policy_conditions(PolicyFacts::PoolMissing {
+            namespace: "ns".into(),
+        });
+        assert_eq!(accepted["reason"], "PoolNotFound");
+        assert_eq!(
+            refs["message"],
+            "spec.poolRef.name: ProviderPool \"chat\" not found in namespace \"ns\""
+        );
+        assert!(routes.is_null());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! through the API (no restart, no volume-sync delay), with the Secrets it references;
 //! and the gateway publishes what it learns about provider health into its pool's status.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,16 +11,15 @@ use crds::{GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderPool};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::gateway::Gateway;
 use crate::table::{RoutingTable, Secrets};
 
-/// How often referenced Secrets are re-read, so a rotated key applies within that time.
-const SECRET_POLL: Duration = Duration::from_secs(1);
 /// Least time between two health publications of one replica.
 const PUBLISH_EVERY: Duration = Duration::from_secs(3);
 
@@ -55,22 +54,85 @@ fn parse(cm: &ConfigMap) -> Result<GatewayConfig, String> {
     Ok(config)
 }
 
+fn secret_data(s: &Secret) -> BTreeMap<String, String> {
+    s.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect()
+}
+
 async fn read_secrets(api: &Api<Secret>, config: &GatewayConfig) -> Secrets {
     let mut secrets = Secrets::default();
     for name in config.referenced_secrets() {
         match api.get_opt(&name).await {
-            Ok(Some(s)) => {
-                let mut data = BTreeMap::new();
-                for (k, v) in s.data.unwrap_or_default() {
-                    data.insert(k, String::from_utf8_lossy(&v.0).into_owned());
-                }
-                secrets.insert(name, data);
-            }
+            Ok(Some(s)) => secrets.insert(name, secret_data(&s)),
             Ok(None) => tracing::warn!(secret = %name, "a referenced Secret does not exist"),
             Err(e) => tracing::warn!(secret = %name, error = %e, "cannot read a referenced Secret"),
         }
     }
     secrets
+}
+
+/// A change to a watched Secret: its name and entries, `None` once it is deleted.
+type SecretChange = (String, Option<BTreeMap<String, String>>);
+
+/// Watches one Secret by name (the gateway's Role grants only the names its config
+/// references), so a rotated key applies as soon as the API server has it.
+async fn watch_secret(api: Api<Secret>, name: String, changes: mpsc::Sender<SecretChange>) {
+    let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher::watcher(api, wc).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let change = match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => Some(secret_data(&s)),
+            Ok(watcher::Event::Delete(_)) => None,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "watching a referenced Secret");
+                continue;
+            }
+        };
+        if changes.send((name.clone(), change)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One watch per Secret the configuration references, started and stopped as it changes.
+#[derive(Default)]
+struct SecretWatches {
+    running: HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+impl SecretWatches {
+    fn follow(
+        &mut self,
+        api: &Api<Secret>,
+        config: &GatewayConfig,
+        changes: &mpsc::Sender<SecretChange>,
+    ) {
+        let wanted: BTreeSet<String> = config.referenced_secrets().into_iter().collect();
+        self.running.retain(|name, task| {
+            let keep = wanted.contains(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for name in wanted {
+            self.running
+                .entry(name.clone())
+                .or_insert_with(|| tokio::spawn(watch_secret(api.clone(), name, changes.clone())));
+        }
+    }
+}
+
+impl Drop for SecretWatches {
+    fn drop(&mut self) {
+        for task in self.running.values() {
+            task.abort();
+        }
+    }
 }
 
 impl ClusterSource {
@@ -80,10 +142,11 @@ impl ClusterSource {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let secrets_api: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
         let wc = watcher::Config::default().fields(&format!("metadata.name={}", self.config_map));
-        let mut events = watcher::watcher(cms, wc).boxed();
+        let mut events = watcher::watcher(cms, wc).default_backoff().boxed();
         let mut current: Option<GatewayConfig> = None;
         let mut current_secrets = Secrets::default();
-        let mut poll = tokio::time::interval(SECRET_POLL);
+        let (changes_tx, mut changes) = mpsc::channel::<SecretChange>(16);
+        let mut watches = SecretWatches::default();
         loop {
             tokio::select! {
                 event = events.next() => {
@@ -102,8 +165,11 @@ impl ClusterSource {
                     };
                     match parse(&cm) {
                         Ok(config) => {
+                            // Read once so the new configuration starts with its keys;
+                            // the watches keep them current from then on.
                             let secrets = read_secrets(&secrets_api, &config).await;
                             install(&gw, config.clone(), &secrets);
+                            watches.follow(&secrets_api, &config, &changes_tx);
                             current = Some(config);
                             current_secrets = secrets;
                         }
@@ -113,9 +179,13 @@ impl ClusterSource {
                         }
                     }
                 }
-                _ = poll.tick() => {
+                Some((name, data)) = changes.recv() => {
                     let Some(config) = &current else { continue };
-                    let secrets = read_secrets(&secrets_api, config).await;
+                    let mut secrets = current_secrets.clone();
+                    match data {
+                        Some(data) => secrets.insert(name, data),
+                        None => secrets.remove(&name),
+                    }
                     if secrets != current_secrets {
                         tracing::info!("a referenced Secret changed; reloading");
                         install(&gw, config.clone(), &secrets);

@@ -38,6 +38,11 @@ impl Secrets {
         self.0.insert(name, data);
     }
 
+    /// Forgets a deleted Secret.
+    pub fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
     /// One value.
     pub fn get(&self, name: &str, key: &str) -> Option<&str> {
         self.0.get(name)?.get(key).map(String::as_str)

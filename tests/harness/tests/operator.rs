@@ -538,6 +538,85 @@ fn a_configuration_too_large_for_plain_json_is_compressed_and_served_by_gateways
     let _ = provider.wait();
 }
 
+/// A chat completion for model `m` with `key` as the client key: the status code.
+fn chat_as(port: u16, key: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_rotated_client_key_applies_in_a_running_gateway_without_a_restart() {
+    let c = cluster();
+    let ns = c.namespace("rotate").expect("namespace");
+    let ns = ns.name();
+    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
+    let (fake_port, gw_port) = (free_port(), free_port());
+    let mut cmd = Command::new(&fake);
+    cmd.args([
+        "--listen",
+        &format!("127.0.0.1:{fake_port}"),
+        "--name",
+        "alpha",
+    ]);
+    let mut provider = c
+        .spawn_process(&format!("fake-alpha-{ns}"), cmd)
+        .expect("fake starts");
+    let manifest = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: clients}}\nstringData: {{app: key-one}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: rot}}\nspec:\n  regions: [{{name: us-east, replicas: 1}}]\n  providers:\n  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{fake_port}', region: us-east, models: [{{name: m}}]}}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: rot}}\nspec:\n  poolRef: {{name: rot}}\n  clientAuth: {{secretRef: {{name: clients}}}}\n  routes: [{{model: m, targets: [{{provider: alpha}}]}}]\n"
+    );
+    let (ok, _, err) = c
+        .kubectl_input(&["apply", "-n", ns, "-f", "-"], &manifest)
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    wait_condition(
+        c,
+        ns,
+        "routingpolicy/rot",
+        "Accepted",
+        "True",
+        Duration::from_secs(60),
+    );
+    let mut gateway = gateway_process(c, ns, "rot", "us-east", gw_port);
+    assert_eq!(chat_as(gw_port, "key-one"), Some(200));
+    assert_eq!(chat_as(gw_port, "key-two"), Some(401));
+
+    let rotated = Instant::now();
+    let (ok, _, err) = c
+        .kubectl_input(
+            &["apply", "-n", ns, "-f", "-"],
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: clients}\nstringData: {app: key-two}\n",
+        )
+        .expect("kubectl");
+    assert!(ok, "{err}");
+    wait_for("the rotated key accepted", Duration::from_secs(10), || {
+        (chat_as(gw_port, "key-two") == Some(200)).then_some(())
+    });
+    eprintln!("a rotated client key applied after {:?}", rotated.elapsed());
+    assert_eq!(
+        chat_as(gw_port, "key-one"),
+        Some(401),
+        "the old key is refused"
+    );
+
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = provider.kill();
+    let _ = provider.wait();
+}
+
 #[test]
 fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_status() {
     let c = cluster();

@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::budget::MemoryBudget;
 use crate::idempotency::Replays;
@@ -40,7 +40,8 @@ pub struct Gateway {
     /// Turns true just before the drain deadline: streams still running end with an
     /// explicit interruption event instead of being cut.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    clients: Mutex<HashMap<Duration, HttpClient>>,
+    /// One pooled client per connect timeout; read on every try without a lock.
+    clients: ArcSwap<HashMap<Duration, HttpClient>>,
     tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
 }
@@ -103,7 +104,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             budget: MemoryBudget::new(limits.memory_budget),
             stopping: tokio::sync::watch::Sender::new(false),
-            clients: Mutex::new(HashMap::new()),
+            clients: ArcSwap::from_pointee(HashMap::new()),
             tls,
             config_state: Mutex::new(ConfigState::default()),
         }
@@ -140,10 +141,21 @@ impl Gateway {
 
     /// A pooled client whose connect timeout is `connect` (one pool per distinct timeout).
     pub fn client(&self, connect: Duration) -> HttpClient {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        clients
-            .entry(connect)
-            .or_insert_with(|| new_client(connect, self.upstream_idle, self.tls.clone()))
-            .clone()
+        if let Some(client) = self.clients.load().get(&connect) {
+            return client.clone();
+        }
+        // Rare (a timeout not seen before): copy the map with the new client in it.
+        let made = new_client(connect, self.upstream_idle, self.tls.clone());
+        let all = self.clients.rcu(|clients| {
+            let mut clients = HashMap::clone(clients);
+            clients.entry(connect).or_insert_with(|| made.clone());
+            clients
+        });
+        drop(all);
+        self.clients
+            .load()
+            .get(&connect)
+            .cloned()
+            .unwrap_or(made)
     }
 }

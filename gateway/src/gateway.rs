@@ -152,10 +152,6 @@ impl Gateway {
             clients
         });
         drop(all);
-        self.clients
-            .load()
-            .get(&connect)
-            .cloned()
-            .unwrap_or(made)
+        self.clients.load().get(&connect).cloned().unwrap_or(made)
     }
 }

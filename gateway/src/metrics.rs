@@ -169,20 +169,102 @@ impl Default for Metrics {
     }
 }
 
+/// One route's metric handles, resolved once (labels hashed and allocated once, not per
+/// request).
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    route: String,
+    ok: Counter,
+    duration: Histogram,
+    added: Histogram,
+    failovers: Counter,
+    replays: Counter,
+}
+
+impl RouteMetrics {
+    /// A request rescued by a target other than its first.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// What the gateway added to a served request.
+    pub fn added_latency(&self, seconds: f64) {
+        self.added.observe(seconds);
+    }
+
+    /// A request answered by idempotent replay.
+    pub fn idempotent_replay(&self) {
+        self.replays.inc();
+    }
+}
+
+/// One provider's handles for its common outcome.
+#[derive(Debug, Clone)]
+pub struct ProviderMetrics {
+    success: Counter,
+    latency: Histogram,
+}
+
 impl Metrics {
-    /// A finished client request.
-    pub fn request(&self, route: &str, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                status,
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(seconds);
+    /// Handles for `route` (its model as configured).
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        let labels = RouteLabels {
+            route: route.to_owned(),
+        };
+        RouteMetrics {
+            route: route.to_owned(),
+            ok: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route: route.to_owned(),
+                    status: 200,
+                })
+                .clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+            added: self.added_latency.get_or_create(&labels).clone(),
+            failovers: self.failovers.get_or_create(&labels).clone(),
+            replays: self.replays.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Handles for `provider`.
+    pub fn for_provider(&self, provider: &str) -> ProviderMetrics {
+        ProviderMetrics {
+            success: self
+                .attempts
+                .get_or_create(&AttemptLabels {
+                    provider: provider.to_owned(),
+                    outcome: "success",
+                })
+                .clone(),
+            latency: self
+                .upstream_latency
+                .get_or_create(&ProviderLabels {
+                    provider: provider.to_owned(),
+                })
+                .clone(),
+        }
+    }
+
+    /// A finished client request on `route`.
+    pub fn route_request(&self, route: &RouteMetrics, status: u16, seconds: f64) {
+        if status == 200 {
+            route.ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: route.route.clone(),
+                    status,
+                })
+                .inc();
+        }
+        route.duration.observe(seconds);
+    }
+
+    /// A successful upstream try of `provider`.
+    pub fn provider_success(&self, provider: &ProviderMetrics, latency: f64) {
+        provider.success.inc();
+        provider.latency.observe(latency);
     }
 
     /// One upstream try.
@@ -200,33 +282,6 @@ impl Metrics {
                 })
                 .observe(s);
         }
-    }
-
-    /// A request rescued by a target other than its first.
-    pub fn failover(&self, route: &str) {
-        self.failovers
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .inc();
-    }
-
-    /// What the gateway added to a served request.
-    pub fn added_latency(&self, route: &str, seconds: f64) {
-        self.added_latency
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .observe(seconds);
-    }
-
-    /// A request answered by idempotent replay.
-    pub fn idempotent_replay(&self, route: &str) {
-        self.replays
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
-            .inc();
     }
 
     /// A configuration load.

@@ -3,8 +3,25 @@
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Response, StatusCode};
+
+/// Header names the gateway sets on every request or answer, parsed once.
+pub mod names {
+    use super::HeaderName;
+
+    /// The request's id, sent upstream and returned.
+    pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    /// How many tries the answer took.
+    pub static X_ATTEMPTS: HeaderName = HeaderName::from_static("x-switchyard-attempts");
+    /// The provider that served.
+    pub static X_PROVIDER: HeaderName = HeaderName::from_static("x-switchyard-provider");
+    /// That provider's region.
+    pub static X_PROVIDER_REGION: HeaderName =
+        HeaderName::from_static("x-switchyard-provider-region");
+    /// The gateway's region.
+    pub static X_REGION: HeaderName = HeaderName::from_static("x-switchyard-region");
+}
 
 /// A response body: whole, streamed, or held against the memory budget.
 pub type Body = BoxBody<Bytes, std::io::Error>;

@@ -26,7 +26,7 @@ use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
 use crate::proxy::{ClientRequest, UpstreamTime, serve};
-use crate::response::{Body, json_response};
+use crate::response::{Body, json_response, names};
 use crate::table::Admission;
 
 /// Largest request head (request line and headers) accepted, in bytes.
@@ -319,7 +319,7 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
         _ => GatewayError::UnknownUrl(format!("unknown path {path}")).response(),
     };
     if let Ok(v) = hyper::header::HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(&names::X_REQUEST_ID, v);
     }
     // HTTP/2 clients get a GOAWAY when the drain starts; HTTP/1.x ones are told here.
     if version < hyper::Version::HTTP_2 && gw.draining.load(std::sync::atomic::Ordering::Relaxed) {
@@ -421,7 +421,7 @@ async fn api(
             {
                 Claim::Lead(lease) => Some(lease),
                 Claim::Replay(stored) => {
-                    gw.metrics.idempotent_replay(&route.config.model);
+                    route.metrics(&gw.metrics).idempotent_replay();
                     return Ok(replay(&stored));
                 }
                 Claim::Mismatch => return Err(GatewayError::IdempotencyKeyReused),
@@ -446,8 +446,9 @@ async fn api(
     let mut resp = serve(gw, table.clone(), route, request).await;
     if let Some(UpstreamTime(upstream)) = resp.extensions().get::<UpstreamTime>() {
         let added = started.elapsed().saturating_sub(*upstream);
-        gw.metrics
-            .added_latency(&route.config.model, added.as_secs_f64());
+        route
+            .metrics(&gw.metrics)
+            .added_latency(added.as_secs_f64());
     }
     if let Some(lease) = lease
         && resp.status().is_success()
@@ -465,8 +466,8 @@ async fn api(
     }
     // Labelled by the route as configured, never by the string the client sent: a
     // pattern route would otherwise create a series per made-up model name.
-    gw.metrics.request(
-        &route.config.model,
+    gw.metrics.route_request(
+        route.metrics(&gw.metrics),
         resp.status().as_u16(),
         started.elapsed().as_secs_f64(),
     );

@@ -5,15 +5,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, OnceLock};
 
 use crds::{GatewayConfig, ProviderConfig, RouteConfig};
+use hyper::header::HeaderValue;
 use tokio::time::Instant;
 
 use crate::auth::ClientKeys;
 use crate::dialect::{self, Dialect, Upstream};
 use crate::health::ProviderHealth;
+use crate::metrics::{Metrics, ProviderMetrics, RouteMetrics};
 use crate::retry::RetryBudget;
 
 /// Secret values by Secret name and key. Never printed.
@@ -75,9 +77,19 @@ pub struct ProviderEntry {
     pub api_key: Option<ApiKey>,
     /// Why the provider cannot be used at all, whatever its health.
     pub unusable: Option<&'static str>,
+    /// Its metric handles, resolved on first use.
+    pub metrics: OnceLock<ProviderMetrics>,
+    /// Its name and region as response header values (`None` if not valid as one).
+    pub headers: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl ProviderEntry {
+    /// Its metric handles in `metrics`.
+    pub fn metrics(&self, metrics: &Metrics) -> &ProviderMetrics {
+        self.metrics
+            .get_or_init(|| metrics.for_provider(&self.config.name))
+    }
+
     /// The API it speaks.
     pub fn dialect(&self) -> &'static dyn Dialect {
         dialect::of(self.config.provider_type)
@@ -105,6 +117,16 @@ pub struct RouteEntry {
     pub client_keys: Option<Arc<ClientKeys>>,
     /// Why the route refuses every request (its client-key Secret is missing).
     pub misconfigured: Option<String>,
+    /// Its metric handles, resolved on first use.
+    pub metrics: OnceLock<RouteMetrics>,
+}
+
+impl RouteEntry {
+    /// Its metric handles in `metrics`.
+    pub fn metrics(&self, metrics: &Metrics) -> &RouteMetrics {
+        self.metrics
+            .get_or_init(|| metrics.for_route(&self.config.model))
+    }
 }
 
 /// What a request's key said before its body was read.
@@ -170,6 +192,10 @@ impl RoutingTable {
                     health,
                     api_key,
                     unusable,
+                    metrics: OnceLock::new(),
+                    headers: HeaderValue::from_str(&p.name)
+                        .ok()
+                        .zip(HeaderValue::from_str(&p.region).ok()),
                 },
             );
         }
@@ -213,6 +239,7 @@ impl RoutingTable {
                     budget,
                     client_keys,
                     misconfigured,
+                    metrics: OnceLock::new(),
                 }
             })
             .collect();

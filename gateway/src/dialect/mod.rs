@@ -14,12 +14,13 @@ use bytes::Bytes;
 use crds::pool::ProviderType;
 use crds::{ProviderConfig, TargetConfig};
 use http_body_util::Full;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{HeaderMap, Method, Request};
 use serde_json::{Value, json};
 
 use crate::body::RequestBody;
 use crate::health::RateLimitReport;
+use crate::response::names;
 use crate::table::ApiKey;
 
 pub mod anthropic;
@@ -278,9 +279,12 @@ pub fn build_request(
     let mut builder = Request::builder()
         .method(Method::POST)
         .uri(&address.url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("x-request-id", request_id);
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        )
+        .header(&names::X_REQUEST_ID, request_id);
     for (name, value) in address.headers {
         builder = builder.header(name, value);
     }

@@ -288,7 +288,7 @@ pub(super) async fn attempt(
             return Tried::ContentPolicy(json_response(status, answer.body));
         }
         gw.metrics
-            .attempt(name, "success", Some(latency.as_secs_f64()));
+            .provider_success(provider.metrics(&gw.metrics), latency.as_secs_f64());
         let mut resp = json_response(status, answer.body).map(|b| HeldBody::wrap(b, held));
         resp.extensions_mut().insert(UpstreamTime(t0.elapsed()));
         return Tried::Answer(resp);

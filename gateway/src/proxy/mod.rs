@@ -15,6 +15,7 @@ mod synthetic;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 use rand::Rng;
 use tokio::time::Instant;
@@ -23,7 +24,7 @@ use crate::body::RequestBody;
 use crate::dialect::Operation;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::response::Body;
+use crate::response::{Body, names};
 use crate::table::{RouteEntry, RoutingTable};
 use attempt::{Tried, attempt};
 use plan::{Next, OnRefusal, Plan};
@@ -91,7 +92,7 @@ pub async fn serve(
         match attempt(gw, &table, route, target, &req, deadline, plan.tried()).await {
             Tried::Answer(resp) => {
                 if first_provider.as_deref() != Some(served_by) {
-                    gw.metrics.failover(&first.config.model);
+                    first.metrics(&gw.metrics).failover();
                 }
                 return done(resp);
             }
@@ -146,16 +147,15 @@ fn decorate(
     request_id: &str,
 ) {
     let h = resp.headers_mut();
-    let mut set = |name: &'static str, value: &str| {
-        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    set("x-request-id", request_id);
-    set("x-switchyard-attempts", &tries.to_string());
-    if let Some(p) = table.provider(provider) {
-        set("x-switchyard-provider", provider);
-        set("x-switchyard-provider-region", &p.config.region);
+    if let Ok(id) = HeaderValue::from_str(request_id) {
+        h.insert(&names::X_REQUEST_ID, id);
     }
-    set("x-switchyard-region", &table.config.region);
+    h.insert(&names::X_ATTEMPTS, HeaderValue::from(tries));
+    if let Some((name, region)) = table.provider(provider).and_then(|p| p.headers.clone()) {
+        h.insert(&names::X_PROVIDER, name);
+        h.insert(&names::X_PROVIDER_REGION, region);
+    }
+    if let Ok(region) = HeaderValue::from_str(&table.config.region) {
+        h.insert(&names::X_REGION, region);
+    }
 }

@@ -3,7 +3,6 @@
 //! or that nothing is left. The I/O lives in `attempt` and `stream`; this is what a test
 //! can script outcome by outcome with paused time.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use crds::TargetConfig;
@@ -49,8 +48,9 @@ pub struct Plan<'t> {
     route: &'t RouteEntry,
     deadline: Instant,
     /// Models whose routes were entered, so a redirect or fallback never loops.
-    visited: Vec<String>,
-    fallbacks: VecDeque<String>,
+    visited: Vec<&'t str>,
+    /// The first route's fallbacks not yet considered.
+    fallbacks: std::slice::Iter<'t, String>,
     /// Providers tried on the current route.
     tried: Vec<String>,
     /// Tries on the current route.
@@ -58,10 +58,10 @@ pub struct Plan<'t> {
     /// Tries in all.
     tries: u32,
     /// Set when the current route is done and the next should be a specific model.
-    redirect: Option<String>,
+    redirect: Option<&'t str>,
     /// The current route is done (its tries or targets ran out, or it redirected).
     route_done: bool,
-    last_failure: String,
+    last_failure: Option<String>,
 }
 
 impl<'t> Plan<'t> {
@@ -71,14 +71,14 @@ impl<'t> Plan<'t> {
             table,
             route: first,
             deadline,
-            visited: vec![first.config.model.clone()],
-            fallbacks: first.config.fallbacks.iter().cloned().collect(),
+            visited: vec![first.config.model.as_str()],
+            fallbacks: first.config.fallbacks.iter(),
             tried: Vec::new(),
             route_tries: 0,
             tries: 0,
             redirect: None,
             route_done: false,
-            last_failure: "no provider could be tried".to_owned(),
+            last_failure: None,
         }
     }
 
@@ -111,7 +111,7 @@ impl<'t> Plan<'t> {
             };
             let Some(choice) = choice else {
                 if !self.enter_next_route() {
-                    return Next::GiveUp(self.last_failure.clone());
+                    return Next::GiveUp(self.last_failure());
                 }
                 continue;
             };
@@ -120,7 +120,7 @@ impl<'t> Plan<'t> {
                 if !self.route.budget.try_retry(now, &self.route.config.retry) {
                     return Next::GiveUp(format!(
                         "{}; the retry budget is spent, so no further tries were made",
-                        self.last_failure
+                        self.last_failure()
                     ));
                 }
                 // Failing over to a different, usable target is immediate: that is the
@@ -145,14 +145,20 @@ impl<'t> Plan<'t> {
 
     /// The last try failed in a way another target may not: remember why.
     pub fn failed(&mut self, why: String) {
-        self.last_failure = why;
+        self.last_failure = Some(why);
+    }
+
+    fn last_failure(&self) -> String {
+        self.last_failure
+            .clone()
+            .unwrap_or_else(|| "no provider could be tried".to_owned())
     }
 
     /// The last try's prompt did not fit its model: true when the route names a larger
     /// model not yet tried, which the next step moves to.
     pub fn context_length_exceeded(&mut self) -> bool {
-        let target = self.route.config.on_context_length_exceeded.clone();
-        self.redirect_to(target)
+        let route = self.route;
+        self.redirect_to(route.config.on_context_length_exceeded.as_deref())
     }
 
     /// The last try was refused on content-policy grounds: what the route says to do.
@@ -162,12 +168,12 @@ impl<'t> Plan<'t> {
             Some(action) if action.response.is_some() => {
                 OnRefusal::Answer(action.response.as_deref().unwrap_or_default())
             }
-            Some(action) if self.redirect_to(action.model.clone()) => OnRefusal::Redirected,
+            Some(action) if self.redirect_to(action.model.as_deref()) => OnRefusal::Redirected,
             _ => OnRefusal::PassThrough,
         }
     }
 
-    fn redirect_to(&mut self, model: Option<String>) -> bool {
+    fn redirect_to(&mut self, model: Option<&'t str>) -> bool {
         match model {
             Some(m) if !self.visited.contains(&m) => {
                 self.redirect = Some(m);
@@ -181,20 +187,19 @@ impl<'t> Plan<'t> {
     /// Moves to the redirect target, else the next fallback not yet visited; false when
     /// none is left (or routed).
     fn enter_next_route(&mut self) -> bool {
+        let visited = &self.visited;
         let next = self.redirect.take().or_else(|| {
-            while let Some(model) = self.fallbacks.pop_front() {
-                if !self.visited.contains(&model) {
-                    return Some(model);
-                }
-            }
-            None
+            self.fallbacks
+                .by_ref()
+                .map(String::as_str)
+                .find(|m| !visited.contains(m))
         });
         let Some(route) =
-            next.and_then(|m| self.table.route_for(&m).filter(|r| r.config.model == m))
+            next.and_then(|m| self.table.route_for(m).filter(|r| r.config.model == m))
         else {
             return false;
         };
-        self.visited.push(route.config.model.clone());
+        self.visited.push(route.config.model.as_str());
         self.route = route;
         self.tried.clear();
         self.route_tries = 0;

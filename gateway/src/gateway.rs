@@ -6,13 +6,21 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 
 use crate::budget::MemoryBudget;
 use crate::idempotency::Replays;
 use crate::metrics::Metrics;
 use crate::table::RoutingTable;
 use crate::upstream::{HttpClient, new_client};
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's upstream clients, by gateway and connect timeout.
+    static CLIENTS: std::cell::RefCell<HashMap<(u64, Duration), HttpClient>> =
+        std::cell::RefCell::new(HashMap::new());
+}
 
 /// Shared gateway state.
 #[derive(Debug)]
@@ -40,8 +48,8 @@ pub struct Gateway {
     /// Turns true just before the drain deadline: streams still running end with an
     /// explicit interruption event instead of being cut.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    /// One pooled client per connect timeout; read on every try without a lock.
-    clients: ArcSwap<HashMap<Duration, HttpClient>>,
+    /// Tells this gateway's upstream clients apart from another's in the same thread.
+    id: u64,
     tls: rustls::ClientConfig,
     config_state: Mutex<ConfigState>,
 }
@@ -104,7 +112,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             budget: MemoryBudget::new(limits.memory_budget),
             stopping: tokio::sync::watch::Sender::new(false),
-            clients: ArcSwap::from_pointee(HashMap::new()),
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             tls,
             config_state: Mutex::new(ConfigState::default()),
         }
@@ -139,19 +147,16 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// A pooled client whose connect timeout is `connect` (one pool per distinct timeout).
+    /// A pooled client whose connect timeout is `connect`: one pool per distinct timeout
+    /// and per serving thread, so an upstream connection is only ever used by the thread
+    /// (and runtime) that opened it.
     pub fn client(&self, connect: Duration) -> HttpClient {
-        if let Some(client) = self.clients.load().get(&connect) {
-            return client.clone();
-        }
-        // Rare (a timeout not seen before): copy the map with the new client in it.
-        let made = new_client(connect, self.upstream_idle, self.tls.clone());
-        let all = self.clients.rcu(|clients| {
-            let mut clients = HashMap::clone(clients);
-            clients.entry(connect).or_insert_with(|| made.clone());
+        CLIENTS.with(|clients| {
             clients
-        });
-        drop(all);
-        self.clients.load().get(&connect).cloned().unwrap_or(made)
+                .borrow_mut()
+                .entry((self.id, connect))
+                .or_insert_with(|| new_client(connect, self.upstream_idle, self.tls.clone()))
+                .clone()
+        })
     }
 }

@@ -67,6 +67,11 @@ struct Args {
     /// With --manifests: which ProviderPool to serve, when they hold several.
     #[arg(long, env = "SWITCHYARD_POOL", value_name = "NAME")]
     pool: Option<String>,
+    /// Serving threads, each with its own runtime and listener (`SO_REUSEPORT`); the
+    /// default is one per CPU the process may use.
+    #[arg(long, env = "SWITCHYARD_WORKERS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
     /// Where to serve the OpenAI API.
     #[arg(
         long,
@@ -174,7 +179,9 @@ fn parse_args() -> Args {
     args
 }
 
-#[tokio::main]
+// Configuration, probes, health publishing and the admin port run here; requests are
+// served by the threads `main` starts.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args();
     return_large_buffers_to_the_system();
@@ -263,11 +270,14 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::spawn(probe::run(gw.clone()));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        usize::from,
+    );
+    let listeners = server::bind_shared(args.listen, workers)
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let local = listener.local_addr()?;
-    tracing::info!(listen = %local, region = %args.region, "serving the OpenAI API");
+    let local = listeners[0].local_addr()?;
+    tracing::info!(listen = %local, region = %args.region, workers, "serving the OpenAI API");
     // Launchers (tests, the demo) read the bound address from this line.
     println!("switchyard-gateway listening on http://{local}");
 
@@ -275,7 +285,43 @@ async fn main() -> anyhow::Result<()> {
         delay: Duration::from_secs(args.shutdown_delay_seconds),
         drain: Duration::from_secs(args.drain_seconds),
     };
-    server::run(gw, listener, shutdown_signal(), shutdown).await;
+    let connections = Arc::new(tokio::sync::Semaphore::new(gw.limits.max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (gw, connections, mut stop) = (gw.clone(), connections.clone(), stop_rx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("serve-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                // One single-threaded runtime per core: a request, its upstream
+                // connection and its stream stay on one thread, with no cross-thread
+                // wake-ups (the cost a shared multi-threaded runtime adds per request).
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let signal = async move {
+                        let _ = stop.wait_for(|stop| *stop).await;
+                    };
+                    server::run(gw, listener, connections, signal, shutdown).await;
+                    Ok(())
+                })
+            })?;
+        threads.push(thread);
+    }
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "a serving thread failed"),
+                Err(_) => tracing::error!("a serving thread panicked"),
+            }
+        }
+    })
+    .await?;
     Ok(())
 }
 

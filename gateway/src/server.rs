@@ -64,12 +64,34 @@ pub struct Shutdown {
     pub drain: Duration,
 }
 
+/// `count` listeners on `addr` sharing its port through `SO_REUSEPORT`, so each serving
+/// thread accepts its own connections and the kernel spreads new ones between them. An
+/// ephemeral port (`:0`) is chosen by the first and reused by the others.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = addr;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
 /// Serves on `listener` until `signal` resolves, keeps serving (not ready) for
 /// `shutdown.delay`, then stops accepting and waits up to `shutdown.drain` for requests
-/// in flight.
+/// in flight. `connections` is the connection cap, shared by every serving thread.
 pub async fn run(
     gw: Arc<Gateway>,
     listener: TcpListener,
+    connections: Arc<Semaphore>,
     signal: impl std::future::Future<Output = ()>,
     shutdown: Shutdown,
 ) {
@@ -90,7 +112,6 @@ pub async fn run(
         .keep_alive_interval(Some(H2_KEEP_ALIVE))
         .keep_alive_timeout(H2_KEEP_ALIVE)
         .max_header_list_size(u32::try_from(MAX_HEADER_BYTES).unwrap_or(u32::MAX));
-    let connections = Arc::new(Semaphore::new(gw.limits.max_connections));
     let front = Front {
         gw: &gw,
         listener: &listener,

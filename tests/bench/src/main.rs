@@ -478,7 +478,7 @@ fn wait_http(port: u16, path: &str) -> anyhow::Result<()> {
 
 fn release_binaries() -> anyhow::Result<PathBuf> {
     let root = harness::repo_root();
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let status = harness::cargo()
         .args([
             "build",
             "--release",
@@ -1122,7 +1122,7 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
 fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
     let root = harness::repo_root();
     let started = std::time::Instant::now();
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let out = harness::cargo()
         .args(["test", "-q", "-p", "harness", "--test", "realnode"])
         .args([
             "routine_operations_drop_no_client_request",

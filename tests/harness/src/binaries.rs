@@ -53,12 +53,52 @@ impl Binaries {
     }
 }
 
+/// What cargo tells the program it runs about that program's own package. A cargo started
+/// from a test or the demo must not inherit it: cargo compares such variables with their
+/// last values for build scripts that watch them (ring's reads `CARGO_PKG_NAME`), so a
+/// build from inside `cargo test -p harness` and the user's next plain `cargo build` would
+/// each rebuild ring and everything above it (rustls, kube, crds, both binaries).
+fn is_package_env(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+                | "OUT_DIR"
+        )
+}
+
+/// `command` without the package variables of the cargo that started this process.
+fn without_package_env(command: &mut Command) -> &mut Command {
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_env) {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// A `cargo` command for building this workspace from a test, the demo or the bench: the
+/// cargo that started this process, without its package variables.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    without_package_env(&mut command);
+    command
+}
+
 /// Runs one of the repository's build scripts (`script` relative to the root, with `env`),
 /// which print progress on stderr and the directory they built into on their last line
 /// of stdout, and returns that directory.
 pub fn run_build_script(script: &str, env: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
     let path = repo_root().join(script);
-    let out = Command::new("bash")
+    let mut bash = Command::new("bash");
+    // The scripts run cargo.
+    without_package_env(&mut bash);
+    let out = bash
         .arg(&path)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
@@ -95,8 +135,7 @@ pub(crate) fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
 /// A binary of this workspace, built (debug) if needed: `switchyard-operator`,
 /// `switchyard-gateway`, `fake-provider`.
 pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let status = cargo()
         .args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(repo_root())
         .status()

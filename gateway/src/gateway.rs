@@ -71,18 +71,6 @@ pub struct ClientLimits {
     pub memory_budget: usize,
 }
 
-impl Default for ClientLimits {
-    fn default() -> Self {
-        Self {
-            header_timeout: Duration::from_secs(30),
-            body_timeout: Duration::from_secs(60),
-            max_body: 16 << 20,
-            max_connections: 4096,
-            memory_budget: 256 << 20,
-        }
-    }
-}
-
 /// What the last configuration attempt said, for `/status`.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -155,6 +155,8 @@ pub struct RoutingTable {
     key_sets: Vec<Arc<ClientKeys>>,
     /// Problems that did not stop the table from being built.
     pub warnings: Vec<String>,
+    /// The gateway's region as a response header value, built once.
+    pub region_header: Option<HeaderValue>,
 }
 
 impl RoutingTable {
@@ -250,6 +252,7 @@ impl RoutingTable {
         // say so with a 503 once the model is known: either way no early 401.
         let any_open = routes.iter().any(|r: &RouteEntry| r.client_keys.is_none());
         Self {
+            region_header: HeaderValue::from_str(&config.region).ok(),
             config,
             providers,
             routes,

@@ -155,7 +155,7 @@ fn decorate(
         h.insert(&names::X_PROVIDER, name);
         h.insert(&names::X_PROVIDER_REGION, region);
     }
-    if let Ok(region) = HeaderValue::from_str(&table.config.region) {
-        h.insert(&names::X_REGION, region);
+    if let Some(region) = &table.region_header {
+        h.insert(&names::X_REGION, region.clone());
     }
 }

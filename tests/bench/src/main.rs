@@ -306,12 +306,25 @@ async fn callgrind(
             {
                 total += ir.replace(',', "").parse::<u64>().unwrap_or(0);
             } else if line.contains("):") || (line.contains(" (") && line.contains('%')) {
-                top.push_str(line);
+                top.push_str(&without_directories(line));
                 top.push('\n');
             }
         }
     }
     Ok((total as f64 / served.max(1) as f64, top))
+}
+
+/// A `callgrind_annotate` line with the object in brackets named by its file alone, so the
+/// report holds no path of the machine it ran on.
+fn without_directories(line: &str) -> String {
+    match line.rsplit_once(" [") {
+        Some((head, object)) if object.ends_with(']') => {
+            let object = object.trim_end_matches(']');
+            let file = object.rsplit('/').next().unwrap_or(object);
+            format!("{head} [{file}]")
+        }
+        _ => line.to_owned(),
+    }
 }
 
 fn cmd_full(cmd: &str, args: &[&str]) -> String {

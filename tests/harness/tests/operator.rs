@@ -393,12 +393,23 @@ fn free_port() -> u16 {
 
 /// A minimal HTTP/1.0 client: (status, body).
 fn http(method: &str, port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    http_with(method, port, path, "", body)
+}
+
+/// `http`, with `headers` (complete lines, each ending in CRLF) added to the request.
+fn http_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     write!(
         s,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
@@ -411,15 +422,32 @@ fn http(method: &str, port: u16, path: &str, body: &str) -> Option<(u16, String)
     ))
 }
 
-fn provider_state(c: &Cluster, ns: &str, region: &str, provider: &str) -> Option<String> {
+/// A fake provider named `name` on a free loopback port, stopped with the cluster.
+fn fake_provider(c: &Cluster, ns: &str, name: &str) -> (Child, u16) {
+    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
+    let port = free_port();
+    let mut cmd = Command::new(&fake);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", name]);
+    let child = c
+        .spawn_process(&format!("fake-{name}-{ns}"), cmd)
+        .expect("fake starts");
+    (child, port)
+}
+
+/// A provider's (state, reason) in `region` of pool `health`, as its gateways publish it.
+fn provider_state(c: &Cluster, ns: &str, region: &str, provider: &str) -> Option<(String, String)> {
     let pool = get_json(c, &["providerpool", "health", "-n", ns])?;
     let regions = pool["status"]["regions"].as_array()?.clone();
     let r = regions.iter().find(|r| r["name"] == region)?;
     let p = r["providers"]
         .as_array()?
         .iter()
-        .find(|p| p["name"] == provider)?;
-    p["state"].as_str().map(str::to_owned)
+        .find(|p| p["name"] == provider)?
+        .clone();
+    Some((
+        p["state"].as_str()?.to_owned(),
+        p["reason"].as_str().unwrap_or_default().to_owned(),
+    ))
 }
 
 /// A gateway of `pool` in `region` on loopback, reading the operator's ConfigMap as the
@@ -473,18 +501,8 @@ fn a_configuration_too_large_for_plain_json_is_compressed_and_served_by_gateways
     let c = cluster();
     let ns = c.namespace("bulky").expect("namespace");
     let ns = ns.name();
-    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
-    let (fake_port, gw_port) = (free_port(), free_port());
-    let mut cmd = Command::new(&fake);
-    cmd.args([
-        "--listen",
-        &format!("127.0.0.1:{fake_port}"),
-        "--name",
-        "alpha",
-    ]);
-    let mut provider = c
-        .spawn_process(&format!("fake-alpha-{ns}"), cmd)
-        .expect("fake starts");
+    let (mut provider, fake_port) = fake_provider(c, ns, "alpha");
+    let gw_port = free_port();
     let mut manifest = format!(
         "apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: bulky}}\nspec:\n  regions: [{{name: us-east, replicas: 1}}]\n  providers:\n  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{fake_port}', region: us-east, models: [{{name: m}}]}}\n"
     );
@@ -540,19 +558,9 @@ fn a_configuration_too_large_for_plain_json_is_compressed_and_served_by_gateways
 
 /// A chat completion for model `m` with `key` as the client key: the status code.
 fn chat_as(port: u16, key: &str) -> Option<u16> {
-    use std::io::{Read, Write};
     let body = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_whitespace().nth(1)?.parse().ok()
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    http_with("POST", port, "/v1/chat/completions", &auth, body).map(|(status, _)| status)
 }
 
 #[test]
@@ -560,18 +568,8 @@ fn a_rotated_client_key_applies_in_a_running_gateway_without_a_restart() {
     let c = cluster();
     let ns = c.namespace("rotate").expect("namespace");
     let ns = ns.name();
-    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
-    let (fake_port, gw_port) = (free_port(), free_port());
-    let mut cmd = Command::new(&fake);
-    cmd.args([
-        "--listen",
-        &format!("127.0.0.1:{fake_port}"),
-        "--name",
-        "alpha",
-    ]);
-    let mut provider = c
-        .spawn_process(&format!("fake-alpha-{ns}"), cmd)
-        .expect("fake starts");
+    let (mut provider, fake_port) = fake_provider(c, ns, "alpha");
+    let gw_port = free_port();
     let manifest = format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: clients}}\nstringData: {{app: key-one}}\n---\n\
 apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {{name: rot}}\nspec:\n  regions: [{{name: us-east, replicas: 1}}]\n  providers:\n  - {{name: alpha, type: openaiCompatible, endpoint: 'http://127.0.0.1:{fake_port}', region: us-east, models: [{{name: m}}]}}\n---\n\
@@ -621,22 +619,11 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {{name: rot}
 fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_status() {
     let c = cluster();
     let ns = c.namespace("health").expect("namespace");
-    let fake = workspace_binary("fake-provider", "fake-provider").expect("fake provider builds");
-    let (alpha_port, beta_port, gamma_port, gw_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let mut fakes = Vec::new();
-    for (name, port) in [
-        ("alpha", alpha_port),
-        ("beta", beta_port),
-        ("gamma", gamma_port),
-    ] {
-        let mut cmd = Command::new(&fake);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--name", name]);
-        fakes.push(
-            c.spawn_process(&format!("fake-{name}-{}", ns.name()), cmd)
-                .expect("fake starts"),
-        );
-    }
+    let (alpha, alpha_port) = fake_provider(c, ns.name(), "alpha");
+    let (beta, beta_port) = fake_provider(c, ns.name(), "beta");
+    let (gamma, gamma_port) = fake_provider(c, ns.name(), "gamma");
+    let fakes = [alpha, beta, gamma];
+    let gw_port = free_port();
     let manifest = [
         "apiVersion: v1".to_owned(),
         "kind: Secret".to_owned(),
@@ -684,24 +671,11 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
     wait_for(
         "alpha Healthy in the pool status",
         Duration::from_secs(15),
-        || (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(()),
+        || (provider_state(c, ns.name(), "us-east", "alpha")?.0 == "Healthy").then_some(()),
     );
 
     // A provider only probed shows the probes' verdict, not "no traffic yet".
-    let provider = |name: &str| -> Option<(String, String)> {
-        let pool = get_json(c, &["providerpool", "health", "-n", ns.name()])?;
-        let regions = pool["status"]["regions"].as_array()?.clone();
-        let r = regions.iter().find(|r| r["name"] == "us-east")?;
-        let p = r["providers"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == name)?
-            .clone();
-        Some((
-            p["state"].as_str()?.to_owned(),
-            p["reason"].as_str().unwrap_or_default().to_owned(),
-        ))
-    };
+    let provider = |name: &str| provider_state(c, ns.name(), "us-east", name);
     wait_for(
         "gamma Healthy by its probes",
         Duration::from_secs(15),
@@ -740,7 +714,7 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
     wait_for(
         "alpha Ejected in the pool status",
         Duration::from_secs(15),
-        || (provider_state(c, ns.name(), "us-east", "alpha")? == "Ejected").then_some(()),
+        || (provider_state(c, ns.name(), "us-east", "alpha")?.0 == "Ejected").then_some(()),
     );
     eprintln!(
         "provider failure visible in status after {:?}",
@@ -763,7 +737,7 @@ fn gateways_serve_from_the_operators_configmap_and_report_provider_health_in_sta
         "the breaker closes after a good probe: {body}"
     );
     wait_for("alpha Healthy again", Duration::from_secs(15), || {
-        (provider_state(c, ns.name(), "us-east", "alpha")? == "Healthy").then_some(())
+        (provider_state(c, ns.name(), "us-east", "alpha")?.0 == "Healthy").then_some(())
     });
     wait_condition(
         c,

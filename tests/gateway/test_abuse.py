@@ -72,14 +72,16 @@ def served_quickly(gw, n=5, bound=1.0):
 
 
 def served_again_within(gw, seconds, why):
-    """Waits until a normal client is served quickly again, at most `seconds`."""
+    """Waits until a normal client is served quickly again, at most `seconds`. An answer
+    that is slow (a connection queued while its serving thread was still backing off
+    from failed accepts) means not yet recovered, as an error does."""
     deadline = time.monotonic() + seconds
     while True:
         try:
             served_quickly(gw, n=3)
             return
-        except openai.APIError:
-            assert time.monotonic() < deadline, why
+        except (openai.APIError, AssertionError) as e:
+            assert time.monotonic() < deadline, f"{why}: {e}"
             time.sleep(0.2)
 
 

@@ -53,12 +53,20 @@ impl RequestBody {
                 BodyError::NotJson(e)
             }
         })?;
-        // Keep each key's last occurrence; a set keeps this linear in the member count,
+        // Keep each key's last occurrence. A usual request has a handful of members,
+        // compared pairwise; beyond that a set keeps this linear in the member count,
         // which the client chooses.
-        let mut last = vec![false; found.0.len()];
-        let mut seen = HashSet::with_capacity(found.0.len());
-        for (i, (key, _)) in found.0.iter().enumerate().rev() {
-            last[i] = seen.insert(key.as_str());
+        let keys = &found.0;
+        let mut last = vec![false; keys.len()];
+        if keys.len() <= 16 {
+            for (i, (key, _)) in keys.iter().enumerate() {
+                last[i] = !keys[i + 1..].iter().any(|(later, _)| later == key);
+            }
+        } else {
+            let mut seen = HashSet::with_capacity(keys.len());
+            for (i, (key, _)) in keys.iter().enumerate().rev() {
+                last[i] = seen.insert(key.as_str());
+            }
         }
         let base = raw.as_ptr() as usize;
         let members: Arc<[(String, Range<usize>)]> = found

@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper_util::client::legacy::ResponseFuture;
 
 use crate::budget::MemoryBudget;
 use crate::idempotency::Replays;
@@ -16,10 +20,14 @@ use crate::upstream::{HttpClient, new_client};
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Lookup-only maps keyed by the gateway's own configuration (never a client's string):
+/// a fast hash, since these lookups run on every request.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 thread_local! {
     /// This thread's upstream clients, by gateway and connect timeout.
-    static CLIENTS: std::cell::RefCell<HashMap<(u64, Duration), HttpClient>> =
-        std::cell::RefCell::new(HashMap::new());
+    static CLIENTS: std::cell::RefCell<FastMap<(u64, Duration), HttpClient>> =
+        std::cell::RefCell::new(FastMap::default());
 }
 
 /// Shared gateway state.
@@ -135,16 +143,17 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// A pooled client whose connect timeout is `connect`: one pool per distinct timeout
-    /// and per serving thread, so an upstream connection is only ever used by the thread
-    /// (and runtime) that opened it.
-    pub fn client(&self, connect: Duration) -> HttpClient {
+    /// Sends `req` on a pooled client whose connect timeout is `connect`: one pool per
+    /// distinct timeout and per serving thread, so an upstream connection is only ever
+    /// used by the thread (and runtime) that opened it. The returned future owns what it
+    /// needs, so the client itself is not cloned per request.
+    pub fn request(&self, connect: Duration, req: Request<Full<Bytes>>) -> ResponseFuture {
         CLIENTS.with(|clients| {
             clients
                 .borrow_mut()
                 .entry((self.id, connect))
                 .or_insert_with(|| new_client(connect, self.upstream_idle, self.tls.clone()))
-                .clone()
+                .request(req)
         })
     }
 }

@@ -12,6 +12,7 @@
 //! references through the API (in-cluster credentials, or `KUBECONFIG`), and publishes
 //! provider health into the pool's status.
 
+mod alloc;
 mod auth;
 mod body;
 mod budget;
@@ -178,6 +179,11 @@ fn parse_args() -> Args {
     }
     args
 }
+
+// Unit tests count allocations with an allocator of their own.
+#[cfg(not(test))]
+#[global_allocator]
+static ALLOCATOR: alloc::BySize = alloc::BySize;
 
 // Configuration, probes, health publishing and the admin port run here; requests are
 // served by the threads `main` starts.
@@ -346,17 +352,20 @@ async fn shutdown_signal() {
     }
 }
 
-/// Buffers of a few hundred KiB and more get pages of their own, given back to the
-/// system when freed. Without this glibc raises its threshold after the first large
-/// frees, so the next burst of big answers is served from the heap and stays resident
-/// (790 MB after 20 oversized answers, in a test before this).
-// The workspace denies unsafe code; this call is its one exception.
+/// Buffers of `alloc::LARGE` and more, which the system allocator serves, get pages of
+/// their own, given back to the system when freed. Without this glibc raises its
+/// threshold after the first large frees, so the next burst of big answers is served from
+/// the heap and stays resident (790 MB after 20 oversized answers, in a test before this).
+// The workspace denies unsafe code; this call and the allocator are its exceptions.
 #[allow(unsafe_code)]
 fn return_large_buffers_to_the_system() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator and takes no pointers; glibc serialises it
     // with allocation, and a refused setting leaves the defaults.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(
+            libc::M_MMAP_THRESHOLD,
+            i32::try_from(alloc::LARGE).unwrap_or(i32::MAX),
+        );
     }
 }

@@ -39,13 +39,13 @@ pub async fn run(gw: Arc<Gateway>) {
                 continue;
             };
             let health = p.health.clone();
-            let client = gw.client(active.timeout.get());
+            let sent = gw.request(active.timeout.get(), req);
             let name = p.config.name.clone();
             let healthy = u32::try_from(active.healthy_threshold).unwrap_or(1);
             let unhealthy = u32::try_from(active.unhealthy_threshold).unwrap_or(1);
             tokio::spawn(async move {
                 let ok = matches!(
-                    tokio::time::timeout(active.timeout.get(), client.request(req)).await,
+                    tokio::time::timeout(active.timeout.get(), sent).await,
                     Ok(Ok(resp)) if resp.status().is_success()
                 );
                 if !ok {

@@ -25,7 +25,7 @@ use crate::dialect::Operation;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::idempotency::{Claim, MAX_KEY_LEN, Recording, Stored, fingerprint};
-use crate::proxy::{ClientRequest, UpstreamTime, serve};
+use crate::proxy::{ClientRequest, Served, serve};
 use crate::response::{Body, json_response, names};
 use crate::table::Admission;
 
@@ -292,13 +292,22 @@ pub async fn run_admin(gw: Arc<Gateway>, listener: TcpListener) {
 
 fn request_id(req: &Request<Incoming>) -> String {
     req.headers()
-        .get("x-request-id")
+        .get(&names::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(
-            || format!("{:032x}", rand::rng().random::<u128>()),
-            str::to_owned,
-        )
+        .map_or_else(fresh_request_id, str::to_owned)
+}
+
+/// 32 random hex digits, written without the formatting machinery (this runs for every
+/// request that brings no id of its own).
+fn fresh_request_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = rand::rng().random::<u128>();
+    let mut id = [0u8; 32];
+    for (i, digit) in id.iter_mut().rev().enumerate() {
+        *digit = HEX[((n >> (i * 4)) & 0xf) as usize];
+    }
+    String::from_utf8_lossy(&id).into_owned()
 }
 
 async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -355,8 +364,8 @@ async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: SocketAddr) -> R
             method = %method,
             path = %path,
             status = resp.status().as_u16(),
-            provider = resp.headers().get("x-switchyard-provider").and_then(|v| v.to_str().ok()).unwrap_or(""),
-            attempts = resp.headers().get("x-switchyard-attempts").and_then(|v| v.to_str().ok()).unwrap_or("0"),
+            provider = resp.headers().get(&names::X_PROVIDER).and_then(|v| v.to_str().ok()).unwrap_or(""),
+            attempts = resp.headers().get(&names::X_ATTEMPTS).and_then(|v| v.to_str().ok()).unwrap_or("0"),
             ms = started.elapsed().as_millis() as u64,
             peer = %peer,
             "request"
@@ -464,9 +473,12 @@ async fn api(
         include_usage,
         request_id: id.to_owned(),
     };
-    let mut resp = serve(gw, table.clone(), route, request).await;
-    if let Some(UpstreamTime(upstream)) = resp.extensions().get::<UpstreamTime>() {
-        let added = started.elapsed().saturating_sub(*upstream);
+    let Served {
+        mut resp,
+        upstream_time,
+    } = serve(gw, table.clone(), route, request).await;
+    if let Some(upstream) = upstream_time {
+        let added = started.elapsed().saturating_sub(upstream);
         route
             .metrics(&gw.metrics)
             .added_latency(added.as_secs_f64());
@@ -575,4 +587,20 @@ fn status(gw: &Gateway) -> Response<Body> {
         "idempotency": {"bytesHeld": gw.replays.bytes()},
     });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fresh_request_id;
+
+    #[test]
+    fn a_fresh_request_id_is_32_lowercase_hex_digits_and_new_each_time() {
+        let (a, b) = (fresh_request_id(), fresh_request_id());
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(a, b);
+    }
 }

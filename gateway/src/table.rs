@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::auth::ClientKeys;
 use crate::dialect::{self, Dialect, Upstream};
+use crate::gateway::FastMap;
 use crate::health::ProviderHealth;
 use crate::metrics::{Metrics, ProviderMetrics, RouteMetrics};
 use crate::retry::RetryBudget;
@@ -81,6 +82,9 @@ pub struct ProviderEntry {
     pub metrics: OnceLock<ProviderMetrics>,
     /// Its name and region as response header values (`None` if not valid as one).
     pub headers: Option<(HeaderValue, HeaderValue)>,
+    /// The `Host` its requests carry, built once (the HTTP client would format it on
+    /// every request).
+    host: Option<HeaderValue>,
 }
 
 impl ProviderEntry {
@@ -100,8 +104,20 @@ impl ProviderEntry {
         Upstream {
             provider: &self.config,
             key: self.api_key.as_ref(),
+            host: self.host.as_ref(),
         }
     }
+}
+
+/// The `Host` header for requests to `endpoint`: its authority, unless that carries
+/// credentials (then the HTTP client derives it from the URL as usual).
+fn host_header(endpoint: &str) -> Option<HeaderValue> {
+    let uri: hyper::Uri = endpoint.parse().ok()?;
+    let authority = uri.authority()?.as_str();
+    if authority.contains('@') {
+        return None;
+    }
+    HeaderValue::from_str(authority).ok()
 }
 
 /// A route in the table.
@@ -147,7 +163,7 @@ pub enum Admission<'a> {
 pub struct RoutingTable {
     /// The configuration it was built from.
     pub config: GatewayConfig,
-    providers: HashMap<String, ProviderEntry>,
+    providers: FastMap<String, ProviderEntry>,
     routes: Vec<RouteEntry>,
     /// Whether some route takes requests without a client key (or cannot check one).
     any_open: bool,
@@ -167,7 +183,7 @@ impl RoutingTable {
         previous: Option<&RoutingTable>,
         now: Instant,
     ) -> Self {
-        let mut providers = HashMap::new();
+        let mut providers = FastMap::default();
         for p in &config.providers {
             let health = previous
                 .and_then(|t| t.providers.get(&p.name))
@@ -198,6 +214,7 @@ impl RoutingTable {
                     headers: HeaderValue::from_str(&p.name)
                         .ok()
                         .zip(HeaderValue::from_str(&p.region).ok()),
+                    host: host_header(&p.endpoint),
                 },
             );
         }

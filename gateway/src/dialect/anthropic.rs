@@ -19,7 +19,8 @@ use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::{
-    Address, Answer, Dialect, Operation, Prefill, Step, StreamDecoder, Upstream, UpstreamError,
+    Address, Answer, Chunk, Dialect, Operation, Prefill, Step, StreamDecoder, Upstream,
+    UpstreamError,
 };
 use crate::body::RequestBody;
 use crate::health::RateLimitReport;
@@ -107,11 +108,25 @@ impl Dialect for Anthropic {
     }
 
     fn rate_limits(&self, headers: &HeaderMap) -> RateLimitReport {
+        let [
+            remaining_requests,
+            remaining_tokens,
+            limit_requests,
+            limit_tokens,
+        ] = super::numbers(
+            headers,
+            [
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-tokens-limit",
+            ],
+        );
         RateLimitReport {
-            remaining_requests: super::number(headers, "anthropic-ratelimit-requests-remaining"),
-            remaining_tokens: super::number(headers, "anthropic-ratelimit-tokens-remaining"),
-            limit_requests: super::number(headers, "anthropic-ratelimit-requests-limit"),
-            limit_tokens: super::number(headers, "anthropic-ratelimit-tokens-limit"),
+            remaining_requests,
+            remaining_tokens,
+            limit_requests,
+            limit_tokens,
         }
     }
 
@@ -145,12 +160,12 @@ impl Dialect for Anthropic {
 }
 
 impl StreamDecoder for StreamTranslator {
-    fn event(&mut self, data: &str) -> Step {
-        StreamTranslator::event(self, data)
+    fn event(&mut self, data: String) -> Step {
+        StreamTranslator::event(self, &data)
     }
 
-    fn reported_usage(&self) -> Option<Value> {
-        Some(self.usage_chunk())
+    fn reported_usage(&self) -> Option<Chunk> {
+        Some(Chunk::built(&self.usage_chunk()))
     }
 }
 
@@ -553,9 +568,11 @@ impl StreamTranslator {
         }
     }
 
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
-        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Chunk {
+        Chunk::built(
+            &json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]}),
+        )
     }
 
     /// The usage chunk, from what the stream reported so far.
@@ -649,7 +666,7 @@ impl StreamTranslator {
                 Step::Chunks(vec![self.chunk(json!({}), Some(finish_reason(reason)))])
             }
             "message_stop" => Step::Done(if self.include_usage {
-                vec![self.usage_chunk()]
+                vec![Chunk::built(&self.usage_chunk())]
             } else {
                 Vec::new()
             }),
@@ -818,7 +835,7 @@ mod tests {
         let chunks: Vec<Value> = events
             .iter()
             .flat_map(|e| match t.event(e) {
-                Step::Chunks(c) => c,
+                Step::Chunks(c) => c.iter().map(Chunk::to_value).collect::<Vec<_>>(),
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
@@ -837,6 +854,7 @@ mod tests {
         let Step::Done(last) = t.event(r#"{"type":"message_stop"}"#) else {
             panic!("message_stop ends the stream");
         };
+        let last: Vec<Value> = last.iter().map(Chunk::to_value).collect();
         assert_eq!(last[0]["usage"]["prompt_tokens"], 12);
         assert_eq!(last[0]["usage"]["completion_tokens"], 9);
         assert_eq!(t.event("{not json"), Step::Malformed);
@@ -874,9 +892,9 @@ mod tests {
                 let mut out = Vec::new();
                 for data in input.lines().filter_map(|l| l.strip_prefix("data: ")) {
                     match t.event(data) {
-                        Step::Chunks(c) => out.extend(c),
+                        Step::Chunks(c) => out.extend(c.iter().map(Chunk::to_value)),
                         Step::Done(c) => {
-                            out.extend(c);
+                            out.extend(c.iter().map(Chunk::to_value));
                             out.push(json!("[DONE]"));
                         }
                         other => out.push(json!(format!("{other:?}"))),

@@ -1,10 +1,8 @@
 //! OpenAI's API, and the servers that speak it (vLLM, llama.cpp, Ollama, TGI, LiteLLM):
 //! requests and answers pass through with only the model rewritten.
 
+use super::{Address, Chunk, Dialect, Operation, Prefill, Step, StreamDecoder, Upstream};
 use crds::TargetConfig;
-use serde_json::Value;
-
-use super::{Address, Dialect, Operation, Prefill, Step, StreamDecoder, Upstream};
 
 /// OpenAI itself, or a server that only speaks its API.
 #[derive(Debug)]
@@ -70,13 +68,14 @@ impl Dialect for OpenAi {
 pub struct Chunks;
 
 impl StreamDecoder for Chunks {
-    fn event(&mut self, data: &str) -> Step {
+    fn event(&mut self, data: String) -> Step {
         if data == "[DONE]" {
             return Step::Done(Vec::new());
         }
-        match serde_json::from_str::<Value>(data) {
-            Ok(chunk) if chunk.is_object() => Step::Chunks(vec![chunk]),
-            _ => Step::Malformed,
+        // Forwarded as written: only the facts the stream needs are read from it.
+        match Chunk::parse(data) {
+            Some(chunk) => Step::Chunks(vec![chunk]),
+            None => Step::Malformed,
         }
     }
 }

@@ -13,8 +13,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
+use super::ClientRequest;
 use super::stream::{Resume, Source, stream};
-use super::{ClientRequest, UpstreamTime};
 use crate::budget::{HeldBody, ReadError, ReadLimits, declared_length, read_body};
 use crate::dialect::{ErrorClass, Operation, build_request};
 use crate::error::GatewayError;
@@ -30,8 +30,8 @@ const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
 /// How one try ended.
 pub(super) enum Tried {
-    /// The answer for the client.
-    Answer(Response<Body>),
+    /// The answer for the client, and the provider's share of the time.
+    Answer(Response<Body>, Duration),
     /// A transient failure; another target may do better.
     Retry(String),
     /// A failure another try cannot fix; passed to the client as is.
@@ -71,10 +71,10 @@ pub(super) async fn send(
     first_byte: Duration,
 ) -> Result<Sent, SendError> {
     let name = provider.config.name.as_str();
-    let client = gw.client(rc.timeouts.connect.get());
     let inflight = InFlight::start(provider.health.clone(), rc, &provider.config.health.passive);
     let t0 = Instant::now();
-    match tokio::time::timeout(first_byte, client.request(upstream)).await {
+    let sent = gw.request(rc.timeouts.connect.get(), upstream);
+    match tokio::time::timeout(first_byte, sent).await {
         Err(_) => {
             inflight.finish(Outcome::Failure, None);
             gw.metrics.attempt(name, "timeout", None);
@@ -289,9 +289,8 @@ pub(super) async fn attempt(
         }
         gw.metrics
             .provider_success(provider.metrics(&gw.metrics), latency.as_secs_f64());
-        let mut resp = json_response(status, answer.body).map(|b| HeldBody::wrap(b, held));
-        resp.extensions_mut().insert(UpstreamTime(t0.elapsed()));
-        return Tried::Answer(resp);
+        let resp = json_response(status, answer.body).map(|b| HeldBody::wrap(b, held));
+        return Tried::Answer(resp, t0.elapsed());
     }
 
     let headers = resp.headers().clone();

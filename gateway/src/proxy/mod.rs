@@ -30,10 +30,16 @@ use attempt::{Tried, attempt};
 use plan::{Next, OnRefusal, Plan};
 use synthetic::synthetic_answer;
 
-/// How long the serving provider took, to its first token for a stream or its whole
-/// body otherwise; the rest of the request's time is what the gateway added.
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamTime(pub Duration);
+/// The response for the client, and how long the serving provider took (to its first
+/// token for a stream, its whole body otherwise): the rest of the request's time is what
+/// the gateway added. No provider time when the gateway answered by itself.
+#[derive(Debug)]
+pub struct Served {
+    /// The response.
+    pub resp: Response<Body>,
+    /// The provider's share of the time.
+    pub upstream_time: Option<Duration>,
+}
 
 /// A validated client request.
 #[derive(Debug)]
@@ -58,7 +64,7 @@ pub async fn serve(
     table: Arc<RoutingTable>,
     first: &RouteEntry,
     req: ClientRequest,
-) -> Response<Body> {
+) -> Served {
     let started = Instant::now();
     let deadline = started + first.config.timeouts.total.get();
     first.budget.record_request(started);
@@ -86,15 +92,21 @@ pub async fn serve(
         let served_by = target.provider.as_str();
         let tries = plan.tries();
         let done = |mut resp: Response<Body>| {
-            decorate(&mut resp, &table, served_by, tries, &req.request_id);
-            resp
+            decorate(&mut resp, &table, served_by, tries);
+            Served {
+                resp,
+                upstream_time: None,
+            }
         };
         match attempt(gw, &table, route, target, &req, deadline, plan.tried()).await {
-            Tried::Answer(resp) => {
+            Tried::Answer(resp, upstream_time) => {
                 if first_provider.as_deref() != Some(served_by) {
                     first.metrics(&gw.metrics).failover();
                 }
-                return done(resp);
+                return Served {
+                    upstream_time: Some(upstream_time),
+                    ..done(resp)
+                };
             }
             Tried::Retry(why) => plan.failed(why),
             Tried::Final(resp) => return done(resp),
@@ -134,22 +146,17 @@ pub async fn serve(
         }
         .response(),
     };
-    decorate(&mut resp, &table, "", plan.tries(), &req.request_id);
-    resp
+    decorate(&mut resp, &table, "", plan.tries());
+    Served {
+        resp,
+        upstream_time: None,
+    }
 }
 
 /// Response headers naming who served.
-fn decorate(
-    resp: &mut Response<Body>,
-    table: &RoutingTable,
-    provider: &str,
-    tries: u32,
-    request_id: &str,
-) {
+fn decorate(resp: &mut Response<Body>, table: &RoutingTable, provider: &str, tries: u32) {
+    // The request id is set by the server on every response, this one included.
     let h = resp.headers_mut();
-    if let Ok(id) = HeaderValue::from_str(request_id) {
-        h.insert(&names::X_REQUEST_ID, id);
-    }
     h.insert(&names::X_ATTEMPTS, HeaderValue::from(tries));
     if let Some((name, region)) = table.provider(provider).and_then(|p| p.headers.clone()) {
         h.insert(&names::X_PROVIDER, name);

@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::ClientRequest;
 use super::attempt::{InFlight, Tried, send};
-use super::{ClientRequest, UpstreamTime};
 use crate::body::RequestBody;
-use crate::dialect::{Operation, Prefill, Step, StreamDecoder, build_request};
+use crate::dialect::{Chunk, Facts, Operation, Prefill, Step, StreamDecoder, build_request};
 use crate::gateway::Gateway;
 use crate::health::Outcome;
 use crate::response::event_stream;
@@ -62,12 +62,12 @@ pub(super) async fn stream(
     let first_by = Instant::now() + first_token_budget;
     // Chunks that carry no token yet (the opening role chunk) are held back, so a provider
     // that breaks before its first token is still failed over invisibly.
-    let mut pending: VecDeque<Value> = VecDeque::new();
+    let mut pending: VecDeque<Chunk> = VecDeque::new();
     let complete = loop {
         let why = match reader.next(first_by).await {
-            Ok(Some(data)) => match decoder.event(&data) {
+            Ok(Some(data)) => match decoder.event(data) {
                 Step::Chunks(chunks) => {
-                    let token = chunks.iter().any(carries_token);
+                    let token = chunks.iter().any(|c| c.facts().token);
                     pending.extend(chunks);
                     if token {
                         break false;
@@ -112,17 +112,21 @@ pub(super) async fn stream(
         let mut resumed = 0;
         loop {
             while let Some(mut chunk) = pending.pop_front() {
-                if state.continuing {
-                    strip_role(&mut chunk);
+                // Chunks pass as the provider wrote them, except a continuation's first
+                // ones, which must not restart the message or repeat its whitespace.
+                if state.continuing && chunk.facts().role {
+                    chunk.rewrite(strip_role);
                 }
-                if state.trim_leading {
-                    trim_leading(&mut chunk, &mut state.trim_leading);
+                if state.trim_leading && !chunk.facts().content.is_empty() {
+                    let mut trimming = true;
+                    chunk.rewrite(|v| trim_leading(v, &mut trimming));
+                    state.trim_leading = trimming;
                 }
-                state.observe(&chunk);
-                if carries_token(&chunk) {
+                state.observe(chunk.facts());
+                if chunk.facts().token {
                     idle_by = Instant::now() + idle;
                 }
-                if tx.send(Ok(event(&chunk))).await.is_err() {
+                if tx.send(Ok(event(chunk.json()))).await.is_err() {
                     // The client went away; the provider did nothing wrong.
                     return;
                 }
@@ -148,7 +152,7 @@ pub(super) async fn stream(
                 }
             };
             let why = match next {
-                Ok(Some(data)) => match decoder.event(&data) {
+                Ok(Some(data)) => match decoder.event(data) {
                     Step::Chunks(chunks) => {
                         pending.extend(chunks);
                         continue;
@@ -221,28 +225,7 @@ pub(super) async fn stream(
     });
     let mut resp = Response::new(StreamBody::new(receiver_stream(rx)).boxed());
     event_stream(&mut resp);
-    resp.extensions_mut().insert(UpstreamTime(upstream_time));
-    Tried::Answer(resp)
-}
-
-/// Whether a chunk carries part of the answer (text, a tool call, the finish, usage or
-/// an error) rather than only opening the message.
-fn carries_token(chunk: &Value) -> bool {
-    if chunk.get("usage").is_some_and(|u| !u.is_null()) || chunk.get("error").is_some() {
-        return true;
-    }
-    chunk
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .any(|c| {
-            c.get("finish_reason").is_some_and(|f| !f.is_null())
-                || c.pointer("/delta/tool_calls").is_some()
-                || c.pointer("/delta/content")
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| !t.is_empty())
-        })
+    Tried::Answer(resp, upstream_time)
 }
 
 /// Drops the whitespace a continuation repeats because its prefill had to be sent without
@@ -390,8 +373,13 @@ async fn stop_requested(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-fn event(value: &Value) -> Frame<Bytes> {
-    Frame::data(Bytes::from(format!("data: {value}\n\n")))
+/// One server-sent event carrying `json`.
+fn event(json: &str) -> Frame<Bytes> {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\n\n");
+    Frame::data(Bytes::from(out))
 }
 
 async fn interrupted(
@@ -410,7 +398,7 @@ async fn interrupted(
         "code": "upstream_stream_interrupted",
         "param": null
     }});
-    let _ = tx.send(Ok(event(&body))).await;
+    let _ = tx.send(Ok(event(&body.to_string()))).await;
 }
 
 /// What the forwarded stream has shown so far.
@@ -425,34 +413,30 @@ struct StreamState {
     trim_leading: bool,
     usage_seen: bool,
     usage_total: Option<u64>,
-    id: Option<Value>,
-    model: Option<Value>,
+    /// The latest `id` and `model` seen, as JSON text.
+    id: Option<String>,
+    model: Option<String>,
     completion_chars: usize,
 }
 
 impl StreamState {
-    fn observe(&mut self, chunk: &Value) {
-        self.id = chunk.get("id").cloned().or(self.id.take());
-        self.model = chunk.get("model").cloned().or(self.model.take());
-        if let Some(usage) = chunk.get("usage").filter(|u| !u.is_null()) {
-            self.usage_seen = true;
-            self.usage_total = usage.get("total_tokens").and_then(Value::as_u64);
+    fn observe(&mut self, facts: &Facts) {
+        // Usually the same in every chunk: copied only when it changes.
+        if facts.id.is_some() && facts.id != self.id {
+            self.id.clone_from(&facts.id);
         }
-        for choice in chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
-                self.finished = true;
-            }
-            if let Some(text) = choice.pointer("/delta/content").and_then(Value::as_str) {
-                self.completion_chars += text.len();
-                if self.text.len() + text.len() <= 1 << 20 {
-                    self.text.push_str(text);
-                }
-            }
+        if facts.model.is_some() && facts.model != self.model {
+            self.model.clone_from(&facts.model);
+        }
+        if let Some(total) = facts.usage {
+            self.usage_seen = true;
+            self.usage_total = total;
+        }
+        self.finished |= facts.finished;
+        let text = &facts.content;
+        self.completion_chars += text.len();
+        if self.text.len() + text.len() <= 1 << 20 {
+            self.text.push_str(text);
         }
     }
 
@@ -463,10 +447,16 @@ impl StreamState {
     }
 
     /// A usage chunk estimated from what was streamed (about four characters a token).
-    fn synthetic_usage(&self) -> Value {
+    fn synthetic_usage(&self) -> Chunk {
         let completion = self.completion_chars.div_ceil(4);
-        json!({"id": self.id, "object": "chat.completion.chunk", "model": self.model, "choices": [],
-               "usage": {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}})
+        let seen = |json: &Option<String>| {
+            json.as_deref()
+                .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        };
+        Chunk::built(
+            &json!({"id": seen(&self.id), "object": "chat.completion.chunk", "model": seen(&self.model), "choices": [],
+               "usage": {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion}}),
+        )
     }
 }
 

@@ -1,8 +1,9 @@
 //! `switchyard-bench`: measures what BENCHMARKS.md reports, on this machine, in one run.
 //!
 //! ```text
-//! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator] [--skip-realnode]
+//! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator] [--skip-realnode] [--skip-peers]
 //! cargo run --release -p bench -- --only-realnode   # rewrite only the real-node section
+//! cargo run --release -p bench -- --only-peers [--seconds 3]   # print only the peers section
 //! cargo run --release -p bench -- --saturate URL [--seconds 10]   # load only, for profiling
 //! ```
 //!
@@ -12,14 +13,18 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::HeaderMap;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+
+mod peers;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -45,11 +50,15 @@ fn client(conns: usize) -> HttpClient {
         .build(http)
 }
 
-async fn one(client: &HttpClient, url: &str, body: &Bytes) -> bool {
+/// `headers` are added to every request: Portkey reads its upstream from them.
+async fn one(client: &HttpClient, url: &str, body: &Bytes, headers: &HeaderMap) -> bool {
     let req = hyper::Request::post(url)
         .header("content-type", "application/json")
         .body(Full::new(body.clone()));
-    let Ok(req) = req else { return false };
+    let Ok(mut req) = req else { return false };
+    for (name, value) in headers {
+        req.headers_mut().insert(name, value.clone());
+    }
     match client.request(req).await {
         Ok(resp) => {
             let ok = resp.status().is_success();
@@ -91,9 +100,10 @@ fn summarize(mut latencies: Vec<Duration>, errors: usize, seconds: f64) -> Stats
 
 /// Open loop at a fixed rate: request i is due at start + i/rate, and its latency is
 /// measured from when it was due (so a stall is not hidden by the generator waiting).
-async fn fixed_rate(url: &str, rate: u32, seconds: u32) -> Stats {
+async fn fixed_rate(url: &str, headers: &HeaderMap, rate: u32, seconds: u32) -> Stats {
     let client = client(256);
     let body = request_body();
+    let headers = Arc::new(headers.clone());
     let total = rate * seconds;
     let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut handles = Vec::with_capacity(total as usize);
@@ -101,10 +111,12 @@ async fn fixed_rate(url: &str, rate: u32, seconds: u32) -> Stats {
         let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
         tokio::time::sleep_until(due).await;
         let (client, body, url) = (client.clone(), body.clone(), url.to_owned());
+        let headers = headers.clone();
         handles.push(tokio::spawn(async move {
-            let ok = tokio::time::timeout(Duration::from_secs(10), one(&client, &url, &body))
-                .await
-                .unwrap_or(false);
+            let ok =
+                tokio::time::timeout(Duration::from_secs(10), one(&client, &url, &body, &headers))
+                    .await
+                    .unwrap_or(false);
             (ok, due.elapsed())
         }));
     }
@@ -119,21 +131,28 @@ async fn fixed_rate(url: &str, rate: u32, seconds: u32) -> Stats {
     summarize(latencies, errors, start.elapsed().as_secs_f64())
 }
 
-/// Closed loop: `conns` workers send back to back for `seconds`.
-async fn saturate(url: &str, conns: usize, seconds: u32) -> Stats {
+/// Closed loop: `conns` workers send back to back for `seconds`. A request that takes
+/// over 10 s counts as an error, so a proxy that stops answering cannot hold the run.
+async fn saturate(url: &str, headers: &HeaderMap, conns: usize, seconds: u32) -> Stats {
     let client = client(conns);
     let body = request_body();
+    let headers = Arc::new(headers.clone());
     let start = Instant::now();
     let deadline = start + Duration::from_secs(u64::from(seconds));
     let mut workers = Vec::new();
     for _ in 0..conns {
         let (client, body, url) = (client.clone(), body.clone(), url.to_owned());
+        let headers = headers.clone();
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0usize;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                if one(&client, &url, &body).await {
+                let sent = one(&client, &url, &body, &headers);
+                if tokio::time::timeout(Duration::from_secs(10), sent)
+                    .await
+                    .unwrap_or(false)
+                {
                     lat.push(t.elapsed());
                 } else {
                     errors += 1;
@@ -182,9 +201,10 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
-/// `root` and its direct children (nginx's master and its workers).
+/// `root` and all its descendants (nginx's master and its workers; a Python or Node
+/// server and whatever helpers it forks).
 fn process_tree(root: u32) -> Vec<u32> {
-    let mut pids = vec![root];
+    let mut parents = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
             .file_name()
@@ -198,9 +218,22 @@ fn process_tree(root: u32) -> Vec<u32> {
             .rsplit_once(") ")
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u32>().ok());
-        if ppid == Some(root) {
-            pids.push(pid);
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
         }
+    }
+    let mut pids = vec![root];
+    // Breadth first over the snapshot: each round adds the children of the last.
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        pids.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
     }
     pids
 }
@@ -221,7 +254,7 @@ async fn send_n(url: &str, n: usize) -> usize {
     let body = request_body();
     let mut ok = 0;
     for _ in 0..n {
-        if one(&client, url, &body).await {
+        if one(&client, url, &body, &HeaderMap::new()).await {
             ok += 1;
         }
     }
@@ -472,21 +505,27 @@ impl Drop for Procs {
 fn wait_http(port: u16, path: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        let ok = Command::new("curl")
-            .args([
-                "-sf",
-                "-o",
-                "/dev/null",
-                &format!("http://127.0.0.1:{port}{path}"),
-            ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
+        if answers(port, path) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("nothing answered on port {port}{path}")
+}
+
+/// Whether a GET of `path` on loopback `port` succeeds now.
+fn answers(port: u16, path: &str) -> bool {
+    Command::new("curl")
+        .args([
+            "-sf",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn release_binaries() -> anyhow::Result<PathBuf> {
@@ -637,6 +676,9 @@ async fn main() -> anyhow::Result<()> {
     let mut operator = true;
     let mut realnode = true;
     let mut only_realnode = false;
+    let mut peers = true;
+    // Prints the peers section only, and writes no report (for quick runs).
+    let mut only_peers = false;
     // Prints the instruction profile only (for working on the hot path).
     let mut only_instructions = false;
     let mut saturate_url = None;
@@ -647,6 +689,8 @@ async fn main() -> anyhow::Result<()> {
             "--seconds" => seconds = args.next().context("--seconds needs a number")?.parse()?,
             "--skip-operator" => operator = false,
             "--skip-realnode" => realnode = false,
+            "--skip-peers" => peers = false,
+            "--only-peers" => only_peers = true,
             "--only-realnode" => only_realnode = true,
             "--only-instructions" => only_instructions = true,
             "--saturate" => saturate_url = Some(args.next().context("--saturate needs a URL")?),
@@ -654,7 +698,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     if let Some(url) = saturate_url {
-        let s = saturate(&url, 64, seconds).await;
+        let s = saturate(&url, &HeaderMap::new(), 64, seconds).await;
         println!(
             "{:.0} requests/s, p50 {:.3} ms, p99 {:.3} ms, {} errors",
             s.sent as f64 / s.seconds,
@@ -689,6 +733,13 @@ async fn main() -> anyhow::Result<()> {
         println!("{section}");
         return Ok(());
     }
+    if only_peers {
+        let mut section = String::new();
+        peers::benchmarks(&bin, &dir, seconds, &mut section).await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        println!("{section}");
+        return Ok(());
+    }
     let mut report = String::new();
     writeln!(report, "# Benchmarks\n")?;
     writeln!(
@@ -698,6 +749,15 @@ async fn main() -> anyhow::Result<()> {
     )?;
     writeln!(report, "## Machine and versions\n\n{}", machine())?;
     gateway_benchmarks(&bin, &dir, seconds, &mut report).await?;
+    if peers {
+        peers::benchmarks(&bin, &dir, seconds, &mut report).await?;
+    } else {
+        writeln!(
+            report,
+            "{}\n\nSkipped in this run (`--skip-peers`).\n",
+            peers::HEADING
+        )?;
+    }
     instruction_profile(&bin, &dir, &mut report).await?;
     if operator {
         operator_benchmarks(&bin, &mut report).await?;
@@ -784,7 +844,7 @@ async fn gateway_benchmarks(
     }
     let idle_rss = rss_kib(gw_pid, "VmRSS:");
     for (_, url, _) in &targets {
-        let _ = saturate(url, 16, 1).await; // warm up connections and caches
+        let _ = saturate(url, &HeaderMap::new(), 16, 1).await; // warm up connections and caches
     }
 
     writeln!(report, "## Gateway overhead\n")?;
@@ -799,7 +859,7 @@ async fn gateway_benchmarks(
     let mut fixed = Vec::new();
     for rate in [1000u32, 3000] {
         for (name, url, _) in &targets {
-            let s = fixed_rate(url, rate, seconds).await;
+            let s = fixed_rate(url, &HeaderMap::new(), rate, seconds).await;
             writeln!(
                 report,
                 "| {rate}/s | {name} | {:.3} | {:.3} | {:.1} | {} | {} |",
@@ -847,7 +907,7 @@ async fn gateway_benchmarks(
     for (name, url, proxy) in &targets {
         let proxy_pids = proxy.map(process_tree).unwrap_or_default();
         let (proxy_before, fake_before) = (cpu_seconds(&proxy_pids), cpu_seconds(&[fake_pid]));
-        let s = saturate(url, 64, seconds).await;
+        let s = saturate(url, &HeaderMap::new(), 64, seconds).await;
         let served = (s.sent - s.errors).max(1) as f64;
         let proxy_us = (cpu_seconds(&proxy_pids) - proxy_before) / served * 1e6;
         let fake_us = (cpu_seconds(&[fake_pid]) - fake_before) / served * 1e6;
@@ -923,10 +983,11 @@ async fn gateway_benchmarks(
         let url = format!("http://127.0.0.1:{g}{path}");
         let c = client(4);
         let body = request_body();
+        let none = HeaderMap::new();
         let mut base = Vec::new();
         for _ in 0..50 {
             let t = Instant::now();
-            one(&c, &url, &body).await;
+            one(&c, &url, &body, &none).await;
             base.push(t.elapsed());
         }
         if mode == "hard down" {
@@ -944,16 +1005,16 @@ async fn gateway_benchmarks(
                 .output();
         }
         let t = Instant::now();
-        let ok = one(&c, &url, &body).await;
+        let ok = one(&c, &url, &body, &none).await;
         let first = t.elapsed();
         // Two more failures open the breaker.
         for _ in 0..2 {
-            one(&c, &url, &body).await;
+            one(&c, &url, &body, &none).await;
         }
         let mut after = Vec::new();
         for _ in 0..50 {
             let t = Instant::now();
-            one(&c, &url, &body).await;
+            one(&c, &url, &body, &none).await;
             after.push(t.elapsed());
         }
         let b = summarize(base, 0, 0.0);

@@ -31,6 +31,9 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 /// Where the hand-written part of BENCHMARKS.md starts; a run keeps it.
 const NOTES_HEADING: &str = "## Notes across runs";
 
+/// The operator's section.
+const OPERATOR_HEADING: &str = "## Operator";
+
 /// The section the real-node tier's measurements go to.
 const REALNODE_HEADING: &str = "## Real node: images and routine operations";
 
@@ -408,6 +411,8 @@ valgrind is not installed, so this section is missing.
             "local",
             "--listen",
             &format!("127.0.0.1:{gw_port}"),
+            "--workers",
+            "1",
         ])
         .env("RUST_LOG", "warn");
     let (gw_ir, gw_top) = callgrind(
@@ -576,6 +581,9 @@ fn start_fake(bin: &Path, port: u16, name: &str, log: &Path) -> anyhow::Result<C
         .spawn()?)
 }
 
+/// The gateway with one serving thread, as nginx runs one worker: on a 2-core machine
+/// shared with the load generator and the fake provider, a second serving thread only
+/// competes with them for the same cores.
 fn start_gateway(bin: &Path, manifests: &Path, port: u16, log: &Path) -> anyhow::Result<Child> {
     Ok(Command::new(bin.join("switchyard-gateway"))
         .args([
@@ -585,6 +593,8 @@ fn start_gateway(bin: &Path, manifests: &Path, port: u16, log: &Path) -> anyhow:
             "local",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -666,6 +676,24 @@ fn machine() -> String {
         cmd_output("uname", &["-r"]),
         cmd_output("rustc", &["--version"]),
         cmd_output("nginx", &["-v"]),
+    )
+}
+
+/// A section this run skipped: the previous report's (from `heading` to `next`), marked
+/// as older than the rest, or a line saying it was skipped when there is none.
+fn kept_or_skipped(old: &str, heading: &str, next: &str, flag: &str) -> String {
+    const MARK: &str = "Kept from an earlier run of the bench";
+    let Some(start) = old.find(&format!("{heading}\n")) else {
+        return format!("{heading}\n\nSkipped in this run (`{flag}`).\n\n");
+    };
+    let end = old[start..].find(next).map_or(old.len(), |i| start + i);
+    let section = &old[start..end];
+    if section.contains(MARK) || section.contains("Skipped in this run") {
+        return section.to_owned();
+    }
+    format!(
+        "{heading}\n\n{MARK} (this one ran with `{flag}`); the machine and versions above may not be the ones it was measured with.\n{}",
+        &section[heading.len()..]
     )
 }
 
@@ -759,21 +787,26 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     instruction_profile(&bin, &dir, &mut report).await?;
+    let old = std::fs::read_to_string(&out_path).unwrap_or_default();
     if operator {
         operator_benchmarks(&bin, &mut report).await?;
     } else {
-        writeln!(
-            report,
-            "## Operator\n\nSkipped in this run (`--skip-operator`).\n"
-        )?;
+        report.push_str(&kept_or_skipped(
+            &old,
+            OPERATOR_HEADING,
+            REALNODE_HEADING,
+            "--skip-operator",
+        ));
     }
     if realnode {
         realnode_benchmarks(&mut report)?;
     } else {
-        writeln!(
-            report,
-            "{REALNODE_HEADING}\n\nSkipped in this run (`--skip-realnode`).\n"
-        )?;
+        report.push_str(&kept_or_skipped(
+            &old,
+            REALNODE_HEADING,
+            NOTES_HEADING,
+            "--skip-realnode",
+        ));
     }
     // The hand-written analysis at the end of the file outlives the numbers above it.
     if let Ok(old) = std::fs::read_to_string(&out_path)
@@ -850,7 +883,7 @@ async fn gateway_benchmarks(
     writeln!(report, "## Gateway overhead\n")?;
     writeln!(
         report,
-        "Method: an open-loop generator (in this binary, hyper client, keep-alive) sends ~1 KiB chat-completion bodies at a fixed rate for {seconds} s per target; each latency is measured from the moment the request was due, so stalls are not hidden. The fake provider answers immediately. Added latency = through the gateway − direct, per percentile. Saturation: 64 closed-loop connections for {seconds} s.\n"
+        "Method: an open-loop generator (in this binary, hyper client, keep-alive) sends ~1 KiB chat-completion bodies at a fixed rate for {seconds} s per target; each latency is measured from the moment the request was due, so stalls are not hidden. The fake provider answers immediately. Added latency = through the gateway − direct, per percentile. Saturation: 64 closed-loop connections for {seconds} s. The gateway runs one serving thread (`--workers 1`), as nginx runs one worker: both proxies get the same share of a machine whose cores the load generator and the fake provider also use.\n"
     )?;
     writeln!(
         report,
@@ -1036,7 +1069,7 @@ async fn gateway_benchmarks(
 }
 
 async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<()> {
-    writeln!(report, "## Operator\n")?;
+    writeln!(report, "{OPERATOR_HEADING}\n")?;
     let cluster = harness::Cluster::start()?;
     let crds = harness::repo_root()
         .join("charts/switchyard/crds")

@@ -247,14 +247,28 @@ pub struct ContentPolicyAction {
     pub model: Option<String>,
 }
 
-/// Retries of a failed request. Each retry goes to a different target where one exists.
+/// Retries of a failed request: first on every other usable target of the route, tier by
+/// tier; then, when none is left untried, on a target already tried; then on the route's
+/// fallback models, each the same way. Every try after the first spends from `budget`,
+/// and none starts after `timeouts.total`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
-    /// Total tries per request, the first one included.
+    /// Tries of any one target within a request, the first included. A target is tried
+    /// again only once every other usable target of the route has been tried: after its
+    /// `Retry-After` for a 429, after the backoff for a 5xx or a failed connection, and
+    /// only when that wait is at most `maxRetryAfter`; a try that timed out is not repeated
+    /// on the same target. Moving to another target does not count against this.
     #[serde(default = "default_attempts")]
     #[schemars(range(min = 1, max = 10))]
     pub attempts: i32,
+
+    /// Longest wait before trying the same target again within a request: a 429 asking
+    /// for longer (its `Retry-After` or rate-limit reset headers), or a target whose
+    /// breaker stays open longer, is not tried again and the request moves on to the
+    /// fallbacks. The wait must also end before `timeouts.total`.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after: Duration,
 
     /// Waiting time between tries.
     #[serde(default)]
@@ -276,6 +290,9 @@ pub struct RetryPolicy {
 fn default_attempts() -> i32 {
     3
 }
+fn default_max_retry_after() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_budget() -> f64 {
     0.2
 }
@@ -284,6 +301,7 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             attempts: default_attempts(),
+            max_retry_after: default_max_retry_after(),
             backoff: Backoff::default(),
             retry_on: RetryOn::default(),
             budget: default_budget(),
@@ -385,6 +403,7 @@ impl Default for RetryOn {
     validation = Rule::new("!self.connect.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.total.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.connect) <= duration(self.total))").message("timeouts.connect must not exceed timeouts.total"),
     validation = Rule::new("!self.firstByte.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.total.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.firstByte) <= duration(self.total))").message("timeouts.firstByte must not exceed timeouts.total"),
     validation = Rule::new("!self.connect.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.firstByte.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.streamIdle.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.connect) > duration('0s') && duration(self.firstByte) > duration('0s') && duration(self.streamIdle) > duration('0s'))").message("timeouts must be greater than zero"),
+    validation = Rule::new("!has(self.firstToken) || !self.firstToken.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.total.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.firstToken) > duration('0s') && duration(self.firstToken) <= duration(self.total))").message("timeouts.firstToken must be greater than zero and not exceed timeouts.total"),
 )]
 pub struct Timeouts {
     /// Time to open a connection to a provider.
@@ -397,6 +416,14 @@ pub struct Timeouts {
     /// client has been sent nothing yet.
     #[serde(default = "default_first_byte")]
     pub first_byte: Duration,
+
+    /// For a streamed answer: time from sending the request until its first token (text,
+    /// a tool call or a finish; the opening role chunk, SSE comments and keep-alive events
+    /// do not count), so a stream can have a tighter time to first token than `firstByte`
+    /// gives response headers. A stream without a token in time fails over; the client
+    /// has been sent nothing yet. Unset: `firstByte` bounds the first token too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_token: Option<Duration>,
 
     /// Longest wait for the next token of a streamed answer once it has started; SSE
     /// comments and keep-alive events do not reset it. A stalled stream resumes on another
@@ -428,6 +455,7 @@ impl Default for Timeouts {
         Self {
             connect: default_connect(),
             first_byte: default_first_byte(),
+            first_token: None,
             stream_idle: default_stream_idle(),
             total: default_total(),
         }

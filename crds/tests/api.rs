@@ -356,6 +356,7 @@ fn policy_defaults_follow_the_field() {
         spec["retry"],
         json!({
             "attempts": 3,
+            "maxRetryAfter": "5s",
             "backoff": {"initial": "100ms", "max": "30s", "multiplier": 2.0, "jitter": 0.1},
             "retryOn": {"connectError": true, "firstByteTimeout": true, "statusCodes": [429, 500, 502, 503, 504]},
             "budget": 0.2

@@ -235,6 +235,17 @@ impl ProviderHealth {
         s.minute_requests += 1;
     }
 
+    /// A started request that ended without a verdict on the provider (the client gave up,
+    /// or the replica is stopping): it no longer counts as in flight, and a half-open
+    /// breaker's probe slot it held is free for another request.
+    pub fn abandon(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        if s.breaker == BreakerState::HalfOpen && s.probes_in_flight > 0 {
+            s.probes_in_flight -= 1;
+        }
+    }
+
     /// Records how a started request ended.
     pub fn finish(
         &self,
@@ -606,6 +617,31 @@ mod tests {
         h.finish(t1, Outcome::Success, None, &b, &p);
         h.finish(t1, Outcome::Success, None, &b, &p);
         assert_eq!(h.breaker(t1), BreakerState::Closed);
+        assert_eq!(h.availability(t1, &b), Availability::Ready);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_probe_frees_its_slot_and_closes_nothing() {
+        let (b, p) = (breaker(), passive());
+        let t0 = Instant::now();
+        let h = ProviderHealth::new(t0);
+        for _ in 0..3 {
+            fail(&h, t0, &b, &p);
+        }
+        let t1 = t0 + Duration::from_secs(30);
+        assert_eq!(h.availability(t1, &b), Availability::Ready, "half-open");
+        h.start(t1);
+        h.start(t1);
+        assert_eq!(h.availability(t1, &b), Availability::Busy);
+        // Clients gave up on both: no verdict, but the slots are free again.
+        h.abandon();
+        h.abandon();
+        assert_eq!(h.in_flight(), 0);
+        assert_eq!(
+            h.breaker(t1),
+            BreakerState::HalfOpen,
+            "an abandon is no success"
+        );
         assert_eq!(h.availability(t1, &b), Availability::Ready);
     }
 

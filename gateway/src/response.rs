@@ -21,6 +21,8 @@ pub mod names {
         HeaderName::from_static("x-switchyard-provider-region");
     /// The gateway's region.
     pub static X_REGION: HeaderName = HeaderName::from_static("x-switchyard-region");
+    /// On a request no provider could serve: each failed try, `provider:class`.
+    pub static X_FAILURES: HeaderName = HeaderName::from_static("x-switchyard-failures");
 }
 
 /// A response body: whole, streamed, or held against the memory budget.

@@ -248,7 +248,10 @@ def test_degraded_response_when_nothing_can_serve(stack, client_for):
 
 
 def test_the_retry_budget_stops_retries_from_multiplying_an_outage(stack, client_for):
-    policy = dict(FAST, retry={"attempts": 3, "budget": 0.1}, circuitBreaker={"consecutiveFailures": 1000, "minRequests": 100000})
+    # A same-target retry waits at least the 100 ms backoff, longer than maxRetryAfter here:
+    # every retry is a failover, and the budget alone limits them.
+    policy = dict(FAST, retry={"attempts": 3, "budget": 0.1, "maxRetryAfter": "50ms"},
+                  circuitBreaker={"consecutiveFailures": 1000, "minRequests": 100000})
     routes = [{"model": "gpt-4o", "strategy": "roundRobin", "targets": [{"provider": "alpha"}, {"provider": "beta"}]}]
     gw, fakes = stack(["alpha", "beta"], routes=routes, policy=policy, provider_extra={
         "alpha": {"health": {"passive": {"consecutiveFailures": 1000}}},

@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::ClientRequest;
+use super::plan::Again;
 use super::stream::{Resume, Source, stream};
 use crate::budget::{HeldBody, ReadError, ReadLimits, declared_length, read_body};
 use crate::dialect::{ErrorClass, Operation, build_request};
@@ -32,14 +33,45 @@ const MAX_UPSTREAM_BODY: usize = 64 << 20;
 pub(super) enum Tried {
     /// The answer for the client, and the provider's share of the time.
     Answer(Response<Body>, Duration),
-    /// A transient failure; another target may do better.
-    Retry(String),
+    /// A transient failure; another try may do better.
+    Retry(Retry),
     /// A failure another try cannot fix; passed to the client as is.
     Final(Response<Body>),
     /// The prompt does not fit the model.
     ContextLength(Response<Body>),
     /// The provider refused on content-policy grounds.
     ContentPolicy(Response<Body>),
+}
+
+/// A failed try that another may fix.
+pub(super) struct Retry {
+    /// What went wrong, in words (never with the key).
+    pub(super) why: String,
+    /// The failure's class, as the attempts metric names it.
+    pub(super) kind: &'static str,
+    /// How the same target may be tried again.
+    pub(super) again: Again,
+}
+
+impl Tried {
+    /// A failure after which the same target may be tried again after a backoff.
+    pub(super) fn retry(kind: &'static str, why: String) -> Self {
+        Self::Retry(Retry {
+            why,
+            kind,
+            again: Again::AfterBackoff,
+        })
+    }
+
+    /// A failure worth retrying on another target only: a provider that let a deadline
+    /// pass would most likely cost the same wait again.
+    pub(super) fn elsewhere(kind: &'static str, why: String) -> Self {
+        Self::Retry(Retry {
+            why,
+            kind,
+            again: Again::Elsewhere,
+        })
+    }
 }
 
 /// A request whose response headers arrived.
@@ -133,13 +165,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         if !self.done {
-            self.health.finish(
-                Instant::now(),
-                Outcome::Success,
-                None,
-                &self.breaker,
-                &self.passive,
-            );
+            // Abandoned: a provider that clients keep giving up on must not count as
+            // healthy (nor close a half-open breaker), and one that a stopping replica
+            // cuts off did nothing wrong.
+            self.health.abandon();
         }
     }
 }
@@ -156,10 +185,13 @@ pub(super) async fn attempt(
     tried: &[String],
 ) -> Tried {
     let Some(provider) = table.provider(&target.provider) else {
-        return Tried::Retry(format!(
-            "provider {} vanished from the configuration",
-            target.provider
-        ));
+        return Tried::retry(
+            "vanished",
+            format!(
+                "provider {} vanished from the configuration",
+                target.provider
+            ),
+        );
     };
     let name = provider.config.name.as_str();
     let dialect = provider.dialect();
@@ -171,14 +203,23 @@ pub(super) async fn attempt(
         &req.request_id,
     ) {
         Ok(r) => r,
-        Err(e) => return Tried::Retry(format!("{name}: {e}")),
+        Err(e) => return Tried::retry("invalid_request", format!("{name}: {e}")),
     };
     let rc = &route.config;
-    let first_byte = rc
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let streaming = req.stream && req.op == Operation::ChatCompletions;
+    // A stream's first token is due `firstToken` after sending (when set), and its
+    // headers cannot come later than that.
+    let first_token = rc
         .timeouts
-        .first_byte
-        .get()
-        .min(deadline.saturating_duration_since(Instant::now()));
+        .first_token
+        .filter(|_| streaming)
+        .map(crds::Duration::get);
+    let first_byte = first_token
+        .map_or(rc.timeouts.first_byte.get(), |t| {
+            t.min(rc.timeouts.first_byte.get())
+        })
+        .min(remaining);
     let Sent {
         resp,
         inflight,
@@ -192,7 +233,7 @@ pub(super) async fn attempt(
                 crds::Duration::new(first_byte)
             );
             return if rc.retry.retry_on.first_byte_timeout {
-                Tried::Retry(why)
+                Tried::elsewhere("timeout", why)
             } else {
                 Tried::Final(GatewayError::UpstreamTimeout(why).response())
             };
@@ -200,7 +241,7 @@ pub(super) async fn attempt(
         Err(SendError::Connect(e)) => {
             let why = format!("{name}: {e}");
             return if rc.retry.retry_on.connect_error {
-                Tried::Retry(why)
+                Tried::retry("connect_error", why)
             } else {
                 Tried::Final(GatewayError::UpstreamConnect(why).response())
             };
@@ -212,7 +253,7 @@ pub(super) async fn attempt(
         .report_rate_limits(dialect.rate_limits(resp.headers()));
 
     if status.is_success() {
-        if req.stream && req.op == Operation::ChatCompletions {
+        if streaming {
             // Only a stream can break after its first byte, so only a stream carries what
             // it needs to resume elsewhere.
             let resume = Resume {
@@ -232,12 +273,13 @@ pub(super) async fn attempt(
                 inflight,
                 latency,
             };
+            let token_due = first_token.unwrap_or(first_byte).min(remaining);
             return stream(
                 gw,
                 rc,
                 req,
                 source,
-                first_byte.saturating_sub(latency),
+                token_due.saturating_sub(latency),
                 resume,
             )
             .await;
@@ -262,13 +304,16 @@ pub(super) async fn attempt(
                 inflight.finish(Outcome::Failure, Some(latency));
                 gw.metrics
                     .attempt(name, "timeout", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name}: the response body did not finish in time"));
+                return Tried::elsewhere(
+                    "timeout",
+                    format!("{name}: the response body did not finish in time"),
+                );
             }
             Err(e) => {
                 inflight.finish(Outcome::Failure, Some(latency));
                 gw.metrics
                     .attempt(name, "body_error", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name}: the response body: {e}"));
+                return Tried::retry("body_error", format!("{name}: the response body: {e}"));
             }
         };
         let answer = match dialect.answer(body) {
@@ -277,7 +322,7 @@ pub(super) async fn attempt(
                 inflight.finish(Outcome::Failure, Some(latency));
                 gw.metrics
                     .attempt(name, "malformed", Some(latency.as_secs_f64()));
-                return Tried::Retry(format!("{name}: {e}"));
+                return Tried::retry("malformed", format!("{name}: {e}"));
             }
         };
         provider.health.record_tokens(Instant::now(), answer.tokens);
@@ -327,7 +372,11 @@ pub(super) async fn attempt(
             gw.metrics.attempt(name, "rate_limited", seconds);
             let why = format!("{name} is rate limited for {}", crds::Duration::new(wait));
             return if retryable {
-                Tried::Retry(why)
+                Tried::Retry(Retry {
+                    why,
+                    kind: "rate_limited",
+                    again: Again::After(wait),
+                })
             } else {
                 Tried::Final(passthrough())
             };
@@ -357,7 +406,12 @@ pub(super) async fn attempt(
             .message()
             .map(|m| format!(" ({m})"))
             .unwrap_or_default();
-        Tried::Retry(format!("{name} answered {code}{said}"))
+        let kind = if error.class == ErrorClass::Server {
+            "server_error"
+        } else {
+            "client_error"
+        };
+        Tried::retry(kind, format!("{name} answered {code}{said}"))
     } else {
         Tried::Final(passthrough())
     }

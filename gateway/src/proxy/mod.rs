@@ -108,7 +108,10 @@ pub async fn serve(
                     ..done(resp)
                 };
             }
-            Tried::Retry(why) => plan.failed(why),
+            Tried::Retry(retry) => {
+                tracing::debug!(request_id = %req.request_id, provider = %served_by, kind = retry.kind, why = %retry.why, "try failed");
+                plan.failed(retry.kind, retry.why, retry.again);
+            }
             Tried::Final(resp) => return done(resp),
             Tried::ContextLength(resp) => {
                 if !plan.context_length_exceeded() {
@@ -147,10 +150,28 @@ pub async fn serve(
         .response(),
     };
     decorate(&mut resp, &table, "", plan.tries());
+    if let Some(value) = failures_header(plan.failures()) {
+        resp.headers_mut().insert(&names::X_FAILURES, value);
+    }
     Served {
         resp,
         upstream_time: None,
     }
+}
+
+/// The failed tries as `provider:class` in order (`a:server_error, b:rate_limited`):
+/// provider names come from the configuration, classes from the gateway, so the value is
+/// always a valid header and never carries a provider's own words.
+fn failures_header(failures: &[plan::Failure]) -> Option<HeaderValue> {
+    if failures.is_empty() {
+        return None;
+    }
+    let text = failures
+        .iter()
+        .map(|f| format!("{}:{}", f.provider, f.kind))
+        .collect::<Vec<_>>()
+        .join(", ");
+    HeaderValue::from_str(&text).ok()
 }
 
 /// Response headers naming who served.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crds::TargetConfig;
 use tokio::time::Instant;
 
+use crate::health::Availability;
 use crate::retry::backoff_delay;
 use crate::select::pick;
 use crate::table::{RouteEntry, RoutingTable};
@@ -28,6 +29,29 @@ pub enum Next<'t> {
     },
     /// Nothing is left to try; the text says why.
     GiveUp(String),
+}
+
+/// How a failed try may be repeated on the same target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// After the route's backoff (a 5xx, a failed connection, a stream broken before its
+    /// first token).
+    AfterBackoff,
+    /// After the wait a 429 asked for.
+    After(Duration),
+    /// Never: the try timed out, and the same target would most likely cost that again.
+    Elsewhere,
+}
+
+/// One failed try, for the final error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The provider tried.
+    pub provider: String,
+    /// The failure's class (`server_error`, `rate_limited`, `timeout`, …).
+    pub kind: &'static str,
+    /// What went wrong, in words.
+    pub why: String,
 }
 
 /// What a route's content-policy handling asks for.
@@ -51,17 +75,20 @@ pub struct Plan<'t> {
     visited: Vec<&'t str>,
     /// The first route's fallbacks not yet considered.
     fallbacks: std::slice::Iter<'t, String>,
-    /// Providers tried on the current route.
+    /// Providers tried on the current route, once per try.
     tried: Vec<String>,
+    /// How each target of the current route last failed, by provider.
+    again: Vec<(String, Again)>,
     /// Tries on the current route.
     route_tries: u32,
     /// Tries in all.
     tries: u32,
     /// Set when the current route is done and the next should be a specific model.
     redirect: Option<&'t str>,
-    /// The current route is done (its tries or targets ran out, or it redirected).
+    /// The current route is done (its targets ran out, or it redirected).
     route_done: bool,
-    last_failure: Option<String>,
+    /// Every failed try, in order.
+    failures: Vec<Failure>,
 }
 
 impl<'t> Plan<'t> {
@@ -74,12 +101,18 @@ impl<'t> Plan<'t> {
             visited: vec![first.config.model.as_str()],
             fallbacks: first.config.fallbacks.iter(),
             tried: Vec::new(),
+            again: Vec::new(),
             route_tries: 0,
             tries: 0,
             redirect: None,
             route_done: false,
-            last_failure: None,
+            failures: Vec::new(),
         }
+    }
+
+    /// Every failed try so far, in order.
+    pub fn failures(&self) -> &[Failure] {
+        &self.failures
     }
 
     /// Tries made so far.
@@ -93,65 +126,159 @@ impl<'t> Plan<'t> {
     }
 
     /// The next step at `now`; `unit` (uniform in [0, 1)) jitters the backoff.
+    ///
+    /// Every usable target of the route is tried once, tier by tier, before any is tried
+    /// again; a target is tried again (up to `retry.attempts` tries) only when the wait it
+    /// needs ends before the deadline; then the next fallback model's route, the same way.
     pub fn next(&mut self, now: Instant, unit: f64) -> Next<'t> {
         loop {
             if now >= self.deadline {
-                return Next::GiveUp(format!(
+                let out = format!(
                     "the request's total timeout ({}) ran out",
                     self.route.config.timeouts.total
-                ));
+                );
+                return Next::GiveUp(if self.failures.is_empty() {
+                    out
+                } else {
+                    format!("{out}; {}", self.summary())
+                });
             }
-            let attempts = u32::try_from(self.route.config.retry.attempts)
-                .unwrap_or(1)
-                .max(1);
-            let choice = if self.route_done || self.route_tries >= attempts {
+            let step = if self.route_done {
                 None
             } else {
-                pick(self.table, self.route, &self.tried, now)
+                self.another_target(now, unit)
+                    .or_else(|| self.same_target_again(now, unit))
             };
-            let Some(choice) = choice else {
+            let Some((target, wait, least_bad)) = step else {
                 if !self.enter_next_route() {
-                    return Next::GiveUp(self.last_failure());
+                    return Next::GiveUp(self.summary());
                 }
                 continue;
             };
-            let mut wait = Duration::ZERO;
-            if self.tries > 0 {
-                if !self.route.budget.try_retry(now, &self.route.config.retry) {
-                    return Next::GiveUp(format!(
-                        "{}; the retry budget is spent, so no further tries were made",
-                        self.last_failure()
-                    ));
-                }
-                // Failing over to a different, usable target is immediate: that is the
-                // rescue. Backoff applies when the only choice left is one already known
-                // to be unwell, so a struggling provider is not hammered.
-                if self.route_tries > 0 && choice.least_bad {
-                    wait = backoff_delay(&self.route.config.retry.backoff, self.route_tries, unit)
-                        .min(self.deadline.saturating_duration_since(now));
-                }
+            if self.tries > 0 && !self.route.budget.try_retry(now, &self.route.config.retry) {
+                return Next::GiveUp(format!(
+                    "{}; the retry budget is spent, so no further tries were made",
+                    self.summary()
+                ));
             }
             self.tries += 1;
             self.route_tries += 1;
-            self.tried.push(choice.target.provider.clone());
+            self.tried.push(target.provider.clone());
             return Next::Try {
                 route: self.route,
-                target: choice.target,
+                target,
                 wait,
-                least_bad: choice.least_bad,
+                least_bad,
             };
         }
     }
 
-    /// The last try failed in a way another target may not: remember why.
-    pub fn failed(&mut self, why: String) {
-        self.last_failure = Some(why);
+    /// A target of the route not yet tried, with the wait before it: none when failing
+    /// over to a usable target (that is the rescue), the backoff when the only choice
+    /// left is one already known to be unwell, so a struggling provider is not hammered.
+    fn another_target(
+        &self,
+        now: Instant,
+        unit: f64,
+    ) -> Option<(&'t TargetConfig, Duration, bool)> {
+        let choice = pick(self.table, self.route, &self.tried, now)?;
+        let wait = if self.route_tries > 0 && choice.least_bad {
+            backoff_delay(&self.route.config.retry.backoff, self.route_tries, unit)
+                .min(self.deadline.saturating_duration_since(now))
+        } else {
+            Duration::ZERO
+        };
+        Some((choice.target, wait, choice.least_bad))
     }
 
-    fn last_failure(&self) -> String {
-        self.last_failure
-            .clone()
-            .unwrap_or_else(|| "no provider could be tried".to_owned())
+    /// A target tried before, once no untried one is left: the one whose wait ends
+    /// soonest among those with tries left and a wait that ends before the deadline.
+    fn same_target_again(
+        &self,
+        now: Instant,
+        unit: f64,
+    ) -> Option<(&'t TargetConfig, Duration, bool)> {
+        let retry = &self.route.config.retry;
+        let attempts = usize::try_from(retry.attempts).unwrap_or(1).max(1);
+        let breaker = &self.route.config.circuit_breaker;
+        let mut best: Option<(&'t TargetConfig, Duration)> = None;
+        for (provider, again) in &self.again {
+            let tries = self.tried.iter().filter(|p| *p == provider).count();
+            if tries >= attempts {
+                continue;
+            }
+            let Some(target) = self
+                .route
+                .config
+                .targets
+                .iter()
+                .find(|t| &t.provider == provider)
+            else {
+                continue;
+            };
+            let Some(entry) = self
+                .table
+                .provider(provider)
+                .filter(|p| p.unusable.is_none())
+            else {
+                continue;
+            };
+            let mut wait = match *again {
+                Again::Elsewhere => continue,
+                Again::After(wait) => wait,
+                Again::AfterBackoff => backoff_delay(
+                    &retry.backoff,
+                    u32::try_from(tries).unwrap_or(u32::MAX),
+                    unit,
+                ),
+            };
+            // An open breaker or a rest the provider asked for also has to be over.
+            match entry.health.availability(now, breaker) {
+                Availability::Ready => {}
+                Availability::Until(when) => {
+                    wait = wait.max(when.saturating_duration_since(now));
+                }
+                Availability::Busy => continue,
+            }
+            if wait > retry.max_retry_after.get() || now + wait >= self.deadline {
+                continue;
+            }
+            if best.is_none_or(|(_, w)| wait < w) {
+                best = Some((target, wait));
+            }
+        }
+        best.map(|(target, wait)| (target, wait, false))
+    }
+
+    /// The last try failed in a way another try may fix: remember why, and how the same
+    /// target could be tried again.
+    pub fn failed(&mut self, kind: &'static str, why: String, again: Again) {
+        let Some(provider) = self.tried.last().cloned() else {
+            return;
+        };
+        match self.again.iter_mut().find(|(p, _)| *p == provider) {
+            Some((_, a)) => *a = again,
+            None => self.again.push((provider.clone(), again)),
+        }
+        self.failures.push(Failure {
+            provider,
+            kind,
+            why,
+        });
+    }
+
+    /// Why the request could not be served: every failed try, in order.
+    fn summary(&self) -> String {
+        match self.failures.as_slice() {
+            [] => "no provider could be tried".to_owned(),
+            [one] => one.why.clone(),
+            all => all
+                .iter()
+                .enumerate()
+                .map(|(i, f)| format!("try {}: {}", i + 1, f.why))
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
     }
 
     /// The last try's prompt did not fit its model: true when the route names a larger
@@ -202,6 +329,7 @@ impl<'t> Plan<'t> {
         self.visited.push(route.config.model.as_str());
         self.route = route;
         self.tried.clear();
+        self.again.clear();
         self.route_tries = 0;
         self.route_done = false;
         true
@@ -274,7 +402,11 @@ mod tests {
                     ..
                 } => {
                     fail(t, route, &target.provider, now);
-                    plan.failed(format!("{} failed", target.provider));
+                    plan.failed(
+                        "server_error",
+                        format!("{} failed", target.provider),
+                        Again::AfterBackoff,
+                    );
                     tried.push((target.provider.clone(), wait));
                 }
                 Next::GiveUp(why) => return (tried, why),
@@ -294,17 +426,118 @@ mod tests {
         let (tried, why) = fail_every_try(&t, &mut plan);
         assert_eq!(names(&tried), ["a", "b", "c", "d"]);
         assert!(tried.iter().all(|(_, wait)| wait.is_zero()), "{tried:?}");
-        assert_eq!(why, "d failed", "the last failure is reported");
+        assert_eq!(
+            why, "try 1: a failed; try 2: b failed; try 3: c failed; try 4: d failed",
+            "every try is reported, in order"
+        );
         assert_eq!(plan.tries(), 4);
+        // Their breakers opened for 30 s, longer than `maxRetryAfter`: none is tried again.
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_attempts_bound_each_route_separately() {
-        let t = table(json!({"attempts": 2}));
+    async fn every_target_is_tried_whatever_the_attempts() {
+        let t = table(json!({"attempts": 1}));
         let m = t.route_for("m").expect("route");
         let mut plan = Plan::new(&t, m, Instant::now() + Duration::from_secs(60));
         let (tried, _) = fail_every_try(&t, &mut plan);
-        assert_eq!(names(&tried), ["a", "b", "d"]);
+        assert_eq!(names(&tried), ["a", "b", "c", "d"]);
+    }
+
+    /// Runs `plan` on route `big`, whose one target `d` fails every try with `kind`
+    /// (resting for the wait a 429 asked for, its breaker left closed): the wait before
+    /// each try, and why the plan gave up.
+    fn lone_target(
+        t: &RoutingTable,
+        plan: &mut Plan<'_>,
+        kind: &'static str,
+        again: Again,
+    ) -> (Vec<Duration>, String) {
+        let mut waits = Vec::new();
+        loop {
+            let now = Instant::now();
+            match plan.next(now, 0.5) {
+                Next::Try {
+                    route,
+                    target,
+                    wait,
+                    ..
+                } => {
+                    assert_eq!(target.provider, "d");
+                    waits.push(wait);
+                    if let Again::After(rest) = again {
+                        let p = t.provider("d").expect("provider");
+                        p.health.start(now);
+                        p.health.finish(
+                            now,
+                            Outcome::RateLimited(rest),
+                            None,
+                            &route.config.circuit_breaker,
+                            &p.config.health.passive,
+                        );
+                    }
+                    plan.failed(kind, format!("d: {kind}"), again);
+                }
+                Next::GiveUp(why) => return (waits, why),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_target_is_tried_again_after_the_retry_after_it_asked_for() {
+        let t = table(json!({"attempts": 3}));
+        let big = t.route_for("big").expect("route");
+        let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_secs(60));
+        let second = Duration::from_secs(1);
+        let (waits, why) = lone_target(&t, &mut plan, "rate_limited", Again::After(second));
+        assert_eq!(waits, [Duration::ZERO, second, second]);
+        assert_eq!(
+            why,
+            "try 1: d: rate_limited; try 2: d: rate_limited; try 3: d: rate_limited"
+        );
+        let kinds: Vec<&str> = plan.failures().iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, ["rate_limited"; 3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_longer_than_the_cap_moves_on_at_once() {
+        let t = table(json!({"attempts": 3, "maxRetryAfter": "5s"}));
+        let big = t.route_for("big").expect("route");
+        let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_secs(60));
+        let rest = Again::After(Duration::from_secs(6));
+        let (waits, _) = lone_target(&t, &mut plan, "rate_limited", rest);
+        assert_eq!(waits, [Duration::ZERO], "one try, no wait for a 6 s rest");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_target_that_errs_is_tried_again_after_a_growing_backoff() {
+        let t = table(
+            json!({"attempts": 3, "backoff": {"initial": "100ms", "max": "1s", "multiplier": 2, "jitter": 0}}),
+        );
+        let big = t.route_for("big").expect("route");
+        let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_secs(60));
+        let (waits, _) = lone_target(&t, &mut plan, "server_error", Again::AfterBackoff);
+        let ms = Duration::from_millis;
+        assert_eq!(waits, [Duration::ZERO, ms(100), ms(200)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_that_timed_out_is_not_repeated_on_the_same_target() {
+        let t = table(json!({"attempts": 3}));
+        let big = t.route_for("big").expect("route");
+        let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_secs(60));
+        let (waits, why) = lone_target(&t, &mut plan, "timeout", Again::Elsewhere);
+        assert_eq!(waits, [Duration::ZERO]);
+        assert_eq!(why, "d: timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_that_would_end_after_the_deadline_is_not_made() {
+        let t = table(json!({"attempts": 3}));
+        let big = t.route_for("big").expect("route");
+        let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_millis(500));
+        let rest = Again::After(Duration::from_secs(1));
+        let (waits, _) = lone_target(&t, &mut plan, "rate_limited", rest);
+        assert_eq!(waits, [Duration::ZERO]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -359,6 +592,7 @@ mod tests {
             why.starts_with("a failed; the retry budget is spent"),
             "{why}"
         );
+        assert_eq!(plan.failures().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -64,7 +64,9 @@ pub(super) async fn stream(
     // that breaks before its first token is still failed over invisibly.
     let mut pending: VecDeque<Chunk> = VecDeque::new();
     let complete = loop {
-        let why = match reader.next(first_by).await {
+        let next = reader.next(first_by).await;
+        let timed_out = matches!(next, Err(StreamError::TimedOut));
+        let why = match next {
             Ok(Some(data)) => match decoder.event(data) {
                 Step::Chunks(chunks) => {
                     let token = chunks.iter().any(|c| c.facts().token);
@@ -82,16 +84,24 @@ pub(super) async fn stream(
                 Step::Failed(why) => why,
             },
             Ok(None) => "ended the stream".to_owned(),
-            Err(StreamError::TimedOut) => format!(
-                "sent no token within the first-byte timeout ({})",
-                rc.timeouts.first_byte
-            ),
+            Err(StreamError::TimedOut) => match rc.timeouts.first_token {
+                Some(t) => format!("sent no token within the first-token timeout ({t})"),
+                None => format!(
+                    "sent no token within the first-byte timeout ({})",
+                    rc.timeouts.first_byte
+                ),
+            },
             Err(e) => e.to_string(),
         };
         inflight.finish(Outcome::Failure, Some(latency));
         gw.metrics
             .attempt(name, "stream_error", Some(latency.as_secs_f64()));
-        return Tried::Retry(format!("{name}: {why} before the first token"));
+        let why = format!("{name}: {why} before the first token");
+        return if timed_out {
+            Tried::elsewhere("timeout", why)
+        } else {
+            Tried::retry("stream_error", why)
+        };
     };
     gw.metrics
         .attempt(name, "success", Some(latency.as_secs_f64()));

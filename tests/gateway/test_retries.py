@@ -1,0 +1,96 @@
+"""What a request tries before it gives up, through the official openai SDK: every usable
+target of every tier, the same target again when it is the only one left (after the
+Retry-After it asked for, or a backoff), the fallback model when the wait is too long, a
+first-token deadline for streams, and a final error that lists every try."""
+
+import json
+import time
+
+from conftest import CLIENT_KEY, http
+
+MSG = [{"role": "user", "content": "hello"}]
+FULL = "The quick brown fox jumps over the lazy dog."
+
+
+def chat(client, model="gpt-4o"):
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG)
+    return raw.parse(), raw.headers
+
+
+def test_every_target_of_every_tier_is_tried_whatever_the_attempts(stack, client_for):
+    # Three endpoints of the model down and a substitute one tier lower: with three
+    # attempts the substitute used to be out of reach.
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "p1"}, {"provider": "p2"}, {"provider": "p3"},
+                                              {"provider": "sub", "priority": 1}]}]
+    gw, fakes = stack(["p1", "p2", "p3", "sub"], routes=routes, policy={"retry": {"attempts": 3}})
+    for name in ("p1", "p2", "p3"):
+        fakes[name].fault("status:503")
+    answer, headers = chat(client_for(gw))
+    assert answer.choices[0].message.content == f"Hello from sub. {FULL}"
+    assert headers["x-switchyard-provider"] == "sub"
+    assert headers["x-switchyard-attempts"] == "4"
+    assert [len(fakes[n].attempts()) for n in ("p1", "p2", "p3")] == [1, 1, 1]
+
+
+def test_the_final_error_lists_every_try_in_the_body_and_a_header(stack, client_for):
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "beta", "priority": 1}]}]
+    gw, fakes = stack(["alpha", "beta"], routes=routes, policy={"retry": {"attempts": 1}})
+    fakes["alpha"].fault("status:500")
+    fakes["beta"].fault("reset")
+    status, headers, raw = http("POST", f"{gw.url}/v1/chat/completions", {"model": "gpt-4o", "messages": MSG},
+                                headers={"authorization": f"Bearer {CLIENT_KEY}", "content-type": "application/json"})
+    assert status == 503, raw
+    body = json.loads(raw)
+    assert headers["x-switchyard-failures"] == "alpha:server_error, beta:connect_error"
+    message = body["error"]["message"]
+    assert "after 2 tries" in message, message
+    assert "try 1: alpha answered 500" in message and "try 2: beta: " in message, message
+
+
+def test_a_lone_target_is_tried_again_after_the_retry_after_it_asked_for(stack, client_for):
+    gw, fakes = stack(["alpha"])
+    fakes["alpha"].fault("status:429:retry-after=1", times=1)
+    started = time.monotonic()
+    answer, headers = chat(client_for(gw))
+    elapsed = time.monotonic() - started
+    assert answer.choices[0].message.content == f"Hello from alpha. {FULL}"
+    assert headers["x-switchyard-attempts"] == "2"
+    assert len(fakes["alpha"].attempts()) == 2
+    assert 0.9 <= elapsed < 3, f"answered after {elapsed:.2f}s; the provider asked for 1s"
+
+
+def test_a_lone_target_is_tried_again_after_a_backoff_on_a_server_error(stack, client_for):
+    gw, fakes = stack(["alpha"])
+    fakes["alpha"].fault("status:500", times=1)
+    answer, headers = chat(client_for(gw))
+    assert answer.choices[0].message.content == f"Hello from alpha. {FULL}"
+    assert headers["x-switchyard-attempts"] == "2"
+
+
+def test_a_rest_longer_than_max_retry_after_goes_to_the_fallback_model_at_once(stack, client_for):
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}], "fallbacks": ["gpt-4o-mini"]},
+              {"model": "gpt-4o-mini", "targets": [{"provider": "beta"}]}]
+    gw, fakes = stack(["alpha", "beta"], routes=routes, policy={"retry": {"maxRetryAfter": "2s"}},
+                      provider_extra={"beta": {"models": ("gpt-4o-mini",)}})
+    fakes["alpha"].fault("status:429:retry-after=30")
+    started = time.monotonic()
+    answer, headers = chat(client_for(gw))
+    assert time.monotonic() - started < 2, "no wait for a 30 s rest"
+    assert headers["x-switchyard-provider"] == "beta"
+    assert len(fakes["alpha"].attempts()) == 1
+
+
+def test_a_stream_without_a_token_by_first_token_fails_over_though_first_byte_is_generous(stack, client_for):
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "beta", "priority": 1}]}]
+    policy = {"timeouts": {"firstByte": "30s", "firstToken": "1s", "total": "60s"}}
+    gw, fakes = stack(["alpha", "beta"], routes=routes, policy=policy)
+    # Headers at once, then nothing but keep-alive comments.
+    fakes["alpha"].fault("comments:100")
+    started = time.monotonic()
+    text = ""
+    for chunk in client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+    elapsed = time.monotonic() - started
+    assert text == f"Hello from beta. {FULL}"
+    assert 0.9 <= elapsed < 4, f"failed over after {elapsed:.2f}s; firstToken is 1s"

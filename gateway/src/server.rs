@@ -542,8 +542,12 @@ fn models(gw: &Gateway, req: &Request<Incoming>) -> Response<Body> {
     let Some(table) = gw.table.load_full() else {
         return GatewayError::NotReady.response();
     };
-    // Only the models the caller's key may use, when routes require keys.
+    // Only the models the caller's key may use, when routes require keys; a caller no
+    // route would serve is refused as on every other API path.
     let key = presented_key(req.headers());
+    if table.admit(key).is_none() {
+        return GatewayError::InvalidApiKey.response();
+    }
     let data: Vec<Value> = table
         .routes()
         .iter()

@@ -36,6 +36,8 @@ def test_a_client_with_an_allow_list_gets_only_its_models(stack, client_for):
     assert app.chat.completions.create(model="gpt-4o", messages=MSG).choices[0].message.content == FULL
     assert [m.id for m in intern.models.list()] == ["gpt-4o-mini"]
     assert sorted(m.id for m in app.models.list()) == ["gpt-4o", "gpt-4o-mini"]
+    with pytest.raises(openai.AuthenticationError):
+        client_for(gw, key="not-a-key").models.list()
     warnings = gw.status()["config"]["warnings"]
     assert any('"ghost"' in w and "limits nobody" in w for w in warnings), warnings
 

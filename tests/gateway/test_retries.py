@@ -1,7 +1,8 @@
 """What a request tries before it gives up, through the official openai SDK: every usable
 target of every tier, the same target again when it is the only one left (after the
 Retry-After it asked for, or a backoff), the fallback model when the wait is too long, a
-first-token deadline for streams, and a final error that lists every try."""
+first-token deadline for streams, a final error that lists every try, and a broken
+stream resumed on a fallback model."""
 
 import json
 import time
@@ -94,3 +95,23 @@ def test_a_stream_without_a_token_by_first_token_fails_over_though_first_byte_is
     elapsed = time.monotonic() - started
     assert text == f"Hello from beta. {FULL}"
     assert 0.9 <= elapsed < 4, f"failed over after {elapsed:.2f}s; firstToken is 1s"
+
+
+def test_a_stream_broken_mid_answer_resumes_on_a_fallback_model_when_its_route_has_no_other_target(
+        stack, client_for):
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}], "fallbacks": ["gpt-4o-mini"]},
+              {"model": "gpt-4o-mini", "targets": [{"provider": "beta"}]}]
+    gw, fakes = stack(["alpha", "beta"], routes=routes, provider_extra={"beta": {"models": ("gpt-4o-mini",)}},
+                      policy={"timeouts": {"connect": "500ms", "firstByte": "1s", "streamIdle": "1s", "total": "20s"}})
+    fakes["alpha"].fault("cut-after:5")
+    text, models = "", set()
+    for chunk in client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
+        models.add(chunk.model)
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+    assert text == f"Hello from alpha. {FULL}", "one complete answer, no repetition"
+    assert models == {"gpt-4o", "gpt-4o-mini"}, "each part names the model that served it"
+    continuation = fakes["beta"].attempts()[0]["body"]
+    assert continuation["model"] == "gpt-4o-mini"
+    assert continuation["messages"][-1]["role"] == "assistant"
+    assert continuation["messages"][-1]["content"].startswith("Hello from alpha.")

@@ -118,7 +118,11 @@ pub(super) async fn stream(
         let (mut reader, mut decoder, mut inflight, mut latency, mut provider) =
             (reader, decoder, inflight, latency, provider);
         let mut complete = complete;
-        let mut tried = resume.tried.clone();
+        let mut tried: Vec<(String, String)> = resume
+            .tried
+            .iter()
+            .map(|p| (resume.route_model.clone(), p.clone()))
+            .collect();
         let mut resumed = 0;
         loop {
             while let Some(mut chunk) = pending.pop_front() {
@@ -291,25 +295,52 @@ struct Continuation {
     source: Source,
 }
 
-/// Asks another target of the route to continue `prefix`; returns its stream once its
-/// response headers arrived. Targets that refuse or fail are skipped silently.
+/// Asks another target to continue `prefix`: of the route first, then of each of its
+/// fallback models in order; returns its stream once its response headers arrived.
+/// Targets that refuse or fail are skipped silently. `tried` holds the routes' targets
+/// tried so far in this request, as (model, provider).
 async fn continue_elsewhere(
     r: &Resume,
     prefix: &str,
-    tried: &mut Vec<String>,
+    tried: &mut Vec<(String, String)>,
 ) -> Option<Continuation> {
-    let route = r.table.route_for(&r.route_model)?;
-    let rc = &route.config;
-    if !route.budget.try_retry(Instant::now(), &rc.retry) {
+    let first = r.table.route_for(&r.route_model)?;
+    if !first.budget.try_retry(Instant::now(), &first.config.retry) {
         return None;
     }
+    let fallbacks = first.config.fallbacks.iter().filter_map(|model| {
+        r.table
+            .route_for(model)
+            .filter(|route| &route.config.model == model)
+    });
+    for route in std::iter::once(first).chain(fallbacks) {
+        if let Some(next) = continue_on(r, route, prefix, tried).await {
+            return Some(next);
+        }
+    }
+    None
+}
+
+/// `continue_elsewhere` on one route.
+async fn continue_on(
+    r: &Resume,
+    route: &crate::table::RouteEntry,
+    prefix: &str,
+    tried: &mut Vec<(String, String)>,
+) -> Option<Continuation> {
+    let rc = &route.config;
     loop {
         let now = Instant::now();
         if now >= r.deadline {
             return None;
         }
-        let choice = pick(&r.table, route, tried, now)?;
-        tried.push(choice.target.provider.clone());
+        let here: Vec<String> = tried
+            .iter()
+            .filter(|(model, _)| *model == rc.model)
+            .map(|(_, provider)| provider.clone())
+            .collect();
+        let choice = pick(&r.table, route, &here, now)?;
+        tried.push((rc.model.clone(), choice.target.provider.clone()));
         let provider = r.table.provider(&choice.target.provider)?;
         let dialect = provider.dialect();
         let Prefill::Continues {

@@ -32,6 +32,14 @@ struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteReasonLabels {
+    /// The route's model as configured.
+    route: String,
+    /// Chosen by the gateway from a fixed set.
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     provider: String,
 }
@@ -67,7 +75,8 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
-    failovers: Family<RouteLabels, Counter>,
+    failovers: Family<RouteReasonLabels, Counter>,
+    stream_breaks: Family<RouteReasonLabels, Counter>,
     replays: Family<RouteLabels, Counter>,
     upstream_latency: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -87,6 +96,7 @@ impl Default for Metrics {
             requests: Family::default(),
             attempts: Family::default(),
             failovers: Family::default(),
+            stream_breaks: Family::default(),
             replays: Family::default(),
             upstream_latency: Family::new_with_constructor(latency_histogram),
             request_duration: Family::new_with_constructor(latency_histogram),
@@ -111,8 +121,13 @@ impl Default for Metrics {
             );
             r.register(
                 "failovers",
-                "Requests served by another target than the first one tried",
+                "Requests served by another target than the first one tried, by route and reason: provider (another target of the route) or model (a fallback or redirect model)",
                 m.failovers.clone(),
+            );
+            r.register(
+                "stream_breaks",
+                "Streams whose provider broke after the first token, by route and result: resumed (elsewhere) or interrupted (ended with an error event)",
+                m.stream_breaks.clone(),
             );
             r.register(
                 "idempotent_replays",
@@ -177,14 +192,23 @@ pub struct RouteMetrics {
     ok: Counter,
     duration: Histogram,
     added: Histogram,
-    failovers: Counter,
+    /// Failovers to another provider of the route, and to another model.
+    failovers: [Counter; 2],
+    /// Streams broken after their first token: resumed, interrupted.
+    stream_breaks: [Counter; 2],
     replays: Counter,
 }
 
 impl RouteMetrics {
-    /// A request rescued by a target other than its first.
-    pub fn failover(&self) {
-        self.failovers.inc();
+    /// A request rescued by a target other than its first: of another model's route when
+    /// `other_model`.
+    pub fn failover(&self, other_model: bool) {
+        self.failovers[usize::from(other_model)].inc();
+    }
+
+    /// A stream broken after its first token, and whether it was resumed.
+    pub fn stream_break(&self, resumed: bool) {
+        self.stream_breaks[usize::from(!resumed)].inc();
     }
 
     /// What the gateway added to a served request.
@@ -222,7 +246,22 @@ impl Metrics {
                 .clone(),
             duration: self.request_duration.get_or_create(&labels).clone(),
             added: self.added_latency.get_or_create(&labels).clone(),
-            failovers: self.failovers.get_or_create(&labels).clone(),
+            failovers: ["provider", "model"].map(|reason| {
+                self.failovers
+                    .get_or_create(&RouteReasonLabels {
+                        route: route.to_owned(),
+                        reason,
+                    })
+                    .clone()
+            }),
+            stream_breaks: ["resumed", "interrupted"].map(|reason| {
+                self.stream_breaks
+                    .get_or_create(&RouteReasonLabels {
+                        route: route.to_owned(),
+                        reason,
+                    })
+                    .clone()
+            }),
             replays: self.replays.get_or_create(&labels).clone(),
         }
     }

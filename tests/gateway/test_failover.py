@@ -113,6 +113,8 @@ def test_a_stream_broken_mid_answer_ends_with_an_explicit_error_when_no_target_c
     assert "incomplete" in str(err.value)
     assert received and not received.endswith("dog."), "part of the answer arrived before the break"
     assert fakes["beta"].attempts() == [], "no continuation is attempted on a target that cannot continue"
+    _, _, metrics = http("GET", f"{gw.url}/metrics")
+    assert 'switchyard_gateway_stream_breaks_total{route="gpt-4o",reason="interrupted"} 1' in metrics.decode()
 
 
 def test_a_continuation_target_refusing_the_prefill_leaves_the_original_failure(stack, client_for):
@@ -318,7 +320,8 @@ def test_failovers_are_counted_for_the_alerts(stack, client_for):
     chat(client_for(gw))
     _, _, metrics = http("GET", f"{gw.url}/metrics")
     text = metrics.decode()
-    assert 'switchyard_gateway_failovers_total{route="gpt-4o"} 1' in text
+    assert 'switchyard_gateway_failovers_total{route="gpt-4o",reason="provider"} 1' in text
+    assert 'switchyard_gateway_failovers_total{route="gpt-4o",reason="model"} 0' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="server_error"} 1' in text
 
 

@@ -13,6 +13,11 @@ MSG = [{"role": "user", "content": "hello"}]
 FULL = "The quick brown fox jumps over the lazy dog."
 
 
+def metrics(gw):
+    _, _, body = http("GET", f"{gw.url}/metrics")
+    return body.decode()
+
+
 def chat(client, model="gpt-4o"):
     raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG)
     return raw.parse(), raw.headers
@@ -79,6 +84,7 @@ def test_a_rest_longer_than_max_retry_after_goes_to_the_fallback_model_at_once(s
     assert time.monotonic() - started < 2, "no wait for a 30 s rest"
     assert headers["x-switchyard-provider"] == "beta"
     assert len(fakes["alpha"].attempts()) == 1
+    assert 'switchyard_gateway_failovers_total{route="gpt-4o",reason="model"} 1' in metrics(gw)
 
 
 def test_a_stream_without_a_token_by_first_token_fails_over_though_first_byte_is_generous(stack, client_for):
@@ -115,3 +121,6 @@ def test_a_stream_broken_mid_answer_resumes_on_a_fallback_model_when_its_route_h
     assert continuation["model"] == "gpt-4o-mini"
     assert continuation["messages"][-1]["role"] == "assistant"
     assert continuation["messages"][-1]["content"].startswith("Hello from alpha.")
+    text = metrics(gw)
+    assert 'switchyard_gateway_stream_breaks_total{route="gpt-4o",reason="resumed"} 1' in text
+    assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="stream_broken"} 1' in text

@@ -100,8 +100,9 @@ pub async fn serve(
         };
         match attempt(gw, &table, route, target, &req, deadline, plan.tried()).await {
             Tried::Answer(resp, upstream_time) => {
-                if first_provider.as_deref() != Some(served_by) {
-                    first.metrics(&gw.metrics).failover();
+                let other_model = route.config.model != first.config.model;
+                if other_model || first_provider.as_deref() != Some(served_by) {
+                    first.metrics(&gw.metrics).failover(other_model);
                 }
                 return Served {
                     upstream_time: Some(upstream_time),

@@ -124,6 +124,11 @@ pub(super) async fn stream(
             .map(|p| (resume.route_model.clone(), p.clone()))
             .collect();
         let mut resumed = 0;
+        let broke = |resumed: bool| {
+            if let Some(route) = resume.table.route_for(&resume.route_model) {
+                route.metrics(&resume.gw.metrics).stream_break(resumed);
+            }
+        };
         loop {
             while let Some(mut chunk) = pending.pop_front() {
                 // Chunks pass as the provider wrote them, except a continuation's first
@@ -161,6 +166,7 @@ pub(super) async fn stream(
                 () = stop_requested(&mut stopping) => {
                     // Not the provider's doing: the replica is at its drain deadline.
                     drop(inflight);
+                    broke(false);
                     interrupted(&tx, &provider, "the gateway replica serving this stream is shutting down").await;
                     return;
                 }
@@ -200,6 +206,8 @@ pub(super) async fn stream(
                 Err(StreamError::TimedOut) if Instant::now() >= resume.deadline => {
                     // No time is left to resume anywhere.
                     inflight.finish(Outcome::Failure, Some(latency));
+                    resume.gw.metrics.attempt(&provider, "stream_broken", None);
+                    broke(false);
                     let why = format!("the request's total timeout ({total}) ran out mid-answer");
                     interrupted(&tx, &provider, &why).await;
                     return;
@@ -211,6 +219,7 @@ pub(super) async fn stream(
                 Err(other) => other.to_string(),
             };
             inflight.finish(Outcome::Failure, Some(latency));
+            resume.gw.metrics.attempt(&provider, "stream_broken", None);
             if resumed < 2
                 && !state.text.is_empty()
                 && let Some(next) = continue_elsewhere(&resume, &state.text, &mut tried).await
@@ -227,12 +236,14 @@ pub(super) async fn stream(
                 } = next.source;
                 (reader, decoder, inflight, latency, provider) = (r, d, i, l, p);
                 resumed += 1;
+                broke(true);
                 state.continuing = true;
                 idle_by = Instant::now() + idle;
                 continue;
             }
             // The original failure stands; a continuation target's own refusal is never
             // what the client sees.
+            broke(false);
             interrupted(&tx, &provider, &why).await;
             return;
         }

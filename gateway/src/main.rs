@@ -32,6 +32,7 @@ mod server;
 mod source;
 mod sse;
 mod table;
+mod transitions;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -275,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     tokio::spawn(probe::run(gw.clone()));
+    tokio::spawn(transitions::run(gw.clone()));
 
     let workers = args.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),

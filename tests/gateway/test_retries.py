@@ -124,3 +124,18 @@ def test_a_stream_broken_mid_answer_resumes_on_a_fallback_model_when_its_route_h
     text = metrics(gw)
     assert 'switchyard_gateway_stream_breaks_total{route="gpt-4o",reason="resumed"} 1' in text
     assert 'switchyard_gateway_attempts_total{provider="alpha",outcome="stream_broken"} 1' in text
+
+
+def test_the_log_says_when_a_provider_leaves_and_rejoins_the_rotation(stack, client_for):
+    routes = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "beta", "priority": 1}]}]
+    gw, fakes = stack(["alpha", "beta"], routes=routes)
+    fakes["alpha"].fault("status:429:retry-after=2", times=1)
+    _, headers = chat(client_for(gw))
+    assert headers["x-switchyard-provider"] == "beta"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "back in rotation" not in gw.output():
+        time.sleep(0.2)
+    log = gw.output()
+    out, back = log.find("provider taken out of rotation"), log.find("provider back in rotation")
+    assert 0 <= out < back, log[-2000:]
+    assert "RateLimited" in log[out:back], "the line says why"

@@ -126,7 +126,7 @@ impl Default for Metrics {
             );
             r.register(
                 "stream_breaks",
-                "Streams whose provider broke after the first token, by route and result: resumed (elsewhere) or interrupted (ended with an error event)",
+                "Streams that broke after their first token (their provider failed, or the replica reached its drain deadline), by route and result: resumed (elsewhere) or interrupted (ended with an error event)",
                 m.stream_breaks.clone(),
             );
             r.register(

@@ -596,14 +596,20 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn half_open_lets_a_bounded_number_of_probes_through_then_closes() {
-        let (b, p) = (breaker(), passive());
+    /// A provider whose breaker opened now, after three failures in a row.
+    fn tripped(b: &CircuitBreaker, p: &PassiveHealth) -> (ProviderHealth, Instant) {
         let t0 = Instant::now();
         let h = ProviderHealth::new(t0);
         for _ in 0..3 {
-            fail(&h, t0, &b, &p);
+            fail(&h, t0, b, p);
         }
+        (h, t0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_lets_a_bounded_number_of_probes_through_then_closes() {
+        let (b, p) = (breaker(), passive());
+        let (h, t0) = tripped(&b, &p);
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(h.availability(t1, &b), Availability::Ready);
         h.start(t1);
@@ -623,11 +629,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_abandoned_probe_frees_its_slot_and_closes_nothing() {
         let (b, p) = (breaker(), passive());
-        let t0 = Instant::now();
-        let h = ProviderHealth::new(t0);
-        for _ in 0..3 {
-            fail(&h, t0, &b, &p);
-        }
+        let (h, t0) = tripped(&b, &p);
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(h.availability(t1, &b), Availability::Ready, "half-open");
         h.start(t1);
@@ -648,11 +650,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn breaker_reopens_when_a_probe_fails() {
         let (b, p) = (breaker(), passive());
-        let t0 = Instant::now();
-        let h = ProviderHealth::new(t0);
-        for _ in 0..3 {
-            fail(&h, t0, &b, &p);
-        }
+        let (h, t0) = tripped(&b, &p);
         let t1 = t0 + Duration::from_secs(31);
         assert_eq!(h.availability(t1, &b), Availability::Ready);
         fail(&h, t1, &b, &p);

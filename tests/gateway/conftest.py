@@ -120,6 +120,20 @@ class Gateway:
                 self.proc.wait()
 
 
+def stream_text(client, **kw):
+    """A streamed chat completion read to its end: the text, the usage its chunks reported
+    (or None), and the set of models its chunks named."""
+    text, usage, models = "", None, set()
+    messages = [{"role": "user", "content": "hello"}]
+    for chunk in client.chat.completions.create(model="gpt-4o", messages=messages, stream=True, **kw):
+        models.add(chunk.model)
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+    return text, usage, models
+
+
 def provider(name, url, type_="openaiCompatible", region="us-east", models=("gpt-4o",), **extra):
     p = {"name": name, "type": type_, "endpoint": url, "region": region,
          "credentials": {"secretRef": {"name": "provider-keys"}},

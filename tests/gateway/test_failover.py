@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from conftest import CLIENT_KEY, PROVIDER_KEY, http
+from conftest import CLIENT_KEY, PROVIDER_KEY, http, stream_text
 
 FULL = "The quick brown fox jumps over the lazy dog."
 MSG = [{"role": "user", "content": "hello"}]
@@ -18,16 +18,6 @@ TIERED = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "b
 def chat(client, **kw):
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG, **kw)
     return raw.parse(), raw.headers
-
-
-def stream_text(client, **kw):
-    text, usage = "", None
-    for chunk in client.chat.completions.create(model="gpt-4o", messages=MSG, stream=True, **kw):
-        if chunk.usage:
-            usage = chunk.usage
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-    return text, usage
 
 
 def test_serves_a_complete_answer_and_names_who_served(stack, client_for):
@@ -68,7 +58,7 @@ def test_fails_over_to_secondary_tier_on_fault(stack, client_for, fault):
 def test_streams_fail_over_invisibly_before_the_first_byte(stack, client_for, fault):
     gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
     fakes["alpha"].fault(fault)
-    text, usage = stream_text(client_for(gw), stream_options={"include_usage": True})
+    text, usage, _ = stream_text(client_for(gw), stream_options={"include_usage": True})
     assert text == f"Hello from beta. {FULL}"
     assert usage is not None and usage.total_tokens > 0
 
@@ -76,14 +66,14 @@ def test_streams_fail_over_invisibly_before_the_first_byte(stack, client_for, fa
 def test_a_malformed_chunk_is_skipped_not_forwarded(stack, client_for):
     gw, fakes = stack(["alpha"])
     fakes["alpha"].fault("malformed-after:3")
-    text, _ = stream_text(client_for(gw))
+    text, _, _ = stream_text(client_for(gw))
     assert text == f"Hello from alpha. {FULL}"
 
 
 def test_a_stream_without_done_is_finalised_with_usage(stack, client_for):
     gw, fakes = stack(["alpha"])
     fakes["alpha"].fault("no-done")
-    text, usage = stream_text(client_for(gw), stream_options={"include_usage": True})
+    text, usage, _ = stream_text(client_for(gw), stream_options={"include_usage": True})
     assert text == f"Hello from alpha. {FULL}"
     assert usage is not None
 
@@ -92,7 +82,7 @@ def test_a_stream_without_done_is_finalised_with_usage(stack, client_for):
 def test_a_stream_broken_mid_answer_is_resumed_on_a_provider_that_continues_prefills(stack, client_for, fault):
     gw, fakes = stack(["alpha", "beta"], routes=TIERED, policy=FAST)
     fakes["alpha"].fault(fault)
-    text, usage = stream_text(client_for(gw), stream_options={"include_usage": True})
+    text, usage, _ = stream_text(client_for(gw), stream_options={"include_usage": True})
     assert text == f"Hello from alpha. {FULL}", "one complete answer, no repetition"
     assert usage is not None
     continuation = fakes["beta"].attempts()[0]["body"]

@@ -7,7 +7,7 @@ stream resumed on a fallback model."""
 import json
 import time
 
-from conftest import CLIENT_KEY, http
+from conftest import CLIENT_KEY, http, stream_text
 
 MSG = [{"role": "user", "content": "hello"}]
 FULL = "The quick brown fox jumps over the lazy dog."
@@ -68,9 +68,15 @@ def test_a_lone_target_is_tried_again_after_the_retry_after_it_asked_for(stack, 
 def test_a_lone_target_is_tried_again_after_a_backoff_on_a_server_error(stack, client_for):
     gw, fakes = stack(["alpha"])
     fakes["alpha"].fault("status:500", times=1)
+    started = time.monotonic()
     answer, headers = chat(client_for(gw))
+    elapsed = time.monotonic() - started
     assert answer.choices[0].message.content == f"Hello from alpha. {FULL}"
     assert headers["x-switchyard-attempts"] == "2"
+    tries = fakes["alpha"].attempts()
+    gap = tries[1]["atMs"] - tries[0]["atMs"]
+    assert 85 <= gap < 1000, f"tried again {gap} ms later; the backoff starts at 100 ms ± 10%"
+    assert elapsed < 2
 
 
 def test_a_rest_longer_than_max_retry_after_goes_to_the_fallback_model_at_once(stack, client_for):
@@ -94,10 +100,7 @@ def test_a_stream_without_a_token_by_first_token_fails_over_though_first_byte_is
     # Headers at once, then nothing but keep-alive comments.
     fakes["alpha"].fault("comments:100")
     started = time.monotonic()
-    text = ""
-    for chunk in client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
+    text, _, _ = stream_text(client_for(gw))
     elapsed = time.monotonic() - started
     assert text == f"Hello from beta. {FULL}"
     assert 0.9 <= elapsed < 4, f"failed over after {elapsed:.2f}s; firstToken is 1s"
@@ -110,11 +113,7 @@ def test_a_stream_broken_mid_answer_resumes_on_a_fallback_model_when_its_route_h
     gw, fakes = stack(["alpha", "beta"], routes=routes, provider_extra={"beta": {"models": ("gpt-4o-mini",)}},
                       policy={"timeouts": {"connect": "500ms", "firstByte": "1s", "streamIdle": "1s", "total": "20s"}})
     fakes["alpha"].fault("cut-after:5")
-    text, models = "", set()
-    for chunk in client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, stream=True):
-        models.add(chunk.model)
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
+    text, _, models = stream_text(client_for(gw))
     assert text == f"Hello from alpha. {FULL}", "one complete answer, no repetition"
     assert models == {"gpt-4o", "gpt-4o-mini"}, "each part names the model that served it"
     continuation = fakes["beta"].attempts()[0]["body"]

@@ -214,12 +214,11 @@ pub(super) async fn attempt(
         .timeouts
         .first_token
         .filter(|_| streaming)
-        .map(crds::Duration::get);
-    let first_byte = first_token
-        .map_or(rc.timeouts.first_byte.get(), |t| {
-            t.min(rc.timeouts.first_byte.get())
-        })
-        .min(remaining);
+        .map(|t| t.get().min(remaining));
+    let mut first_byte = rc.timeouts.first_byte.get().min(remaining);
+    if let Some(t) = first_token {
+        first_byte = first_byte.min(t);
+    }
     let Sent {
         resp,
         inflight,
@@ -273,7 +272,7 @@ pub(super) async fn attempt(
                 inflight,
                 latency,
             };
-            let token_due = first_token.unwrap_or(first_byte).min(remaining);
+            let token_due = first_token.unwrap_or(first_byte);
             return stream(
                 gw,
                 rc,

@@ -52,6 +52,8 @@ pub struct Failure {
     pub kind: &'static str,
     /// What went wrong, in words.
     pub why: String,
+    /// How the same target may be tried again.
+    pub again: Again,
 }
 
 /// What a route's content-policy handling asks for.
@@ -77,8 +79,8 @@ pub struct Plan<'t> {
     fallbacks: std::slice::Iter<'t, String>,
     /// Providers tried on the current route, once per try.
     tried: Vec<String>,
-    /// How each target of the current route last failed, by provider.
-    again: Vec<(String, Again)>,
+    /// Where the current route's failures start in `failures`.
+    route_failures: usize,
     /// Tries on the current route.
     route_tries: u32,
     /// Tries in all.
@@ -101,7 +103,7 @@ impl<'t> Plan<'t> {
             visited: vec![first.config.model.as_str()],
             fallbacks: first.config.fallbacks.iter(),
             tried: Vec::new(),
-            again: Vec::new(),
+            route_failures: 0,
             route_tries: 0,
             tries: 0,
             redirect: None,
@@ -202,7 +204,21 @@ impl<'t> Plan<'t> {
         let attempts = usize::try_from(retry.attempts).unwrap_or(1).max(1);
         let breaker = &self.route.config.circuit_breaker;
         let mut best: Option<(&'t TargetConfig, Duration)> = None;
-        for (provider, again) in &self.again {
+        let here = &self.failures[self.route_failures..];
+        for (
+            i,
+            Failure {
+                provider, again, ..
+            },
+        ) in here.iter().enumerate()
+        {
+            // A target's last failure on this route decides how it may be tried again.
+            if here[i + 1..]
+                .iter()
+                .any(|later| &later.provider == provider)
+            {
+                continue;
+            }
             let tries = self.tried.iter().filter(|p| *p == provider).count();
             if tries >= attempts {
                 continue;
@@ -256,14 +272,11 @@ impl<'t> Plan<'t> {
         let Some(provider) = self.tried.last().cloned() else {
             return;
         };
-        match self.again.iter_mut().find(|(p, _)| *p == provider) {
-            Some((_, a)) => *a = again,
-            None => self.again.push((provider.clone(), again)),
-        }
         self.failures.push(Failure {
             provider,
             kind,
             why,
+            again,
         });
     }
 
@@ -329,7 +342,7 @@ impl<'t> Plan<'t> {
         self.visited.push(route.config.model.as_str());
         self.route = route;
         self.tried.clear();
-        self.again.clear();
+        self.route_failures = self.failures.len();
         self.route_tries = 0;
         self.route_done = false;
         true
@@ -378,19 +391,37 @@ mod tests {
     }
 
     fn fail(t: &RoutingTable, route: &RouteEntry, provider: &str, now: Instant) {
+        record(t, route, provider, now, Outcome::Failure);
+    }
+
+    fn record(
+        t: &RoutingTable,
+        route: &RouteEntry,
+        provider: &str,
+        now: Instant,
+        outcome: Outcome,
+    ) {
         let p = t.provider(provider).expect("provider");
         p.health.start(now);
         p.health.finish(
             now,
-            Outcome::Failure,
+            outcome,
             None,
             &route.config.circuit_breaker,
             &p.config.health.passive,
         );
     }
 
-    /// Runs `plan` to the end, failing every try: the providers tried, with their waits.
-    fn fail_every_try(t: &RoutingTable, plan: &mut Plan<'_>) -> (Vec<(String, Duration)>, String) {
+    /// Runs `plan` to the end, every try failing with `kind`, which the plan hears as
+    /// `again` and the provider's health as `outcome` (if any): the providers tried, with
+    /// their waits, and why the plan gave up.
+    fn run(
+        t: &RoutingTable,
+        plan: &mut Plan<'_>,
+        kind: &'static str,
+        again: Again,
+        outcome: Option<Outcome>,
+    ) -> (Vec<(String, Duration)>, String) {
         let mut tried = Vec::new();
         loop {
             let now = Instant::now();
@@ -401,17 +432,43 @@ mod tests {
                     wait,
                     ..
                 } => {
-                    fail(t, route, &target.provider, now);
-                    plan.failed(
-                        "server_error",
-                        format!("{} failed", target.provider),
-                        Again::AfterBackoff,
-                    );
+                    if let Some(outcome) = outcome {
+                        record(t, route, &target.provider, now, outcome);
+                    }
+                    plan.failed(kind, format!("{} failed", target.provider), again);
                     tried.push((target.provider.clone(), wait));
                 }
                 Next::GiveUp(why) => return (tried, why),
             }
         }
+    }
+
+    /// `run` with every try a server error that the provider's health counts.
+    fn fail_every_try(t: &RoutingTable, plan: &mut Plan<'_>) -> (Vec<(String, Duration)>, String) {
+        run(
+            t,
+            plan,
+            "server_error",
+            Again::AfterBackoff,
+            Some(Outcome::Failure),
+        )
+    }
+
+    /// `run` on route `big`, whose one target `d` fails every try with `kind` (resting for
+    /// the wait a 429 asked for, its breaker left closed): the waits before each try.
+    fn lone_target(
+        t: &RoutingTable,
+        plan: &mut Plan<'_>,
+        kind: &'static str,
+        again: Again,
+    ) -> (Vec<Duration>, String) {
+        let outcome = match again {
+            Again::After(rest) => Some(Outcome::RateLimited(rest)),
+            _ => None,
+        };
+        let (tried, why) = run(t, plan, kind, again, outcome);
+        assert!(tried.iter().all(|(p, _)| p == "d"), "{tried:?}");
+        (tried.into_iter().map(|(_, wait)| wait).collect(), why)
     }
 
     fn names(tried: &[(String, Duration)]) -> Vec<&str> {
@@ -443,45 +500,6 @@ mod tests {
         assert_eq!(names(&tried), ["a", "b", "c", "d"]);
     }
 
-    /// Runs `plan` on route `big`, whose one target `d` fails every try with `kind`
-    /// (resting for the wait a 429 asked for, its breaker left closed): the wait before
-    /// each try, and why the plan gave up.
-    fn lone_target(
-        t: &RoutingTable,
-        plan: &mut Plan<'_>,
-        kind: &'static str,
-        again: Again,
-    ) -> (Vec<Duration>, String) {
-        let mut waits = Vec::new();
-        loop {
-            let now = Instant::now();
-            match plan.next(now, 0.5) {
-                Next::Try {
-                    route,
-                    target,
-                    wait,
-                    ..
-                } => {
-                    assert_eq!(target.provider, "d");
-                    waits.push(wait);
-                    if let Again::After(rest) = again {
-                        let p = t.provider("d").expect("provider");
-                        p.health.start(now);
-                        p.health.finish(
-                            now,
-                            Outcome::RateLimited(rest),
-                            None,
-                            &route.config.circuit_breaker,
-                            &p.config.health.passive,
-                        );
-                    }
-                    plan.failed(kind, format!("d: {kind}"), again);
-                }
-                Next::GiveUp(why) => return (waits, why),
-            }
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_lone_target_is_tried_again_after_the_retry_after_it_asked_for() {
         let t = table(json!({"attempts": 3}));
@@ -490,10 +508,7 @@ mod tests {
         let second = Duration::from_secs(1);
         let (waits, why) = lone_target(&t, &mut plan, "rate_limited", Again::After(second));
         assert_eq!(waits, [Duration::ZERO, second, second]);
-        assert_eq!(
-            why,
-            "try 1: d: rate_limited; try 2: d: rate_limited; try 3: d: rate_limited"
-        );
+        assert_eq!(why, "try 1: d failed; try 2: d failed; try 3: d failed");
         let kinds: Vec<&str> = plan.failures().iter().map(|f| f.kind).collect();
         assert_eq!(kinds, ["rate_limited"; 3]);
     }
@@ -527,7 +542,8 @@ mod tests {
         let mut plan = Plan::new(&t, big, Instant::now() + Duration::from_secs(60));
         let (waits, why) = lone_target(&t, &mut plan, "timeout", Again::Elsewhere);
         assert_eq!(waits, [Duration::ZERO]);
-        assert_eq!(why, "d: timeout");
+        assert_eq!(why, "d failed");
+        assert_eq!(plan.failures()[0].kind, "timeout");
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@ use crate::gateway_config::{
     GATEWAY_CONFIG_VERSION, GatewayConfig, ProviderConfig, RouteConfig, TargetConfig,
 };
 use crate::policy::{RegionalMode, Route, RoutingPolicy};
-use crate::pool::{Provider, ProviderPool, ProviderType};
+use crate::pool::{Continuation, Provider, ProviderPool, ProviderType};
 
 /// A problem that makes a region's configuration impossible to build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -529,6 +529,7 @@ fn compile_route(
             upstream_model: model.map(|m| m.upstream.clone().unwrap_or_else(|| m.name.clone())),
             deployment: model.and_then(|m| m.deployment.clone()),
             context_window: model.and_then(|m| m.context_window),
+            no_continuation: model.and_then(|m| m.continuation) == Some(Continuation::None),
             weight,
             priority,
             tier: priority * 2 + spill,

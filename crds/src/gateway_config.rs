@@ -242,6 +242,10 @@ pub struct TargetConfig {
     /// Context window in tokens, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_window: Option<i64>,
+    /// Whether it was declared unable to continue a partial answer (`continuation:
+    /// none`); unset, the provider's type decides.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_continuation: bool,
     /// Relative share of traffic within the tier.
     pub weight: u32,
     /// The priority the user gave.

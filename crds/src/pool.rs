@@ -279,6 +279,7 @@ impl ProviderType {
     validation = Rule::new("self.type == 'openaiCompatible' || has(self.credentials)").message("credentials are required for openai, azureOpenAI and anthropic providers; only openaiCompatible servers may be keyless").field_path(".credentials"),
     validation = Rule::new("self.type != 'azureOpenAI' || self.models.all(m, has(m.deployment))").message("every model of an azureOpenAI provider needs a deployment").field_path(".models"),
     validation = Rule::new("self.type == 'azureOpenAI' || self.models.all(m, !has(m.deployment))").message("deployment is only for azureOpenAI providers; use upstream to rename a model for other types").field_path(".models"),
+    validation = Rule::new("self.type == 'anthropic' || self.type == 'openaiCompatible' || self.models.all(m, !has(m.continuation) || m.continuation == 'none')").message("continuation: prefill is only possible for anthropic and openaiCompatible providers; openai and azureOpenAI start a new answer instead").field_path(".models"),
 )]
 pub struct Provider {
     /// Name of the provider, unique in the pool; RoutingPolicy targets refer to it.
@@ -431,6 +432,26 @@ pub struct ProviderModel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000_000))]
     pub context_window: Option<i64>,
+
+    /// Whether the model continues a partial answer sent to it as a final assistant
+    /// message (a prefill), which is how a stream that broke mid-answer resumes on it:
+    /// `prefill` or `none`. Unset means what the provider's type supports: `prefill` for
+    /// `anthropic` and `openaiCompatible` (vLLM's and llama.cpp's
+    /// `continue_final_message`), `none` for `openai` and `azureOpenAI`, which start a new
+    /// answer instead. A model that refuses a continuation with a 400 or 422 is not asked
+    /// for one again by that gateway replica until it restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continuation: Option<Continuation>,
+}
+
+/// Whether a model can continue a partial answer.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Continuation {
+    /// It continues a final assistant message.
+    Prefill,
+    /// It cannot; a broken stream does not resume on it.
+    None,
 }
 
 /// Azure OpenAI specifics.
@@ -508,6 +529,79 @@ pub struct HealthCheck {
     /// Active probing: send a cheap request on a timer. Off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<ActiveProbe>,
+
+    /// Recovery checks: while the provider, or one of its models, is out of rotation
+    /// after failures (an open circuit breaker, an ejection), each gateway replica checks
+    /// it on a growing interval and puts it back as soon as a check passes, so a
+    /// recovered provider serves again within `maxInterval` and no client request is
+    /// spent on finding out. A failing check keeps it out until the next one. Rests asked
+    /// for with a 429 end at the time the provider gave, without checks.
+    #[serde(default)]
+    pub recovery: RecoveryCheck,
+}
+
+/// How a provider out of rotation is checked for recovery.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.initialInterval.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || !self.maxInterval.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$') || (duration(self.initialInterval) <= duration(self.maxInterval))").message("recovery initialInterval must not exceed maxInterval"))]
+pub struct RecoveryCheck {
+    /// What a check of a model sends. `completion` (the default): a chat completion of
+    /// one token to the model, the only check that proves the model answers again, at
+    /// the cost of one token per check. `modelList`: the provider's model list, free but
+    /// proof only that the endpoint answers. `none`: no checks; the breaker's `openFor`
+    /// and the ejection time decide, and a real request is the first to try again. A
+    /// provider whose connections fail is checked with its model list (unless `none`);
+    /// a pattern route's models, whose names clients choose, are too.
+    #[serde(default)]
+    pub request: RecoveryRequest,
+
+    /// The wait before the first check; each failed check doubles it, up to
+    /// `maxInterval`.
+    #[serde(default = "default_recovery_initial")]
+    pub initial_interval: Duration,
+
+    /// The longest wait between two checks, and so about the longest a recovered
+    /// provider stays out of rotation.
+    #[serde(default = "default_recovery_max")]
+    pub max_interval: Duration,
+
+    /// How long a check may take before it counts as failed.
+    #[serde(default = "default_recovery_timeout")]
+    pub timeout: Duration,
+}
+
+/// The request a recovery check sends.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum RecoveryRequest {
+    /// A one-token chat completion to the model out of rotation.
+    #[default]
+    Completion,
+    /// The provider's model list.
+    ModelList,
+    /// No recovery checks.
+    None,
+}
+
+fn default_recovery_initial() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_recovery_max() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_recovery_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl Default for RecoveryCheck {
+    fn default() -> Self {
+        Self {
+            request: RecoveryRequest::default(),
+            initial_interval: default_recovery_initial(),
+            max_interval: default_recovery_max(),
+            timeout: default_recovery_timeout(),
+        }
+    }
 }
 
 /// Ejection driven by real traffic.

@@ -223,7 +223,7 @@ pub async fn publish_health(client: Client, gw: Arc<Gateway>) {
             .providers()
             .filter(|p| p.config.enabled)
             .map(|p| {
-                let view = p.health.view(now);
+                let view = p.view(now);
                 let (state, reason) = match (p.unusable, view.state) {
                     (Some(reason), _) => (HealthState::Ejected, Some(reason)),
                     (None, "ejected") => (HealthState::Ejected, view.reason),

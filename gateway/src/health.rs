@@ -1,8 +1,15 @@
-//! What the gateway has learned about one provider: its circuit breaker, passive
-//! ejection, rate limiting, latency and load.
+//! What the gateway has learned about its upstreams, at two levels:
 //!
-//! All decisions take `now` as an argument (tokio's pausable clock in production), so the
-//! state machines are tested with paused time and no sleeps.
+//! - per **target** (a provider × one of its models): HTTP-level outcomes — 5xx, 429,
+//!   timeouts waiting for an answer, broken streams — because providers rate-limit and
+//!   fail per model or deployment;
+//! - per **provider** (its endpoint): connection-level outcomes — refused, reset, TLS,
+//!   DNS — which no model of it escapes, plus active probes, requests in flight and
+//!   quota use.
+//!
+//! A target is usable only when both levels say so. Each level runs the same state
+//! machine, [`Health`]. All decisions take `now` as an argument (tokio's pausable clock
+//! in production), so the state machines are tested with paused time and no sleeps.
 //!
 //! - **Breaker** (policy settings): closed → open after `consecutiveFailures` in a row or
 //!   a failure ratio ≥ `failureRate` over `window` with at least `minRequests`; open for
@@ -11,12 +18,15 @@
 //! - **Ejection** (provider settings): `consecutiveFailures` in a row eject for
 //!   `baseEjectionTime`, each ejection in a row `ejectionGrowth` times longer, capped at
 //!   `maxEjectionTime`. A success resets the growth.
-//! - **Rate limiting**: a 429 makes the provider unusable for exactly as long as its
+//! - **Rate limiting**: a 429 makes the target unusable for exactly as long as its
 //!   headers say; it is not a failure and does not move the breaker.
+//! - **Recovery checks** (`health.recovery`, see `probe.rs`): while open or ejected, a
+//!   passing check brings it back at once and a failing one keeps it out until the next
+//!   check, so a real request never has to discover either.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use crds::policy::CircuitBreaker;
@@ -24,7 +34,7 @@ use crds::pool::{Limits, PassiveHealth};
 use serde::Serialize;
 use tokio::time::Instant;
 
-/// The result of one attempt, as far as the provider's health is concerned.
+/// The result of one attempt, as far as one level's health is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The provider answered (2xx, or a 4xx that is the client's fault).
@@ -36,15 +46,15 @@ pub enum Outcome {
 }
 
 /// Breaker state, as shown in `/status` and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum BreakerState {
     /// Traffic flows.
     Closed,
-    /// No traffic until the open period ends.
-    Open,
     /// A bounded number of probe requests are let through.
     HalfOpen,
+    /// No traffic until the open period ends.
+    Open,
 }
 
 impl BreakerState {
@@ -58,7 +68,7 @@ impl BreakerState {
     }
 }
 
-/// Whether a provider may take a request now.
+/// Whether a target may take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Availability {
     /// Usable.
@@ -67,6 +77,19 @@ pub enum Availability {
     Until(Instant),
     /// Half-open with every probe slot taken.
     Busy,
+}
+
+impl Availability {
+    /// A target's availability from its provider's (`self`) and its own: usable only when
+    /// both are, and back only when both are back.
+    pub fn and(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::Until(a), Self::Until(b)) => Self::Until(a.max(b)),
+            (Self::Until(a), _) | (_, Self::Until(a)) => Self::Until(a),
+            (Self::Busy, _) | (_, Self::Busy) => Self::Busy,
+            (Self::Ready, Self::Ready) => Self::Ready,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -83,12 +106,6 @@ struct Inner {
     window: VecDeque<(Instant, bool)>,
     latency_ewma_ms: Option<f64>,
     last_reason: Option<&'static str>,
-    /// Requests started and tokens used in the current minute, for capacity-aware routing.
-    minute_start: Instant,
-    minute_requests: u64,
-    minute_tokens: u64,
-    /// What the provider's rate-limit headers last said.
-    reported: RateLimitReport,
     /// Active probing: consecutive results, and whether probes took the provider out.
     probe_streak: (u32, u32),
     probe_down: bool,
@@ -97,14 +114,6 @@ struct Inner {
 }
 
 impl Inner {
-    fn roll_minute(&mut self, now: Instant) {
-        if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
-            self.minute_start = now;
-            self.minute_requests = 0;
-            self.minute_tokens = 0;
-        }
-    }
-
     /// The breaker as callers should see it: an open breaker whose time is up is
     /// half-open, even before the next availability check moves it there.
     fn effective_breaker(&self, now: Instant) -> BreakerState {
@@ -115,12 +124,13 @@ impl Inner {
     }
 }
 
-/// Health of one provider, shared by every route that targets it and carried across
-/// configuration reloads.
+/// One level's state machine: a target's (provider × model) or a provider endpoint's.
+/// Shared by every route that names it and carried across configuration reloads.
 #[derive(Debug)]
-pub struct ProviderHealth {
+pub struct Health {
     inner: Mutex<Inner>,
-    in_flight: AtomicU32,
+    /// The model refused a continuation (a prefill) once: it is not asked again.
+    refuses_prefill: AtomicBool,
 }
 
 /// What a provider's rate-limit headers say about its quota.
@@ -156,13 +166,33 @@ pub struct HealthView {
     pub unavailable_for_ms: Option<u64>,
     /// Whether the last active probe succeeded; `None` without active probes.
     pub last_probe_ok: Option<bool>,
+    /// Each of the provider's models that routes use, when the provider's own view is
+    /// asked for.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelView>,
+}
+
+/// One model's health within its provider's view.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelView {
+    /// The model as configured (the upstream name, Azure deployment or route pattern).
+    pub model: String,
+    /// `healthy`, `degraded` or `ejected`.
+    pub state: &'static str,
+    /// Why, when not healthy.
+    pub reason: Option<&'static str>,
+    /// Breaker state.
+    pub breaker: BreakerState,
+    /// Milliseconds until usable again, when not usable now.
+    pub unavailable_for_ms: Option<u64>,
 }
 
 /// Smoothing of the latency EWMA: the newest sample weighs 30%.
 const EWMA_ALPHA: f64 = 0.3;
 
-impl ProviderHealth {
-    /// A provider with no history.
+impl Health {
+    /// A level with no history.
     pub fn new(now: Instant) -> Self {
         Self {
             inner: Mutex::new(Inner {
@@ -177,16 +207,22 @@ impl ProviderHealth {
                 window: VecDeque::new(),
                 latency_ewma_ms: None,
                 last_reason: None,
-                minute_start: now,
-                minute_requests: 0,
-                minute_tokens: 0,
-                reported: RateLimitReport::default(),
                 probe_streak: (0, 0),
                 probe_down: false,
                 last_probe_ok: None,
             }),
-            in_flight: AtomicU32::new(0),
+            refuses_prefill: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the model refused a continuation before.
+    pub fn refuses_prefill(&self) -> bool {
+        self.refuses_prefill.load(Ordering::Relaxed)
+    }
+
+    /// Remembers that the model refused a continuation; true the first time.
+    pub fn learn_refuses_prefill(&self) -> bool {
+        !self.refuses_prefill.swap(true, Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -197,7 +233,7 @@ impl ProviderHealth {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether the provider may take a request at `now`.
+    /// Whether this level lets a request through at `now`.
     pub fn availability(&self, now: Instant, breaker: &CircuitBreaker) -> Availability {
         let mut s = self.lock();
         let blocked = s.ejected_until.max(s.rate_limited_until);
@@ -224,22 +260,19 @@ impl ProviderHealth {
         }
     }
 
-    /// Marks a request as started; pair with [`ProviderHealth::finish`].
-    pub fn start(&self, now: Instant) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    /// Marks a request as started here; pair with [`Health::settle`] or
+    /// [`Health::release`].
+    pub fn begin(&self) {
         let mut s = self.lock();
         if s.breaker == BreakerState::HalfOpen {
             s.probes_in_flight += 1;
         }
-        s.roll_minute(now);
-        s.minute_requests += 1;
     }
 
-    /// A started request that ended without a verdict on the provider (the client gave up,
-    /// or the replica is stopping): it no longer counts as in flight, and a half-open
+    /// A started request that ended without a verdict on this level (the client gave up,
+    /// the replica is stopping, or the failure belongs to the other level): a half-open
     /// breaker's probe slot it held is free for another request.
-    pub fn abandon(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    pub fn release(&self) {
         let mut s = self.lock();
         if s.breaker == BreakerState::HalfOpen && s.probes_in_flight > 0 {
             s.probes_in_flight -= 1;
@@ -247,7 +280,7 @@ impl ProviderHealth {
     }
 
     /// Records how a started request ended.
-    pub fn finish(
+    pub fn settle(
         &self,
         now: Instant,
         outcome: Outcome,
@@ -255,7 +288,6 @@ impl ProviderHealth {
         breaker: &CircuitBreaker,
         passive: &PassiveHealth,
     ) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let mut s = self.lock();
         if let Some(latency) = latency {
             let ms = latency.as_secs_f64() * 1000.0;
@@ -334,6 +366,42 @@ impl ProviderHealth {
         }
     }
 
+    /// Whether failures took this level out of rotation (an open breaker, an
+    /// ejection) so that a recovery check should decide when it is back. A 429 rest ends
+    /// on its own, at the time the provider gave.
+    pub fn needs_recovery(&self, now: Instant) -> bool {
+        let s = self.lock();
+        s.breaker == BreakerState::Open || s.ejected_until > now
+    }
+
+    /// A recovery check passed: back in rotation at once, with a fresh breaker. The
+    /// ejection growth stays until real traffic succeeds, so a provider that fails again
+    /// straight away is not trusted as quickly.
+    pub fn recovered(&self, now: Instant) {
+        let mut s = self.lock();
+        if s.breaker == BreakerState::Open {
+            s.breaker = BreakerState::Closed;
+            s.probes_in_flight = 0;
+            s.probe_successes = 0;
+            s.window.clear();
+        }
+        s.ejected_until = s.ejected_until.min(now);
+        s.consecutive_failures = 0;
+        s.last_reason = None;
+    }
+
+    /// A recovery check failed: still out, at least until the next check at `next`, so
+    /// that no real request is let through to find out again.
+    pub fn still_down(&self, now: Instant, next: Instant) {
+        let mut s = self.lock();
+        if s.breaker == BreakerState::Open {
+            s.open_until = s.open_until.max(next);
+        }
+        if s.ejected_until > now {
+            s.ejected_until = s.ejected_until.max(next);
+        }
+    }
+
     /// Records an active probe: `unhealthy` failures in a row take the provider out,
     /// `healthy` successes in a row bring it back.
     pub fn record_probe(&self, ok: bool, healthy: u32, unhealthy: u32) {
@@ -357,87 +425,18 @@ impl ProviderHealth {
         }
     }
 
-    /// Records what a response's rate-limit headers said; absent headers keep the last
-    /// value.
-    pub fn report_rate_limits(&self, report: RateLimitReport) {
-        // Most responses of keyless self-hosted servers carry none: no lock to take.
-        if report == RateLimitReport::default() {
-            return;
-        }
-        let mut s = self.lock();
-        let r = &mut s.reported;
-        r.remaining_requests = report.remaining_requests.or(r.remaining_requests);
-        r.remaining_tokens = report.remaining_tokens.or(r.remaining_tokens);
-        r.limit_requests = report.limit_requests.or(r.limit_requests);
-        r.limit_tokens = report.limit_tokens.or(r.limit_tokens);
-    }
-
-    /// Records tokens an answer used (prompt and completion).
-    pub fn record_tokens(&self, now: Instant, tokens: u64) {
-        let mut s = self.lock();
-        s.roll_minute(now);
-        s.minute_tokens += tokens;
-    }
-
-    /// Requests in flight from this replica.
-    pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
     /// Latency EWMA in milliseconds; `None` before the first response.
     pub fn latency_ms(&self) -> Option<f64> {
         self.lock().latency_ewma_ms
     }
 
-    /// The share of the provider's quota still free this minute, from 0 to 1: the
-    /// tighter of requests and tokens, each the smaller of what the configured limit
-    /// leaves after this replica's use and what the provider last reported. A dimension
-    /// with no limit known counts as free unless the provider reported none left.
-    pub fn headroom(&self, now: Instant, limits: &Limits) -> f64 {
-        let s = self.lock();
-        let fresh = now.duration_since(s.minute_start) < Duration::from_secs(60);
-        let (used_requests, used_tokens) = if fresh {
-            (s.minute_requests, s.minute_tokens)
-        } else {
-            (0, 0)
-        };
-        let share = |configured: Option<i64>,
-                     used: u64,
-                     reported_limit: Option<u64>,
-                     reported_remaining: Option<u64>| {
-            let configured = configured.and_then(|l| u64::try_from(l).ok());
-            let Some(limit) = configured.or(reported_limit).filter(|l| *l > 0) else {
-                return if reported_remaining == Some(0) {
-                    0.0
-                } else {
-                    1.0
-                };
-            };
-            let by_config = configured.map_or(u64::MAX, |l| l.saturating_sub(used));
-            let remaining = by_config.min(reported_remaining.unwrap_or(u64::MAX));
-            (remaining as f64 / limit as f64).clamp(0.0, 1.0)
-        };
-        let r = &s.reported;
-        share(
-            limits.requests_per_minute,
-            used_requests,
-            r.limit_requests,
-            r.remaining_requests,
-        )
-        .min(share(
-            limits.tokens_per_minute,
-            used_tokens,
-            r.limit_tokens,
-            r.remaining_tokens,
-        ))
-    }
-
     /// The breaker's state (an open breaker whose time is up reads as half-open).
+    #[cfg(test)]
     pub fn breaker(&self, now: Instant) -> BreakerState {
         self.lock().effective_breaker(now)
     }
 
-    /// A snapshot for `/status` and the pool status.
+    /// A snapshot for `/status` and the pool status (`in_flight` is the provider's).
     pub fn view(&self, now: Instant) -> HealthView {
         let s = self.lock();
         let blocked =
@@ -477,7 +476,7 @@ impl ProviderHealth {
             breaker: s.effective_breaker(now),
             error_rate,
             latency_ms: s.latency_ewma_ms,
-            in_flight: self.in_flight(),
+            in_flight: 0,
             // Probed down: unusable until probes recover, with no known end.
             unavailable_for_ms: if s.probe_down {
                 Some(0)
@@ -487,7 +486,192 @@ impl ProviderHealth {
                 })
             },
             last_probe_ok: s.last_probe_ok,
+            models: Vec::new(),
         }
+    }
+}
+
+/// A provider endpoint: the connection-level [`Health`], and what every model of it
+/// shares — requests in flight and quota use.
+#[derive(Debug)]
+pub struct ProviderHealth {
+    /// Connection-level outcomes and active probes.
+    pub link: Health,
+    in_flight: AtomicU32,
+    usage: Mutex<Usage>,
+}
+
+/// Requests started and tokens used in the current minute, and what the provider's
+/// rate-limit headers last said, for capacity-aware routing.
+#[derive(Debug)]
+struct Usage {
+    minute_start: Instant,
+    minute_requests: u64,
+    minute_tokens: u64,
+    reported: RateLimitReport,
+}
+
+impl Usage {
+    fn roll_minute(&mut self, now: Instant) {
+        if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
+            self.minute_start = now;
+            self.minute_requests = 0;
+            self.minute_tokens = 0;
+        }
+    }
+}
+
+impl ProviderHealth {
+    /// A provider with no history.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            link: Health::new(now),
+            in_flight: AtomicU32::new(0),
+            usage: Mutex::new(Usage {
+                minute_start: now,
+                minute_requests: 0,
+                minute_tokens: 0,
+                reported: RateLimitReport::default(),
+            }),
+        }
+    }
+
+    fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+        self.usage
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Counts a request as in flight (and against this minute's quota); pair with
+    /// [`ProviderHealth::end`].
+    pub fn start(&self, now: Instant) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut u = self.usage();
+        u.roll_minute(now);
+        u.minute_requests += 1;
+    }
+
+    /// A started request is no longer in flight.
+    pub fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Records what a response's rate-limit headers said; absent headers keep the last
+    /// value.
+    pub fn report_rate_limits(&self, report: RateLimitReport) {
+        // Most responses of keyless self-hosted servers carry none: no lock to take.
+        if report == RateLimitReport::default() {
+            return;
+        }
+        let mut u = self.usage();
+        let r = &mut u.reported;
+        r.remaining_requests = report.remaining_requests.or(r.remaining_requests);
+        r.remaining_tokens = report.remaining_tokens.or(r.remaining_tokens);
+        r.limit_requests = report.limit_requests.or(r.limit_requests);
+        r.limit_tokens = report.limit_tokens.or(r.limit_tokens);
+    }
+
+    /// Records tokens an answer used (prompt and completion).
+    pub fn record_tokens(&self, now: Instant, tokens: u64) {
+        let mut u = self.usage();
+        u.roll_minute(now);
+        u.minute_tokens += tokens;
+    }
+
+    /// Requests in flight from this replica.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The share of the provider's quota still free this minute, from 0 to 1: the
+    /// tighter of requests and tokens, each the smaller of what the configured limit
+    /// leaves after this replica's use and what the provider last reported. A dimension
+    /// with no limit known counts as free unless the provider reported none left.
+    pub fn headroom(&self, now: Instant, limits: &Limits) -> f64 {
+        let u = self.usage();
+        let fresh = now.duration_since(u.minute_start) < Duration::from_secs(60);
+        let (used_requests, used_tokens) = if fresh {
+            (u.minute_requests, u.minute_tokens)
+        } else {
+            (0, 0)
+        };
+        let share = |configured: Option<i64>,
+                     used: u64,
+                     reported_limit: Option<u64>,
+                     reported_remaining: Option<u64>| {
+            let configured = configured.and_then(|l| u64::try_from(l).ok());
+            let Some(limit) = configured.or(reported_limit).filter(|l| *l > 0) else {
+                return if reported_remaining == Some(0) {
+                    0.0
+                } else {
+                    1.0
+                };
+            };
+            let by_config = configured.map_or(u64::MAX, |l| l.saturating_sub(used));
+            let remaining = by_config.min(reported_remaining.unwrap_or(u64::MAX));
+            (remaining as f64 / limit as f64).clamp(0.0, 1.0)
+        };
+        let r = &u.reported;
+        share(
+            limits.requests_per_minute,
+            used_requests,
+            r.limit_requests,
+            r.remaining_requests,
+        )
+        .min(share(
+            limits.tokens_per_minute,
+            used_tokens,
+            r.limit_tokens,
+            r.remaining_tokens,
+        ))
+    }
+
+    /// The provider as a whole: its endpoint's view, ejected also when every model it
+    /// serves is out, degraded when some is, with each model's own state listed.
+    pub fn view<'a>(
+        &self,
+        now: Instant,
+        models: impl IntoIterator<Item = (&'a str, &'a Health)>,
+    ) -> HealthView {
+        let mut view = self.link.view(now);
+        view.in_flight = self.in_flight();
+        let mut all_out = true;
+        let mut soonest: Option<(u64, Option<&'static str>)> = None;
+        let mut first_trouble = None;
+        for (model, health) in models {
+            let m = health.view(now);
+            view.breaker = view.breaker.max(m.breaker);
+            view.error_rate = view.error_rate.max(m.error_rate);
+            match m.unavailable_for_ms {
+                Some(ms) if soonest.is_none_or(|(best, _)| ms < best) => {
+                    soonest = Some((ms, m.reason));
+                }
+                Some(_) => {}
+                None => all_out = false,
+            }
+            if m.state != "healthy" && first_trouble.is_none() {
+                first_trouble = m.reason;
+            }
+            view.models.push(ModelView {
+                model: model.to_owned(),
+                state: m.state,
+                reason: m.reason,
+                breaker: m.breaker,
+                unavailable_for_ms: m.unavailable_for_ms,
+            });
+        }
+        if view.state == "ejected" || view.models.is_empty() {
+            return view;
+        }
+        if all_out && let Some((ms, reason)) = soonest {
+            view.state = "ejected";
+            view.reason = reason;
+            view.unavailable_for_ms = Some(ms);
+        } else if view.models.iter().any(|m| m.state != "healthy") {
+            view.state = "degraded";
+            view.reason = view.reason.or(first_trouble);
+        }
+        view
     }
 }
 
@@ -548,21 +732,21 @@ mod tests {
         }
     }
 
-    fn fail(h: &ProviderHealth, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
-        h.start(now);
-        h.finish(now, Outcome::Failure, None, b, p);
+    fn fail(h: &Health, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
+        h.begin();
+        h.settle(now, Outcome::Failure, None, b, p);
     }
 
-    fn ok(h: &ProviderHealth, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
-        h.start(now);
-        h.finish(now, Outcome::Success, Some(Duration::from_millis(10)), b, p);
+    fn ok(h: &Health, now: Instant, b: &CircuitBreaker, p: &PassiveHealth) {
+        h.begin();
+        h.settle(now, Outcome::Success, Some(Duration::from_millis(10)), b, p);
     }
 
     #[tokio::test(start_paused = true)]
     async fn breaker_opens_after_consecutive_failures_and_blocks_real_traffic() {
         let (b, p) = (breaker(), passive());
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         fail(&h, now, &b, &p);
         fail(&h, now, &b, &p);
         assert_eq!(h.availability(now, &b), Availability::Ready);
@@ -578,7 +762,7 @@ mod tests {
     async fn breaker_opens_on_failure_rate_once_min_requests_are_seen() {
         let (b, p) = (breaker(), passive());
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         for _ in 0..4 {
             ok(&h, now, &b, &p);
             fail(&h, now, &b, &p);
@@ -597,9 +781,9 @@ mod tests {
     }
 
     /// A provider whose breaker opened now, after three failures in a row.
-    fn tripped(b: &CircuitBreaker, p: &PassiveHealth) -> (ProviderHealth, Instant) {
+    fn tripped(b: &CircuitBreaker, p: &PassiveHealth) -> (Health, Instant) {
         let t0 = Instant::now();
-        let h = ProviderHealth::new(t0);
+        let h = Health::new(t0);
         for _ in 0..3 {
             fail(&h, t0, b, p);
         }
@@ -612,16 +796,16 @@ mod tests {
         let (h, t0) = tripped(&b, &p);
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(h.availability(t1, &b), Availability::Ready);
-        h.start(t1);
+        h.begin();
         assert_eq!(h.availability(t1, &b), Availability::Ready);
-        h.start(t1);
+        h.begin();
         assert_eq!(
             h.availability(t1, &b),
             Availability::Busy,
             "two probes in flight is the limit"
         );
-        h.finish(t1, Outcome::Success, None, &b, &p);
-        h.finish(t1, Outcome::Success, None, &b, &p);
+        h.settle(t1, Outcome::Success, None, &b, &p);
+        h.settle(t1, Outcome::Success, None, &b, &p);
         assert_eq!(h.breaker(t1), BreakerState::Closed);
         assert_eq!(h.availability(t1, &b), Availability::Ready);
     }
@@ -632,13 +816,12 @@ mod tests {
         let (h, t0) = tripped(&b, &p);
         let t1 = t0 + Duration::from_secs(30);
         assert_eq!(h.availability(t1, &b), Availability::Ready, "half-open");
-        h.start(t1);
-        h.start(t1);
+        h.begin();
+        h.begin();
         assert_eq!(h.availability(t1, &b), Availability::Busy);
         // Clients gave up on both: no verdict, but the slots are free again.
-        h.abandon();
-        h.abandon();
-        assert_eq!(h.in_flight(), 0);
+        h.release();
+        h.release();
         assert_eq!(
             h.breaker(t1),
             BreakerState::HalfOpen,
@@ -664,10 +847,10 @@ mod tests {
     async fn rate_limiting_blocks_for_exactly_the_retry_after_and_never_opens_the_breaker() {
         let (b, p) = (breaker(), passive());
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         for _ in 0..10 {
-            h.start(now);
-            h.finish(
+            h.begin();
+            h.settle(
                 now,
                 Outcome::RateLimited(Duration::from_millis(1500)),
                 None,
@@ -700,7 +883,7 @@ mod tests {
             slow_threshold: None,
         };
         let mut now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         let mut lengths = Vec::new();
         for _ in 0..4 {
             fail(&h, now, &b, &p);
@@ -726,7 +909,7 @@ mod tests {
     async fn probes_take_a_provider_out_and_bring_it_back_with_hysteresis() {
         let b = breaker();
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         assert_eq!(h.view(now).last_probe_ok, None);
         h.record_probe(true, 2, 3);
         assert_eq!(h.view(now).state, "healthy");
@@ -759,17 +942,17 @@ mod tests {
     async fn latency_ewma_tracks_recent_responses() {
         let (b, p) = (breaker(), passive());
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
-        h.start(now);
-        h.finish(
+        let h = Health::new(now);
+        h.begin();
+        h.settle(
             now,
             Outcome::Success,
             Some(Duration::from_millis(100)),
             &b,
             &p,
         );
-        h.start(now);
-        h.finish(
+        h.begin();
+        h.settle(
             now,
             Outcome::Success,
             Some(Duration::from_millis(200)),
@@ -778,7 +961,6 @@ mod tests {
         );
         let ms = h.latency_ms().expect("measured");
         assert!((ms - 130.0).abs() < 1e-9, "{ms}");
-        assert_eq!(h.in_flight(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -793,10 +975,10 @@ mod tests {
             ..PassiveHealth::default()
         };
         let now = Instant::now();
-        let h = ProviderHealth::new(now);
+        let h = Health::new(now);
         let answer = |ms| {
-            h.start(now);
-            h.finish(
+            h.begin();
+            h.settle(
                 now,
                 Outcome::Success,
                 Some(std::time::Duration::from_millis(ms)),

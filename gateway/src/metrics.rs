@@ -45,6 +45,13 @@ struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderResultLabels {
+    provider: String,
+    /// Chosen by the gateway from a fixed set.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -75,6 +82,7 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
+    recovery_checks: Family<ProviderResultLabels, Counter>,
     failovers: Family<RouteReasonLabels, Counter>,
     stream_breaks: Family<RouteReasonLabels, Counter>,
     replays: Family<RouteLabels, Counter>,
@@ -95,6 +103,7 @@ impl Default for Metrics {
             registry: Mutex::new(Registry::with_prefix("switchyard_gateway")),
             requests: Family::default(),
             attempts: Family::default(),
+            recovery_checks: Family::default(),
             failovers: Family::default(),
             stream_breaks: Family::default(),
             replays: Family::default(),
@@ -118,6 +127,11 @@ impl Default for Metrics {
                 "attempts",
                 "Upstream tries by provider and outcome",
                 m.attempts.clone(),
+            );
+            r.register(
+                "recovery_checks",
+                "Checks of a provider (or one of its models) out of rotation, by provider and result: passed (back in rotation) or failed",
+                m.recovery_checks.clone(),
             );
             r.register(
                 "failovers",
@@ -323,6 +337,16 @@ impl Metrics {
         }
     }
 
+    /// A recovery check of `provider` or one of its models.
+    pub fn recovery_check(&self, provider: &str, passed: bool) {
+        self.recovery_checks
+            .get_or_create(&ProviderResultLabels {
+                provider: provider.to_owned(),
+                result: if passed { "passed" } else { "failed" },
+            })
+            .inc();
+    }
+
     /// A configuration load.
     pub fn config_reload(&self, ok: bool) {
         self.reloads
@@ -352,11 +376,12 @@ impl Metrics {
                 let labels = ProviderLabels {
                     provider: p.config.name.clone(),
                 };
+                // A provider's breaker reads as its worst: its endpoint's or any model's.
+                let view = p.view(now);
                 self.breaker_state
                     .get_or_create(&labels)
-                    .set(p.health.breaker(now).as_gauge());
-                let usable =
-                    p.unusable.is_none() && p.health.view(now).unavailable_for_ms.is_none();
+                    .set(view.breaker.as_gauge());
+                let usable = p.unusable.is_none() && view.unavailable_for_ms.is_none();
                 self.provider_usable
                     .get_or_create(&labels)
                     .set(i64::from(usable));

@@ -31,7 +31,6 @@ pub fn pick<'a>(
     tried: &[String],
     now: Instant,
 ) -> Option<Choice<'a>> {
-    let breaker = &route.config.circuit_breaker;
     let mut least_bad: Option<(Instant, &'a TargetConfig)> = None;
     let targets = &route.config.targets;
     let mut i = 0;
@@ -61,14 +60,14 @@ pub fn pick<'a>(
             {
                 continue;
             }
-            match p.health.availability(now, breaker) {
-                Availability::Ready => usable.push(t),
-                Availability::Until(when) => {
+            match table.availability(route, t, now) {
+                None | Some(Availability::Busy) => {}
+                Some(Availability::Ready) => usable.push(t),
+                Some(Availability::Until(when)) => {
                     if least_bad.is_none_or(|(best, _)| when < best) {
                         least_bad = Some((when, t));
                     }
                 }
-                Availability::Busy => {}
             }
         }
         if !usable.is_empty() {
@@ -92,7 +91,11 @@ fn by_strategy<'a>(
     now: Instant,
 ) -> &'a TargetConfig {
     let mut rng = rand::rng();
-    let health = |t: &TargetConfig| table.provider(&t.provider).map(|p| p.health.clone());
+    let in_flight = |t: &TargetConfig| {
+        table
+            .provider(&t.provider)
+            .map_or(u32::MAX, |p| p.health.in_flight())
+    };
     match route.config.strategy {
         Strategy::RoundRobin => usable[route.next.fetch_add(1, Ordering::Relaxed) % usable.len()],
         Strategy::Weighted => {
@@ -114,10 +117,11 @@ fn by_strategy<'a>(
             // Power of two choices: the better of two random picks, scored by latency
             // weighted by load, so one slow provider is avoided without herding.
             let score = |t: &TargetConfig| {
-                health(t).map_or(f64::MAX, |h| {
-                    let latency = h.latency_ms().unwrap_or(0.0);
-                    (latency + 1.0) * f64::from(h.in_flight() + 1)
-                })
+                let latency = route
+                    .health_of(t)
+                    .and_then(|h| h.latency_ms())
+                    .unwrap_or(0.0);
+                (latency + 1.0) * f64::from(in_flight(t).saturating_add(1))
             };
             let a = usable[rng.random_range(0..usable.len())];
             let b = usable[rng.random_range(0..usable.len())];
@@ -127,7 +131,7 @@ fn by_strategy<'a>(
             let start = rng.random_range(0..usable.len());
             (0..usable.len())
                 .map(|k| usable[(start + k) % usable.len()])
-                .min_by_key(|t| health(t).map_or(u32::MAX, |h| h.in_flight()))
+                .min_by_key(|t| in_flight(t))
                 .unwrap_or(usable[0])
         }
         Strategy::Capacity => {
@@ -183,17 +187,29 @@ mod tests {
         RoutingTable::build(config, &Secrets::default(), None, Instant::now())
     }
 
-    fn eject(t: &RoutingTable, name: &str, now: Instant) {
+    /// Records one answer of `name`'s model on route `m`.
+    fn record(t: &RoutingTable, name: &str, now: Instant, outcome: Outcome, ms: Option<u64>) {
         let route = t.route_for("m").expect("route");
         let p = t.provider(name).expect("provider");
-        p.health.start(now);
-        p.health.finish(
+        let target = route
+            .config
+            .targets
+            .iter()
+            .find(|t| t.provider == name)
+            .expect("target");
+        let h = route.health_of(target).expect("health");
+        h.begin();
+        h.settle(
             now,
-            Outcome::Failure,
-            None,
+            outcome,
+            ms.map(Duration::from_millis),
             &route.config.circuit_breaker,
             &p.config.health.passive,
         );
+    }
+
+    fn eject(t: &RoutingTable, name: &str, now: Instant) {
+        record(t, name, now, Outcome::Failure, None);
     }
 
     #[tokio::test(start_paused = true)]
@@ -290,15 +306,7 @@ mod tests {
         let route = t.route_for("m").expect("route");
         let now = Instant::now();
         for (name, ms) in [("a", 500), ("b", 20)] {
-            let p = t.provider(name).expect("provider");
-            p.health.start(now);
-            p.health.finish(
-                now,
-                Outcome::Success,
-                Some(Duration::from_millis(ms)),
-                &route.config.circuit_breaker,
-                &p.config.health.passive,
-            );
+            record(&t, name, now, Outcome::Success, Some(ms));
         }
         let b = (0..1000)
             .filter(|_| pick(&t, route, &[], now).expect("choice").target.provider == "b")
@@ -378,5 +386,112 @@ mod tests {
             vec!["c"; 2],
             "the next tier serves while the first is full"
         );
+    }
+
+    /// Provider `a` serving two models, `m` and `n`, each a route of its own with `b` as
+    /// the second choice.
+    fn two_models() -> RoutingTable {
+        let provider = |name: &str| {
+            json!({"name": name, "type": "openaiCompatible", "endpoint": "http://127.0.0.1:1", "region": "r", "local": true,
+                   "enabled": true, "limits": {}, "health": {"passive": {"consecutiveFailures": 2}}})
+        };
+        let route = |model: &str| {
+            json!({"model": model, "policy": "p", "strategy": "roundRobin", "regional": "preferLocal",
+                   "targets": [{"provider": "a", "upstreamModel": model, "weight": 1, "priority": 0, "tier": 0},
+                               {"provider": "b", "upstreamModel": model, "weight": 1, "priority": 1, "tier": 2}],
+                   "retry": {}, "timeouts": {}, "circuitBreaker": {"consecutiveFailures": 3}})
+        };
+        let config: GatewayConfig = serde_json::from_value(json!({
+            "version": 1, "namespace": "ns", "pool": "p", "region": "r",
+            "providers": [provider("a"), provider("b")],
+            "routes": [route("m"), route("n")]
+        }))
+        .expect("valid config");
+        RoutingTable::build(config, &Secrets::default(), None, Instant::now())
+    }
+
+    /// Records `outcome` for provider `a`'s target on `model`'s route.
+    fn on_a(t: &RoutingTable, model: &str, now: Instant, outcome: Outcome) {
+        let route = t.route_for(model).expect("route");
+        let p = t.provider("a").expect("a");
+        let h = route.health_of(&route.config.targets[0]).expect("health");
+        h.begin();
+        h.settle(
+            now,
+            outcome,
+            None,
+            &route.config.circuit_breaker,
+            &p.config.health.passive,
+        );
+    }
+
+    fn first_choice(t: &RoutingTable, model: &str, now: Instant) -> String {
+        let route = t.route_for(model).expect("route");
+        pick(t, route, &[], now)
+            .expect("choice")
+            .target
+            .provider
+            .clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_rests_only_the_model_that_hit_it() {
+        let t = two_models();
+        let now = Instant::now();
+        on_a(&t, "m", now, Outcome::RateLimited(Duration::from_secs(5)));
+        assert_eq!(first_choice(&t, "m", now), "b");
+        assert_eq!(first_choice(&t, "n", now), "a", "n was not limited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_models_successes_do_not_reset_a_failing_models_count() {
+        let t = two_models();
+        let now = Instant::now();
+        on_a(&t, "m", now, Outcome::Failure);
+        on_a(&t, "n", now, Outcome::Success);
+        on_a(&t, "m", now, Outcome::Failure);
+        assert_eq!(
+            first_choice(&t, "m", now),
+            "b",
+            "m: two failures in a row eject"
+        );
+        assert_eq!(first_choice(&t, "n", now), "a");
+        let view = t.provider("a").expect("a").view(now);
+        assert_eq!(
+            (view.state, view.models.len()),
+            ("degraded", 2),
+            "one model out of two is a degraded provider: {view:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connection_takes_every_model_of_the_provider_out() {
+        let t = two_models();
+        let now = Instant::now();
+        let a = t.provider("a").expect("a");
+        let route = t.route_for("m").expect("route");
+        for _ in 0..2 {
+            a.health.link.begin();
+            a.health.link.settle(
+                now,
+                Outcome::Failure,
+                None,
+                &route.config.circuit_breaker,
+                &a.config.health.passive,
+            );
+        }
+        assert_eq!(first_choice(&t, "m", now), "b");
+        assert_eq!(first_choice(&t, "n", now), "b");
+        assert_eq!(a.view(now).state, "ejected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn model_health_survives_a_reload() {
+        let t = two_models();
+        let now = Instant::now();
+        on_a(&t, "m", now, Outcome::RateLimited(Duration::from_secs(5)));
+        let reloaded = RoutingTable::build(t.config.clone(), &Secrets::default(), Some(&t), now);
+        assert_eq!(first_choice(&reloaded, "m", now), "b");
+        assert_eq!(first_choice(&reloaded, "n", now), "a");
     }
 }

@@ -573,7 +573,7 @@ fn status(gw: &Gateway) -> Response<Body> {
         .iter()
         .flat_map(|t| t.providers())
         .map(|p| {
-            let mut view = serde_json::to_value(p.health.view(now)).unwrap_or(Value::Null);
+            let mut view = serde_json::to_value(p.view(now)).unwrap_or(Value::Null);
             if let (Some(reason), Some(obj)) = (p.unusable, view.as_object_mut()) {
                 obj.insert("state".into(), json!(if reason == "Drained" { "drained" } else { "unusable" }));
                 obj.insert("reason".into(), json!(reason));

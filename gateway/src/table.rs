@@ -8,14 +8,14 @@ use std::fmt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, OnceLock};
 
-use crds::{GatewayConfig, ProviderConfig, RouteConfig};
+use crds::{GatewayConfig, ProviderConfig, RouteConfig, TargetConfig};
 use hyper::header::HeaderValue;
 use tokio::time::Instant;
 
 use crate::auth::ClientKeys;
 use crate::dialect::{self, Dialect, Upstream};
 use crate::gateway::FastMap;
-use crate::health::ProviderHealth;
+use crate::health::{Availability, Health, HealthView, ProviderHealth};
 use crate::metrics::{Metrics, ProviderMetrics, RouteMetrics};
 use crate::retry::RetryBudget;
 
@@ -72,8 +72,10 @@ impl fmt::Debug for ApiKey {
 pub struct ProviderEntry {
     /// Compiled settings.
     pub config: ProviderConfig,
-    /// Live health, shared across reloads.
+    /// Live health of its endpoint, shared across reloads.
     pub health: Arc<ProviderHealth>,
+    /// The models routes use it for, each with its own health.
+    pub models: Vec<ModelSlot>,
     /// The key, when the provider needs one and its Secret was found.
     pub api_key: Option<ApiKey>,
     /// Why the provider cannot be used at all, whatever its health.
@@ -87,7 +89,30 @@ pub struct ProviderEntry {
     host: Option<HeaderValue>,
 }
 
+/// One of a provider's models as the routes use it.
+#[derive(Debug)]
+pub struct ModelSlot {
+    /// The model as configured: its Azure deployment, upstream name, or (for a pattern
+    /// route) the pattern. Never a name a client chose.
+    pub key: String,
+    /// Its HTTP-level health, shared by every route naming it and across reloads.
+    pub health: Arc<Health>,
+    /// A target naming it, to build a recovery check from; `None` for a pattern, whose
+    /// requests each name their own model.
+    pub check: Option<TargetConfig>,
+}
+
 impl ProviderEntry {
+    /// The provider as a whole, its models included.
+    pub fn view(&self, now: Instant) -> HealthView {
+        self.health.view(
+            now,
+            self.models
+                .iter()
+                .map(|m| (m.key.as_str(), m.health.as_ref())),
+        )
+    }
+
     /// Its metric handles in `metrics`.
     pub fn metrics(&self, metrics: &Metrics) -> &ProviderMetrics {
         self.metrics
@@ -120,6 +145,15 @@ fn host_header(endpoint: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(authority).ok()
 }
 
+/// What a target's health is kept under within its provider: the model as the
+/// configuration names it (a pattern route's targets share the pattern's).
+fn model_key<'a>(route: &'a RouteConfig, t: &'a TargetConfig) -> &'a str {
+    t.deployment
+        .as_deref()
+        .or(t.upstream_model.as_deref())
+        .unwrap_or(&route.model)
+}
+
 /// A route in the table.
 #[derive(Debug)]
 pub struct RouteEntry {
@@ -129,6 +163,8 @@ pub struct RouteEntry {
     pub next: AtomicUsize,
     /// Retry budget, shared across reloads.
     pub budget: Arc<RetryBudget>,
+    /// Each target's health, in the order of `config.targets`.
+    health: Vec<Arc<Health>>,
     /// Client keys accepted on this route; `None` when the route is open.
     pub client_keys: Option<Arc<ClientKeys>>,
     /// Why the route refuses every request (its client-key Secret is missing).
@@ -138,6 +174,16 @@ pub struct RouteEntry {
 }
 
 impl RouteEntry {
+    /// The health of `target`, one of this route's.
+    pub fn health_of(&self, target: &TargetConfig) -> Option<&Arc<Health>> {
+        let i = self
+            .config
+            .targets
+            .iter()
+            .position(|t| std::ptr::eq(t, target))?;
+        self.health.get(i)
+    }
+
     /// Its metric handles in `metrics`.
     pub fn metrics(&self, metrics: &Metrics) -> &RouteMetrics {
         self.metrics
@@ -208,6 +254,7 @@ impl RoutingTable {
                 ProviderEntry {
                     config: p.clone(),
                     health,
+                    models: Vec::new(),
                     api_key,
                     unusable,
                     metrics: OnceLock::new(),
@@ -218,13 +265,49 @@ impl RoutingTable {
                 },
             );
         }
+        // A provider's model keeps its health across reloads, whichever routes name it.
+        let mut slots: HashMap<(String, String), usize> = HashMap::new();
+        let mut slot_of = |providers: &mut FastMap<String, ProviderEntry>,
+                           route: &RouteConfig,
+                           t: &TargetConfig|
+         -> Arc<Health> {
+            let key = model_key(route, t);
+            let Some(entry) = providers.get_mut(&t.provider) else {
+                return Arc::new(Health::new(now));
+            };
+            if let Some(&i) = slots.get(&(t.provider.clone(), key.to_owned())) {
+                return entry.models[i].health.clone();
+            }
+            let health = previous
+                .and_then(|old| old.providers.get(&t.provider))
+                .and_then(|old| old.models.iter().find(|m| m.key == key))
+                .map_or_else(|| Arc::new(Health::new(now)), |m| m.health.clone());
+            slots.insert((t.provider.clone(), key.to_owned()), entry.models.len());
+            entry.models.push(ModelSlot {
+                key: key.to_owned(),
+                health: health.clone(),
+                check: t.upstream_model.is_some().then(|| t.clone()),
+            });
+            health
+        };
+        let target_health: Vec<Vec<Arc<Health>>> = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.targets
+                    .iter()
+                    .map(|t| slot_of(&mut providers, r, t))
+                    .collect()
+            })
+            .collect();
         let mut warnings = Vec::new();
         // Routes naming the same Secret share one key set.
         let mut key_sets: HashMap<String, Arc<ClientKeys>> = HashMap::new();
         let routes: Vec<RouteEntry> = config
             .routes
             .iter()
-            .map(|r| {
+            .zip(target_health)
+            .map(|(r, health)| {
                 let budget = previous
                     .and_then(|t| t.routes.iter().find(|old| old.config.model == r.model))
                     .map_or_else(|| Arc::new(RetryBudget::new(now)), |old| old.budget.clone());
@@ -256,6 +339,7 @@ impl RoutingTable {
                     config: r.clone(),
                     next: AtomicUsize::new(0),
                     budget,
+                    health,
                     client_keys,
                     misconfigured,
                     metrics: OnceLock::new(),
@@ -301,6 +385,23 @@ impl RoutingTable {
     pub fn route_for(&self, model: &str) -> Option<&RouteEntry> {
         let config = self.config.route_for(model)?;
         self.routes.iter().find(|r| r.config.model == config.model)
+    }
+
+    /// Whether `target` of `route` may take a request now: its provider's endpoint and
+    /// the model must both allow it. `None` when the provider is not in the table.
+    pub fn availability(
+        &self,
+        route: &RouteEntry,
+        target: &TargetConfig,
+        now: Instant,
+    ) -> Option<Availability> {
+        let breaker = &route.config.circuit_breaker;
+        let provider = self.providers.get(&target.provider)?;
+        let link = provider.health.link.availability(now, breaker);
+        Some(match route.health_of(target) {
+            Some(own) => link.and(own.availability(now, breaker)),
+            None => link,
+        })
     }
 
     /// A provider by name.

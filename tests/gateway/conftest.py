@@ -87,6 +87,12 @@ class FakeProvider:
         _, _, body = self._admin("GET", "/admin/attempts")
         return json.loads(body)
 
+    def client_tries(self):
+        """The requests made for clients: every attempt but the gateway's own checks (model
+        lists, and the one-token completions of recovery checks)."""
+        return [a for a in self.attempts()
+                if a["method"] == "POST" and a["headers"]["x-request-id"] != "switchyard-recovery-check"]
+
     def stop(self):
         self.proc.kill()
         self.proc.wait()
@@ -137,7 +143,7 @@ def stream_text(client, **kw):
 def provider(name, url, type_="openaiCompatible", region="us-east", models=("gpt-4o",), **extra):
     p = {"name": name, "type": type_, "endpoint": url, "region": region,
          "credentials": {"secretRef": {"name": "provider-keys"}},
-         "models": [{"name": m} for m in models]}
+         "models": [m if isinstance(m, dict) else {"name": m} for m in models]}
     if type_ == "azureOpenAI":
         p["azure"] = {"apiVersion": "2024-10-21"}
         p["models"] = [{"name": m, "deployment": m.replace(".", "")} for m in models]

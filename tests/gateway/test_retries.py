@@ -138,3 +138,31 @@ def test_the_log_says_when_a_provider_leaves_and_rejoins_the_rotation(stack, cli
     out, back = log.find("provider taken out of rotation"), log.find("provider back in rotation")
     assert 0 <= out < back, log[-2000:]
     assert "RateLimited" in log[out:back], "the line says why"
+
+
+THREE_TIERS = [{"model": "gpt-4o", "targets": [{"provider": "alpha"}, {"provider": "beta", "priority": 1},
+                                               {"provider": "gamma", "priority": 2}]}]
+
+
+def test_a_model_that_refuses_a_continuation_is_learned_and_skipped(stack, client_for):
+    gw, fakes = stack(["alpha", "beta", "gamma"], routes=THREE_TIERS)
+    fakes["alpha"].fault("cut-after:3")
+    fakes["beta"].fault("no-prefill")
+    client = client_for(gw)
+    for _ in range(2):
+        text, _, _ = stream_text(client)
+        assert text == f"Hello from alpha. {FULL}", "the refusal never reaches the client"
+    asked = [a for a in fakes["beta"].client_tries() if "continue_final_message" in a["body"]]
+    assert len(asked) == 1, f"beta was asked to continue {len(asked)} times; once teaches the gateway"
+    assert len(fakes["gamma"].client_tries()) == 2
+    assert "refused to continue a partial answer" in gw.output()
+
+
+def test_a_model_declared_unable_to_continue_is_never_asked(stack, client_for):
+    extra = {"beta": {"models": [{"name": "gpt-4o", "continuation": "none"}]}}
+    gw, fakes = stack(["alpha", "beta", "gamma"], routes=THREE_TIERS, provider_extra=extra)
+    fakes["alpha"].fault("cut-after:3")
+    text, _, _ = stream_text(client_for(gw))
+    assert text == f"Hello from alpha. {FULL}"
+    assert fakes["beta"].client_tries() == [], "beta said it cannot continue"
+    assert len(fakes["gamma"].client_tries()) == 1

@@ -20,7 +20,7 @@ use crate::budget::{HeldBody, ReadError, ReadLimits, declared_length, read_body}
 use crate::dialect::{ErrorClass, Operation, build_request};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::health::{Outcome, ProviderHealth};
+use crate::health::{Health, Outcome, ProviderHealth};
 use crate::response::{Body, json_response};
 use crate::server::over_budget;
 use crate::sse::SseReader;
@@ -84,7 +84,7 @@ pub(super) struct Sent {
     pub(super) t0: Instant,
 }
 
-/// Why no response headers arrived; the provider's health has recorded it.
+/// Why no response headers arrived; health has recorded it.
 pub(super) enum SendError {
     /// Not within the first-byte timeout.
     TimedOut,
@@ -92,18 +92,25 @@ pub(super) enum SendError {
     Connect(String),
 }
 
-/// Sends `upstream` to `provider` and waits for its response headers for at most
-/// `first_byte`, recording the outcome in the provider's health unless headers arrive
-/// (then the caller records it).
+/// Sends `upstream` to `provider` for the model whose health is `model` and waits for
+/// its response headers for at most `first_byte`. A failed connection counts against
+/// the provider's endpoint, a timeout against the model; once headers arrive the
+/// endpoint is known to work and the caller records the model's outcome.
 pub(super) async fn send(
     gw: &Gateway,
     provider: &ProviderEntry,
+    model: Arc<Health>,
     rc: &RouteConfig,
     upstream: Request<Full<Bytes>>,
     first_byte: Duration,
 ) -> Result<Sent, SendError> {
     let name = provider.config.name.as_str();
-    let inflight = InFlight::start(provider.health.clone(), rc, &provider.config.health.passive);
+    let mut inflight = InFlight::start(
+        provider.health.clone(),
+        model,
+        rc,
+        &provider.config.health.passive,
+    );
     let t0 = Instant::now();
     let sent = gw.request(rc.timeouts.connect.get(), upstream);
     match tokio::time::timeout(first_byte, sent).await {
@@ -113,52 +120,97 @@ pub(super) async fn send(
             Err(SendError::TimedOut)
         }
         Ok(Err(e)) => {
-            inflight.finish(Outcome::Failure, None);
+            inflight.link_failed();
             gw.metrics.attempt(name, "connect_error", None);
             Err(SendError::Connect(describe_client_error(&e)))
         }
-        Ok(Ok(resp)) => Ok(Sent {
-            resp,
-            inflight,
-            latency: t0.elapsed(),
-            t0,
-        }),
+        Ok(Ok(resp)) => {
+            let latency = t0.elapsed();
+            inflight.connected(latency);
+            Ok(Sent {
+                resp,
+                inflight,
+                latency,
+                t0,
+            })
+        }
     }
 }
 
-/// Records a started request's outcome exactly once; a request abandoned by the client
-/// counts as neither success nor failure of the provider.
+/// Records a started request's outcome exactly once on each level: the provider's
+/// endpoint (did a response come back at all?) and the model (was it a good one?). A
+/// request abandoned by the client counts as neither success nor failure.
 pub(super) struct InFlight {
-    pub(super) health: Arc<ProviderHealth>,
+    pub(super) provider: Arc<ProviderHealth>,
+    model: Arc<Health>,
     breaker: CircuitBreaker,
     passive: PassiveHealth,
+    /// The endpoint's verdict is still to come.
+    link_pending: bool,
     done: bool,
 }
 
 impl InFlight {
     pub(super) fn start(
-        health: Arc<ProviderHealth>,
+        provider: Arc<ProviderHealth>,
+        model: Arc<Health>,
         route: &RouteConfig,
         passive: &PassiveHealth,
     ) -> Self {
-        health.start(Instant::now());
+        provider.start(Instant::now());
+        provider.link.begin();
+        model.begin();
         Self {
-            health,
+            provider,
+            model,
             breaker: route.circuit_breaker.clone(),
             passive: passive.clone(),
+            link_pending: true,
             done: false,
         }
     }
 
+    /// Response headers arrived: the endpoint works, whatever they say.
+    fn connected(&mut self, latency: Duration) {
+        self.link_pending = false;
+        self.provider.link.settle(
+            Instant::now(),
+            Outcome::Success,
+            Some(latency),
+            &self.breaker,
+            &self.passive,
+        );
+    }
+
+    /// The connection failed: the endpoint's failure, no verdict on the model.
+    fn link_failed(mut self) {
+        self.done = true;
+        self.link_pending = false;
+        self.provider.link.settle(
+            Instant::now(),
+            Outcome::Failure,
+            None,
+            &self.breaker,
+            &self.passive,
+        );
+        self.model.release();
+        self.provider.end();
+    }
+
+    /// How the model did.
     pub(super) fn finish(mut self, outcome: Outcome, latency: Option<Duration>) {
         self.done = true;
-        self.health.finish(
+        if self.link_pending {
+            self.provider.link.release();
+        }
+        self.model.settle(
             Instant::now(),
             outcome,
             latency,
             &self.breaker,
             &self.passive,
         );
+        self.provider.end();
     }
 }
 
@@ -168,7 +220,11 @@ impl Drop for InFlight {
             // Abandoned: a provider that clients keep giving up on must not count as
             // healthy (nor close a half-open breaker), and one that a stopping replica
             // cuts off did nothing wrong.
-            self.health.abandon();
+            if self.link_pending {
+                self.provider.link.release();
+            }
+            self.model.release();
+            self.provider.end();
         }
     }
 }
@@ -191,6 +247,12 @@ pub(super) async fn attempt(
                 "provider {} vanished from the configuration",
                 target.provider
             ),
+        );
+    };
+    let Some(model) = route.health_of(target).cloned() else {
+        return Tried::retry(
+            "vanished",
+            format!("{} is not a target of this route", target.provider),
         );
     };
     let name = provider.config.name.as_str();
@@ -224,7 +286,7 @@ pub(super) async fn attempt(
         inflight,
         latency,
         t0,
-    } = match send(gw, provider, rc, upstream, first_byte).await {
+    } = match send(gw, provider, model, rc, upstream, first_byte).await {
         Ok(sent) => sent,
         Err(SendError::TimedOut) => {
             let why = format!(

@@ -148,7 +148,10 @@ impl<'t> Plan<'t> {
             let step = if self.route_done {
                 None
             } else {
+                // A target known to be out is worth a try only when no fallback model
+                // has one in rotation.
                 self.another_target(now, unit)
+                    .filter(|(_, _, least_bad)| !least_bad || !self.usable_ahead(now))
                     .or_else(|| self.same_target_again(now, unit))
             };
             let Some((target, wait, least_bad)) = step else {
@@ -193,6 +196,23 @@ impl<'t> Plan<'t> {
         Some((choice.target, wait, choice.least_bad))
     }
 
+    /// Whether a fallback model not yet visited has a target in rotation now.
+    fn usable_ahead(&self, now: Instant) -> bool {
+        self.fallbacks
+            .clone()
+            .map(String::as_str)
+            .filter(|m| !self.visited.contains(m))
+            .filter_map(|m| self.table.route_for(m).filter(|r| r.config.model == m))
+            .any(|route| {
+                route.config.targets.iter().any(|t| {
+                    self.table
+                        .provider(&t.provider)
+                        .is_some_and(|p| p.unusable.is_none())
+                        && self.table.availability(route, t, now) == Some(Availability::Ready)
+                })
+            })
+    }
+
     /// A target tried before, once no untried one is left: the one whose wait ends
     /// soonest among those with tries left and a wait that ends before the deadline.
     fn same_target_again(
@@ -202,7 +222,6 @@ impl<'t> Plan<'t> {
     ) -> Option<(&'t TargetConfig, Duration, bool)> {
         let retry = &self.route.config.retry;
         let attempts = usize::try_from(retry.attempts).unwrap_or(1).max(1);
-        let breaker = &self.route.config.circuit_breaker;
         let mut best: Option<(&'t TargetConfig, Duration)> = None;
         let here = &self.failures[self.route_failures..];
         for (
@@ -232,13 +251,13 @@ impl<'t> Plan<'t> {
             else {
                 continue;
             };
-            let Some(entry) = self
+            if self
                 .table
                 .provider(provider)
-                .filter(|p| p.unusable.is_none())
-            else {
+                .is_none_or(|p| p.unusable.is_some())
+            {
                 continue;
-            };
+            }
             let mut wait = match *again {
                 Again::Elsewhere => continue,
                 Again::After(wait) => wait,
@@ -249,12 +268,12 @@ impl<'t> Plan<'t> {
                 ),
             };
             // An open breaker or a rest the provider asked for also has to be over.
-            match entry.health.availability(now, breaker) {
-                Availability::Ready => {}
-                Availability::Until(when) => {
+            match self.table.availability(self.route, target, now) {
+                Some(Availability::Ready) => {}
+                Some(Availability::Until(when)) => {
                     wait = wait.max(when.saturating_duration_since(now));
                 }
-                Availability::Busy => continue,
+                None | Some(Availability::Busy) => continue,
             }
             if wait > retry.max_retry_after.get() || now + wait >= self.deadline {
                 continue;
@@ -402,8 +421,15 @@ mod tests {
         outcome: Outcome,
     ) {
         let p = t.provider(provider).expect("provider");
-        p.health.start(now);
-        p.health.finish(
+        let target = route
+            .config
+            .targets
+            .iter()
+            .find(|t| t.provider == provider)
+            .expect("target");
+        let h = route.health_of(target).expect("health");
+        h.begin();
+        h.settle(
             now,
             outcome,
             None,
@@ -557,18 +583,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_target_known_to_be_down_is_tried_last_and_only_after_a_backoff() {
-        let t = table(
-            json!({"attempts": 3, "backoff": {"initial": "100ms", "max": "1s", "multiplier": 2, "jitter": 0}}),
-        );
+    async fn a_target_known_to_be_down_is_skipped_while_a_fallback_model_is_in_rotation() {
+        let t = table(json!({"attempts": 3}));
         let m = t.route_for("m").expect("route");
         let now = Instant::now();
-        // Every target of m is down before the request arrives.
         for p in ["a", "b", "c"] {
             fail(&t, m, p, now);
         }
         let mut plan = Plan::new(&t, m, now + Duration::from_secs(60));
         let (tried, _) = fail_every_try(&t, &mut plan);
+        assert_eq!(tried[0], ("d".to_owned(), Duration::ZERO), "{tried:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_everything_is_down_the_least_bad_is_tried_after_a_backoff() {
+        let t = table(
+            json!({"attempts": 3, "backoff": {"initial": "100ms", "max": "1s", "multiplier": 2, "jitter": 0}}),
+        );
+        let m = t.route_for("m").expect("route");
+        let big = t.route_for("big").expect("route");
+        let now = Instant::now();
+        for p in ["a", "b", "c"] {
+            fail(&t, m, p, now);
+        }
+        fail(&t, big, "d", now);
+        let mut plan = Plan::new(&t, m, now + Duration::from_secs(60));
+        let (tried, _) = fail_every_try(&t, &mut plan);
+        let order: Vec<&str> = tried.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(order[..4], ["a", "b", "c", "d"], "{tried:?}");
         let waits: Vec<Duration> = tried.iter().map(|(_, w)| *w).collect();
         assert_eq!(
             waits[..3],
@@ -579,7 +621,6 @@ mod tests {
             ],
             "{tried:?}"
         );
-        assert_eq!(tried[3], ("d".to_owned(), Duration::ZERO), "d was usable");
     }
 
     #[tokio::test(start_paused = true)]

@@ -155,7 +155,7 @@ pub(super) async fn stream(
                     .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
                     .await;
                 inflight
-                    .health
+                    .provider
                     .record_tokens(Instant::now(), state.tokens_used());
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
@@ -353,6 +353,13 @@ async fn continue_on(
         let choice = pick(&r.table, route, &here, now)?;
         tried.push((rc.model.clone(), choice.target.provider.clone()));
         let provider = r.table.provider(&choice.target.provider)?;
+        let Some(model) = route.health_of(choice.target).cloned() else {
+            continue;
+        };
+        // Declared unable, or learned to be.
+        if choice.target.no_continuation || model.refuses_prefill() {
+            continue;
+        }
         let dialect = provider.dialect();
         let Prefill::Continues {
             trims_whitespace,
@@ -388,11 +395,21 @@ async fn continue_on(
             .first_byte
             .get()
             .min(r.deadline.saturating_duration_since(now));
-        let Ok(sent) = send(&r.gw, provider, rc, upstream, first_byte).await else {
+        let Ok(sent) = send(&r.gw, provider, model.clone(), rc, upstream, first_byte).await else {
             continue;
         };
-        if !sent.resp.status().is_success() {
-            let outcome = if sent.resp.status().is_server_error() {
+        let status = sent.resp.status();
+        if matches!(status.as_u16(), 400 | 422) && model.learn_refuses_prefill() {
+            // The request it refused differs from one it would take only by the prefill.
+            tracing::warn!(
+                provider = %provider.config.name,
+                model = choice.target.upstream_model.as_deref().unwrap_or(&rc.model),
+                status = status.as_u16(),
+                "refused to continue a partial answer; it will not be asked again (declare continuation: none for this model to skip the try)"
+            );
+        }
+        if !status.is_success() {
+            let outcome = if status.is_server_error() {
                 Outcome::Failure
             } else {
                 Outcome::Success

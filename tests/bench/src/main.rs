@@ -4,6 +4,7 @@
 //! cargo run --release -p bench -- [--out BENCHMARKS.md] [--seconds 10] [--skip-operator] [--skip-realnode] [--skip-peers]
 //! cargo run --release -p bench -- --only-realnode   # rewrite only the real-node section
 //! cargo run --release -p bench -- --only-peers [--seconds 3]   # print only the peers section
+//! cargo run --release -p bench -- --only-recovery   # rewrite only the time-to-recover section
 //! cargo run --release -p bench -- --saturate URL [--seconds 10]   # load only, for profiling
 //! ```
 //!
@@ -25,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 mod peers;
+mod recovery;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -707,6 +709,7 @@ async fn main() -> anyhow::Result<()> {
     let mut peers = true;
     // Prints the peers section only, and writes no report (for quick runs).
     let mut only_peers = false;
+    let mut only_recovery = false;
     // Prints the instruction profile only (for working on the hot path).
     let mut only_instructions = false;
     let mut saturate_url = None;
@@ -719,6 +722,7 @@ async fn main() -> anyhow::Result<()> {
             "--skip-realnode" => realnode = false,
             "--skip-peers" => peers = false,
             "--only-peers" => only_peers = true,
+            "--only-recovery" => only_recovery = true,
             "--only-realnode" => only_realnode = true,
             "--only-instructions" => only_instructions = true,
             "--saturate" => saturate_url = Some(args.next().context("--saturate needs a URL")?),
@@ -761,6 +765,34 @@ async fn main() -> anyhow::Result<()> {
         println!("{section}");
         return Ok(());
     }
+    if only_recovery {
+        let mut section = String::new();
+        recovery::benchmarks(&bin, &dir, &mut section).await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
+        let (start, end) = match old.find(recovery::HEADING) {
+            Some(start) => {
+                let next = old[start + 1..]
+                    .find("\n## ")
+                    .map_or(old.len(), |i| start + i + 2);
+                (start, next)
+            }
+            None => {
+                let at = old.find(OPERATOR_HEADING).unwrap_or(old.len());
+                (at, at)
+            }
+        };
+        std::fs::write(
+            &out_path,
+            format!("{}{section}{}", &old[..start], &old[end..]),
+        )?;
+        println!("{section}");
+        println!(
+            "wrote the time-to-recover section of {}",
+            out_path.display()
+        );
+        return Ok(());
+    }
     if only_peers {
         let mut section = String::new();
         peers::benchmarks(&bin, &dir, seconds, &mut section).await?;
@@ -787,6 +819,7 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     instruction_profile(&bin, &dir, &mut report).await?;
+    recovery::benchmarks(&bin, &dir, &mut report).await?;
     let old = std::fs::read_to_string(&out_path).unwrap_or_default();
     if operator {
         operator_benchmarks(&bin, &mut report).await?;

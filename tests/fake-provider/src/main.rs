@@ -26,6 +26,8 @@
 //!
 //! `flap:<down-ms>` (503 for that long after the fault is set, then healthy),
 //! `error-after:<chunks>` (Anthropic only: an `overloaded_error` event mid-stream),
+//! `no-prefill` (a 400 for a request that asks to continue a final assistant message,
+//! as a server without continuation support answers; other requests are served),
 //! `quota:<remaining>:<limit>` (a normal answer whose `x-ratelimit-*-tokens` headers say
 //! so).
 //! On `/v1/messages` every fault takes Anthropic's shape: `status:529` is
@@ -298,6 +300,15 @@ impl Fake {
         }
         if method == Method::POST && endpoint == "/v1/messages" {
             return Ok(self.messages(&req_headers, &request, &model, stream, kind, arg));
+        }
+        if kind == "no-prefill" && continues(&request) {
+            // How an OpenAI-compatible server without continuation support answers.
+            return Ok(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "400",
+                "Unrecognized request argument supplied: continue_final_message",
+            ));
         }
         match kind {
             "status" => return Ok(status_fault(arg)),
@@ -602,6 +613,18 @@ fn status_fault(arg: &str) -> Response<Body> {
         }
     }
     resp
+}
+
+/// Whether `request` asks to continue its final assistant message.
+fn continues(request: &Value) -> bool {
+    request.get("continue_final_message").is_some()
+        || request
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+            == Some("assistant")
 }
 
 /// The canned answer. A request whose last message is an assistant prefix of it (a

@@ -90,6 +90,28 @@ pub fn cargo() -> Command {
     command
 }
 
+static DETAILS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Sends what builds and installs print (cargo, Go, apt, buildah: hundreds of lines on a
+/// fresh machine) to the file `path` instead of this process's stderr.
+pub fn log_details_to(path: PathBuf) {
+    let _ = DETAILS.set(path);
+}
+
+/// Where a build's progress goes: the details file when one is set, else stderr.
+pub(crate) fn details() -> Stdio {
+    DETAILS
+        .get()
+        .and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        })
+        .map_or_else(Stdio::inherit, Stdio::from)
+}
+
 /// Runs one of the repository's build scripts (`script` relative to the root, with `env`),
 /// which print progress on stderr and the directory they built into on their last line
 /// of stdout, and returns that directory.
@@ -102,11 +124,17 @@ pub fn run_build_script(script: &str, env: &[(&str, &str)]) -> anyhow::Result<Pa
         .arg(&path)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(details())
         .output()
         .with_context(|| format!("running {script}"))?;
     if !out.status.success() {
-        bail!("{script} failed ({}); its messages are above", out.status);
+        let where_ = DETAILS
+            .get()
+            .map_or_else(|| "above".to_owned(), |p| format!("in {}", p.display()));
+        bail!(
+            "{script} failed ({}); its messages are {where_}",
+            out.status
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let dir = stdout
@@ -138,6 +166,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let status = cargo()
         .args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(repo_root())
+        .stderr(details())
         .status()
         .with_context(|| format!("building {bin}"))?;
     if !status.success() {

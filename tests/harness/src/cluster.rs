@@ -43,7 +43,12 @@ if [ -f "$dir/pids" ]; then
   sleep 1
   for p in $(cat "$dir/pids"); do kill -KILL "$p" 2>/dev/null; done
 fi
-[ -e "$dir/keep" ] || rm -rf "$dir"
+# Kept for a failed test: its logs only, never etcd's data (Secrets) or the CA's key.
+if [ -e "$dir/keep" ]; then
+  find "$dir" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +
+else
+  rm -rf "$dir"
+fi
 "#;
 
 /// How often a controller-manager, scheduler or kwok that exits is started again. In a
@@ -859,7 +864,20 @@ impl Cluster {
         {
             let _ = reaper.wait();
         }
-        if !keep {
+        if keep {
+            // The logs are what a failure needs; etcd's data (Secrets) and the CA's key
+            // must not outlive the cluster.
+            if let Ok(entries) = std::fs::read_dir(&self.dir) {
+                for e in entries.flatten().filter(|e| e.file_name() != "logs") {
+                    let path = e.path();
+                    let _ = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                }
+            }
+        } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

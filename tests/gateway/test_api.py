@@ -262,3 +262,24 @@ def test_a_pool_that_no_policy_serves_says_so_in_the_404(tmp_path):
     finally:
         gw.stop()
         fake.stop()
+
+
+def test_the_readmes_standalone_example_serves_through_the_sdk(tmp_path, client_for):
+    # examples/local/ as the README runs it, with the fake provider where port 9001 is.
+    from conftest import REPO, FakeProvider, Gateway
+    fake = FakeProvider("local", tmp_path)
+    text = (REPO / "examples/local/switchyard.yaml").read_text()
+    assert "http://127.0.0.1:9001" in text
+    mdir = tmp_path / "local"
+    mdir.mkdir()
+    (mdir / "switchyard.yaml").write_text(text.replace("http://127.0.0.1:9001", fake.url))
+    gw = Gateway(mdir, tmp_path, region="local")
+    try:
+        answer = client_for(gw, key="local-client-key").chat.completions.create(model="gpt-4o", messages=MSG)
+        assert answer.choices[0].message.content.startswith("Hello from local.")
+        fake.fault("status:503")
+        with pytest.raises(openai.APIStatusError):
+            client_for(gw, key="local-client-key").chat.completions.create(model="gpt-4o", messages=MSG)
+    finally:
+        gw.stop()
+        fake.stop()

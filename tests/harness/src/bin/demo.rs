@@ -68,7 +68,7 @@ impl Phases {
                 last_word = last_word.max(since);
                 if !phase.is_empty() && last_word.elapsed() >= Duration::from_secs(30) {
                     out!(
-                        "    ... still {phase} ({}; details in {})",
+                        "    ... still running ({}; details in {})",
                         clock(since.elapsed()),
                         details.display()
                     );
@@ -382,6 +382,10 @@ fn run(phases: &Phases, details: &Path, exit_at_end: bool) -> anyhow::Result<()>
     fault(fakes["openai"], "status:503")?;
     fault(fakes["azure-eastus"], "reset")?;
     client(&py, &us_east, "gpt-4o", 8)?;
+    phases.say(
+        "gpt-4o-mini too: health is kept per provider and model, so OpenAI's gpt-4o-mini has to fail on its own",
+    );
+    client(&py, &us_east, "gpt-4o-mini", 8)?;
 
     phases.say("the failover shows in the pool status within seconds");
     wait_for(
@@ -389,7 +393,7 @@ fn run(phases: &Phases, details: &Path, exit_at_end: bool) -> anyhow::Result<()>
         Duration::from_secs(30),
         || {
             pool_condition(&cluster, "Degraded", "message")
-                .is_ok_and(|m| m.contains("us-east/openai"))
+                .is_ok_and(|m| m.contains("us-east/azure-eastus"))
         },
     )?;
     show(&cluster.kubectl_ok(&["get", "providerpools", "-o", "wide", "-n", NS])?);
@@ -441,8 +445,10 @@ fn run(phases: &Phases, details: &Path, exit_at_end: bool) -> anyhow::Result<()>
 
 fn main() -> std::process::ExitCode {
     let exit_at_end = std::env::args().any(|a| a == "--exit");
+    let root = repo_root();
+    let root = root.canonicalize().unwrap_or(root);
     let details = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repo_root().join("target"), PathBuf::from)
+        .map_or_else(|| root.join("target"), PathBuf::from)
         .join("switchyard-demo.log");
     if let Some(dir) = details.parent() {
         let _ = std::fs::create_dir_all(dir);

@@ -129,6 +129,9 @@ step "local control plane (built once through the Go module proxy, then cached)"
 step "real node: runc, CNI plugins, iptables, buildah (apt); containerd, crictl, CoreDNS (cached)" quiet \
   bash tests/node/build.sh
 
+step "monitoring: promtool (apt), the Prometheus Operator's CRDs (Go module proxy, cached)" quiet \
+  bash tests/monitoring/build.sh
+
 step "cargo fmt --check" loud cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings" loud cargo clippy --workspace --all-targets -- -D warnings
 step "generated CRDs match the API types" loud cargo run -q -p crds --bin crdgen -- --check

@@ -144,6 +144,12 @@ pub fn run_build_script(script: &str, env: &[(&str, &str)]) -> anyhow::Result<Pa
     Ok(PathBuf::from(dir.trim()))
 }
 
+/// The directory holding the Prometheus Operator's CRDs, with promtool installed
+/// (`tests/monitoring/build.sh`).
+pub fn monitoring_crds() -> anyhow::Result<PathBuf> {
+    run_build_script("tests/monitoring/build.sh", &[])
+}
+
 /// Runs `cmd` to completion; an error says `what` failed, with the command's stderr.
 pub(crate) fn run_cmd(mut cmd: Command, what: &str) -> anyhow::Result<()> {
     let out = cmd

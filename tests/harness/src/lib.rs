@@ -19,5 +19,5 @@ pub mod images;
 pub mod node;
 mod pki;
 
-pub use binaries::{Binaries, cargo, log_details_to, repo_root, workspace_binary};
+pub use binaries::{Binaries, cargo, log_details_to, monitoring_crds, repo_root, workspace_binary};
 pub use cluster::{Cluster, Options, REGIONS, TestNamespace};

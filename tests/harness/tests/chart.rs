@@ -26,20 +26,26 @@ fn cluster() -> &'static Cluster {
     static NS_READY: OnceLock<()> = OnceLock::new();
     let c = Cluster::shared();
     NS_READY.get_or_init(|| {
-        c.kubectl_ok(&["create", "namespace", NS]).expect("namespace");
-        // Stand-ins for the Prometheus Operator CRDs (not reachable from this machine), so
-        // the optional ServiceMonitor and PrometheusRule pass server-side validation.
-        let standin = |plural: &str, kind: &str| {
-            format!(
-                "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.monitoring.coreos.com}}\nspec:\n  group: monitoring.coreos.com\n  scope: Namespaced\n  names: {{plural: {plural}, kind: {kind}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n"
-            )
-        };
-        for (plural, kind) in [("servicemonitors", "ServiceMonitor"), ("prometheusrules", "PrometheusRule")] {
-            let (ok, _, err) = c.kubectl_input(&["apply", "-f", "-"], &standin(plural, kind)).expect("kubectl");
-            assert!(ok, "{err}");
+        c.kubectl_ok(&["create", "namespace", NS])
+            .expect("namespace");
+        // The Prometheus Operator's own CRDs, so the monitoring objects are validated
+        // against the schemas a real install has (server-side: they are too large for
+        // the last-applied annotation).
+        let crds = harness::monitoring_crds().expect("the Prometheus Operator CRDs");
+        for plural in ["servicemonitors", "podmonitors", "prometheusrules"] {
+            let file = crds.join(format!("monitoring.coreos.com_{plural}.yaml"));
+            c.kubectl_ok(&["apply", "--server-side", "-f", &file.display().to_string()])
+                .expect("CRD applies");
         }
-        c.kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com"])
-            .expect("established");
+        c.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/podmonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+        ])
+        .expect("established");
     });
     c
 }
@@ -467,4 +473,99 @@ fn dockerfiles_copy_the_release_binaries_the_workspace_builds() {
             "{package} is a binary of the workspace"
         );
     }
+}
+
+/// The chart's alerts, rendered with their default thresholds, against
+/// `tests/monitoring/alerts.test.yaml`: each fires on the series that should trigger it
+/// and stays quiet on healthy ones (`promtool test rules`).
+#[test]
+fn alert_rules_fire_on_outages_and_stay_quiet_when_healthy() {
+    harness::monitoring_crds().expect("promtool installed");
+    let c = Cluster::shared();
+    let out = helm(
+        c,
+        &[
+            "template",
+            RELEASE,
+            &chart(),
+            "--set",
+            "prometheusRule.enabled=true",
+            "-s",
+            "templates/prometheusrule.yaml",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let rule: serde_json::Value =
+        serde_norway::from_slice(&out.stdout).expect("the rendered PrometheusRule");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("rules.yaml"), rule["spec"].to_string()).expect("rules");
+    std::fs::copy(
+        repo_root().join("tests/monitoring/alerts.test.yaml"),
+        dir.path().join("alerts.test.yaml"),
+    )
+    .expect("tests");
+    let out = Command::new("promtool")
+        .args(["test", "rules", "alerts.test.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .expect("promtool runs");
+    assert!(out.status.success(), "{}", text(&out));
+    let rules = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .expect("rules");
+    let tests = std::fs::read_to_string(repo_root().join("tests/monitoring/alerts.test.yaml"))
+        .expect("tests");
+    for r in rules {
+        let name = r["alert"].as_str().expect("an alert");
+        assert!(
+            tests.contains(&format!("alertname: {name},"))
+                || tests.contains(&format!("alertname: {name}\n")),
+            "alert {name} has no promtool test"
+        );
+    }
+}
+
+/// With monitoring on, every pool's gateway pods are scraped: the PodMonitor selects the
+/// labels the operator gives them, in every namespace it manages, on the port it names.
+#[test]
+fn the_pod_monitor_selects_the_gateway_pods_the_operator_creates() {
+    let c = cluster();
+    let out = helm(
+        c,
+        &[
+            "template",
+            RELEASE,
+            &chart(),
+            "-n",
+            NS,
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "watchNamespaces={team-a,team-b}",
+            "-s",
+            "templates/podmonitor.yaml",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let monitor: serde_json::Value =
+        serde_norway::from_slice(&out.stdout).expect("the rendered PodMonitor");
+    let spec = &monitor["spec"];
+    let labels = switchyard_operator_labels();
+    for (k, v) in spec["selector"]["matchLabels"].as_object().expect("labels") {
+        assert_eq!(
+            labels.get(k).map(String::as_str),
+            v.as_str(),
+            "gateway pods carry {k}"
+        );
+    }
+    assert_eq!(
+        spec["namespaceSelector"]["matchNames"],
+        serde_json::json!(["team-a", "team-b"])
+    );
+    assert_eq!(spec["podMetricsEndpoints"][0]["port"], "admin");
+}
+
+/// The labels the operator puts on a pool's gateway pods.
+fn switchyard_operator_labels() -> std::collections::BTreeMap<String, String> {
+    switchyard_operator::render::labels("chat", Some("us-east"))
 }

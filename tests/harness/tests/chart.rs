@@ -89,6 +89,8 @@ fn every_documented_option_renders_objects_the_api_server_accepts() {
             "serviceMonitor.enabled=true",
             "--set",
             "prometheusRule.enabled=true",
+            "--set",
+            "dashboard.enabled=true",
         ],
         &[
             "--set",

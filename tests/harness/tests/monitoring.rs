@@ -1,7 +1,8 @@
 //! Monitoring end to end: a real Prometheus (Debian's package) scrapes a running gateway
 //! and the operator with the chart's alert rules loaded; every metric and label the rules
-//! read exists, and an induced provider outage makes the failover and ejection alerts go
-//! pending.
+//! read exists, an induced provider outage makes the failover and ejection alerts go
+//! pending, and every query of the chart's Grafana dashboard parses and reads only
+//! metrics the components export.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -87,7 +88,10 @@ fn metrics_and_labels(expr: &str) -> Vec<(String, BTreeSet<String>)> {
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         rest = &rest[at + name.len()..];
-        found.push((name, grouped.clone()));
+        // Label names such as switchyard_dev_region share the prefix.
+        if name.starts_with("switchyard_gateway_") || name.starts_with("switchyard_operator_") {
+            found.push((name, grouped.clone()));
+        }
     }
     found
 }
@@ -286,6 +290,62 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}
             }
         }
     }
+    // A stream broken mid-answer, so that every series the dashboard shows exists.
+    curl(&[
+        "-XPOST",
+        &format!("http://127.0.0.1:{beta}/admin/faults"),
+        "-d",
+        r#"{"fault":"cut-after:3"}"#,
+    ])
+    .expect("fault set");
+    curl(&[
+        "-XPOST",
+        &format!("http://127.0.0.1:{gateway_port}/v1/chat/completions"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    ]);
+
+    // The dashboard: every panel's query parses, and reads only metrics the gateway and
+    // the operator export.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/switchyard/dashboards/switchyard.json"))
+            .expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(exprs.len() >= 10, "{} panel queries", exprs.len());
+    for expr in exprs {
+        let expr = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$namespace", ".*");
+        for (metric, _) in metrics_and_labels(&expr) {
+            wait_for(
+                &format!("{metric} (in the dashboard) to be scraped"),
+                Duration::from_secs(30),
+                || {
+                    let s = api(&prometheus, &format!("/api/v1/series?match[]={metric}"))?;
+                    (!s.as_array()?.is_empty()).then_some(())
+                },
+            );
+        }
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "-G", "--data-urlencode"])
+            .arg(format!("query={expr}"))
+            .arg(format!("{prometheus}/api/v1/query"))
+            .output()
+            .expect("curl");
+        let answer: Value = serde_json::from_slice(&out.stdout).expect("a Prometheus answer");
+        assert_eq!(answer["status"], "success", "{expr}: {answer}");
+    }
+
     for mut p in procs {
         let _ = p.kill();
         let _ = p.wait();

@@ -498,20 +498,20 @@ pub struct ProviderHealth {
     /// Connection-level outcomes and active probes.
     pub link: Health,
     in_flight: AtomicU32,
-    usage: Mutex<Usage>,
+    usage: Mutex<QuotaUse>,
 }
 
 /// Requests started and tokens used in the current minute, and what the provider's
 /// rate-limit headers last said, for capacity-aware routing.
 #[derive(Debug)]
-struct Usage {
+struct QuotaUse {
     minute_start: Instant,
     minute_requests: u64,
     minute_tokens: u64,
     reported: RateLimitReport,
 }
 
-impl Usage {
+impl QuotaUse {
     fn roll_minute(&mut self, now: Instant) {
         if now.duration_since(self.minute_start) >= Duration::from_secs(60) {
             self.minute_start = now;
@@ -527,7 +527,7 @@ impl ProviderHealth {
         Self {
             link: Health::new(now),
             in_flight: AtomicU32::new(0),
-            usage: Mutex::new(Usage {
+            usage: Mutex::new(QuotaUse {
                 minute_start: now,
                 minute_requests: 0,
                 minute_tokens: 0,
@@ -536,7 +536,7 @@ impl ProviderHealth {
         }
     }
 
-    fn usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+    fn usage(&self) -> std::sync::MutexGuard<'_, QuotaUse> {
         self.usage
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry;
 use tokio::time::Instant;
 
 use crate::budget::MemoryBudget;
+use crate::dialect::Usage;
 use crate::table::RoutingTable;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +43,26 @@ struct RouteReasonLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteResultLabels {
+    /// The route's model as configured.
+    route: String,
+    /// Chosen by the gateway from a fixed set.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    /// The route as configured.
+    route: String,
+    provider: String,
+    /// The client's name in the route's client-key Secret (configured, never sent by the
+    /// client), or `anonymous` on a route without client keys.
+    client: String,
+    /// `input` or `output`.
+    token_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -83,6 +104,9 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
     recovery_checks: Family<ProviderResultLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    rescues: Family<RouteResultLabels, Counter>,
+    time_to_first_token: Family<RouteLabels, Histogram, fn() -> Histogram>,
     failovers: Family<RouteReasonLabels, Counter>,
     stream_breaks: Family<RouteReasonLabels, Counter>,
     replays: Family<RouteLabels, Counter>,
@@ -104,6 +128,9 @@ impl Default for Metrics {
             requests: Family::default(),
             attempts: Family::default(),
             recovery_checks: Family::default(),
+            tokens: Family::default(),
+            rescues: Family::default(),
+            time_to_first_token: Family::new_with_constructor(latency_histogram),
             failovers: Family::default(),
             stream_breaks: Family::default(),
             replays: Family::default(),
@@ -127,6 +154,21 @@ impl Default for Metrics {
                 "attempts",
                 "Upstream tries by provider and outcome",
                 m.attempts.clone(),
+            );
+            r.register(
+                "tokens",
+                "Tokens used, as providers' usage reports them (estimated from the text for a stream that reported none), by route, provider, client and token_type (input or output)",
+                m.tokens.clone(),
+            );
+            r.register(
+                "rescues",
+                "Requests that met a failed try, by route and result: rescued (answered after all) or lost (answered with an error)",
+                m.rescues.clone(),
+            );
+            r.register(
+                "time_to_first_token_seconds",
+                "Time from a streamed request's arrival to its first token, by route",
+                m.time_to_first_token.clone(),
             );
             r.register(
                 "recovery_checks",
@@ -210,6 +252,9 @@ pub struct RouteMetrics {
     failovers: [Counter; 2],
     /// Streams broken after their first token: resumed, interrupted.
     stream_breaks: [Counter; 2],
+    /// Requests that met a failed try: rescued, lost.
+    rescues: [Counter; 2],
+    ttft: Histogram,
     replays: Counter,
 }
 
@@ -218,6 +263,16 @@ impl RouteMetrics {
     /// `other_model`.
     pub fn failover(&self, other_model: bool) {
         self.failovers[usize::from(other_model)].inc();
+    }
+
+    /// A request that met a failed try, and whether it was answered after all.
+    pub fn rescue(&self, rescued: bool) {
+        self.rescues[usize::from(!rescued)].inc();
+    }
+
+    /// A streamed request's first token, `seconds` after it arrived.
+    pub fn time_to_first_token(&self, seconds: f64) {
+        self.ttft.observe(seconds);
     }
 
     /// A stream broken after its first token, and whether it was resumed.
@@ -276,7 +331,32 @@ impl Metrics {
                     })
                     .clone()
             }),
+            rescues: ["rescued", "lost"].map(|result| {
+                self.rescues
+                    .get_or_create(&RouteResultLabels {
+                        route: route.to_owned(),
+                        result,
+                    })
+                    .clone()
+            }),
+            ttft: self.time_to_first_token.get_or_create(&labels).clone(),
             replays: self.replays.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Tokens an answer of `provider` on `route` used for `client`.
+    pub fn tokens(&self, route: &str, provider: &str, client: &str, usage: Usage) {
+        for (token_type, n) in [("input", usage.input), ("output", usage.output)] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        route: route.to_owned(),
+                        provider: provider.to_owned(),
+                        client: client.to_owned(),
+                        token_type,
+                    })
+                    .inc_by(n);
+            }
         }
     }
 

@@ -472,11 +472,22 @@ async fn api(
         stream,
         include_usage,
         request_id: id.to_owned(),
+        client: if client.is_empty() {
+            "anonymous".to_owned()
+        } else {
+            client.clone()
+        },
     };
     let Served {
         mut resp,
         upstream_time,
     } = serve(gw, table.clone(), route, request).await;
+    if stream && resp.status().is_success() {
+        // A stream's headers go out with its first token.
+        route
+            .metrics(&gw.metrics)
+            .time_to_first_token(started.elapsed().as_secs_f64());
+    }
     if let Some(upstream) = upstream_time {
         let added = started.elapsed().saturating_sub(upstream);
         route

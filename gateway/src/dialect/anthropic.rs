@@ -75,7 +75,7 @@ impl Dialect for Anthropic {
         let refusal = is_refusal(&message);
         let out = response(&message)?;
         Ok(Answer {
-            tokens: super::total_tokens(out.get("usage")),
+            usage: out.get("usage").map(super::Usage::of).unwrap_or_default(),
             body: Bytes::from(out.to_string()),
             refusal,
         })

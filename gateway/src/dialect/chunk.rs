@@ -14,6 +14,8 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::Usage;
+
 /// One chunk: its JSON text (an object) and what the stream reads from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunk {
@@ -33,8 +35,8 @@ pub struct Facts {
     pub role: bool,
     /// The text its choices add, in order.
     pub content: String,
-    /// Its `usage`, when present: `Some(total_tokens)`, where that is a whole number.
-    pub usage: Option<Option<u64>>,
+    /// Its `usage`, when present.
+    pub usage: Option<Usage>,
     /// Its `id` and `model` as JSON text, when present.
     pub id: Option<String>,
     /// See `id`.
@@ -127,7 +129,7 @@ impl View<'_> {
         };
         if let Some(usage) = self.usage.filter(|u| !u.is_null()) {
             facts.token = true;
-            facts.usage = Some(usage.get("total_tokens").and_then(Value::as_u64));
+            facts.usage = Some(Usage::of(&usage));
         }
         for choice in self.choices.into_iter().flatten() {
             if choice.finish_reason.is_some() {
@@ -244,7 +246,7 @@ mod tests {
         assert!(facts(json!({"choices": [{"delta": {"tool_calls": [{"index": 0}]}}]})).token);
         let usage = facts(json!({"choices": [], "usage": {"total_tokens": 7}}));
         assert!(usage.token);
-        assert_eq!(usage.usage, Some(Some(7)));
+        assert_eq!(usage.usage.map(|u| u.total), Some(7));
         assert_eq!(facts(json!({"usage": null})).usage, None);
         assert!(facts(json!({"error": {"message": "x"}})).token);
     }

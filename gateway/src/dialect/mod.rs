@@ -118,8 +118,34 @@ pub struct Answer {
     pub body: Bytes,
     /// Whether it is a content-policy refusal.
     pub refusal: bool,
-    /// `usage.total_tokens`, zero when the provider did not say.
-    pub tokens: u64,
+    /// Its `usage`, zeros where the provider did not say.
+    pub usage: Usage,
+}
+
+/// Tokens an answer used, as its `usage` (OpenAI's shape) says.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    /// Tokens of the prompt.
+    #[serde(default, rename = "prompt_tokens")]
+    pub input: u64,
+    /// Tokens of the answer.
+    #[serde(default, rename = "completion_tokens")]
+    pub output: u64,
+    /// Both.
+    #[serde(default, rename = "total_tokens")]
+    pub total: u64,
+}
+
+impl Usage {
+    /// From a `usage` object; zeros for what is missing or not a whole number.
+    pub fn of(usage: &Value) -> Self {
+        let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Self {
+            input: n("prompt_tokens"),
+            output: n("completion_tokens"),
+            total: n("total_tokens"),
+        }
+    }
 }
 
 /// What kind of failure a provider's error answer reports, as far as routing cares.
@@ -335,11 +361,7 @@ pub fn probe_request(up: Upstream<'_>) -> Option<Request<Full<Bytes>>> {
 /// Reads an OpenAI-shaped answer: only `usage` is looked at, but every byte is checked to
 /// be JSON.
 fn openai_answer(body: Bytes) -> Result<Answer, String> {
-    // Typed down to the one number, so nothing else in the answer is built as a tree.
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        total_tokens: Option<u64>,
-    }
+    // Typed down to the usage numbers, so nothing else in the answer is built as a tree.
     #[derive(serde::Deserialize)]
     struct UsageOnly {
         usage: Option<Usage>,
@@ -347,18 +369,10 @@ fn openai_answer(body: Bytes) -> Result<Answer, String> {
     let parsed: UsageOnly = serde_json::from_slice(&body)
         .map_err(|_| "the response body is not valid JSON".to_owned())?;
     Ok(Answer {
-        tokens: parsed.usage.and_then(|u| u.total_tokens).unwrap_or(0),
+        usage: parsed.usage.unwrap_or_default(),
         body,
         refusal: false,
     })
-}
-
-/// `usage.total_tokens`, or zero.
-fn total_tokens(usage: Option<&Value>) -> u64 {
-    usage
-        .and_then(|u| u.get("total_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
 }
 
 /// A body that is not JSON reaches the client wrapped in an OpenAI error.

@@ -326,6 +326,7 @@ pub(super) async fn attempt(
                 body: req.body.clone(),
                 request_id: req.request_id.clone(),
                 include_usage: req.include_usage,
+                client: req.client.clone(),
             };
             let source = Source {
                 provider: name.to_owned(),
@@ -386,7 +387,11 @@ pub(super) async fn attempt(
                 return Tried::retry("malformed", format!("{name}: {e}"));
             }
         };
-        provider.health.record_tokens(Instant::now(), answer.tokens);
+        provider
+            .health
+            .record_tokens(Instant::now(), answer.usage.total);
+        gw.metrics
+            .tokens(&rc.model, name, &req.client, answer.usage);
         inflight.finish(Outcome::Success, Some(latency));
         if answer.refusal {
             gw.metrics

@@ -56,6 +56,8 @@ pub struct ClientRequest {
     pub include_usage: bool,
     /// Request id, propagated upstream and returned.
     pub request_id: String,
+    /// Who asks: the client's name in the route's client-key Secret, or `anonymous`.
+    pub client: String,
 }
 
 /// Serves `req` with the current table.
@@ -104,6 +106,9 @@ pub async fn serve(
                 if other_model || first_provider.as_deref() != Some(served_by) {
                     first.metrics(&gw.metrics).failover(other_model);
                 }
+                if !plan.failures().is_empty() {
+                    first.metrics(&gw.metrics).rescue(true);
+                }
                 return Served {
                     upstream_time: Some(upstream_time),
                     ..done(resp)
@@ -151,6 +156,9 @@ pub async fn serve(
         .response(),
     };
     decorate(&mut resp, &table, "", plan.tries());
+    if !plan.failures().is_empty() {
+        first.metrics(&gw.metrics).rescue(false);
+    }
     if let Some(value) = failures_header(plan.failures()) {
         resp.headers_mut().insert(&names::X_FAILURES, value);
     }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use super::ClientRequest;
 use super::attempt::{InFlight, Tried, send};
 use crate::body::RequestBody;
-use crate::dialect::{Chunk, Facts, Operation, Prefill, Step, StreamDecoder, build_request};
+use crate::dialect::{Chunk, Facts, Operation, Prefill, Step, StreamDecoder, Usage, build_request};
 use crate::gateway::Gateway;
 use crate::health::Outcome;
 use crate::response::event_stream;
@@ -36,6 +36,8 @@ pub(super) struct Resume {
     pub(super) body: RequestBody,
     pub(super) request_id: String,
     pub(super) include_usage: bool,
+    /// Who asked (for the token metric).
+    pub(super) client: String,
 }
 
 /// A stream: fail over invisibly until the first token; afterwards forward chunks, skip
@@ -154,9 +156,12 @@ pub(super) async fn stream(
                 let _ = tx
                     .send(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))))
                     .await;
-                inflight
-                    .provider
-                    .record_tokens(Instant::now(), state.tokens_used());
+                let used = state.tokens_used();
+                inflight.provider.record_tokens(Instant::now(), used.total);
+                resume
+                    .gw
+                    .metrics
+                    .tokens(&resume.route_model, &provider, &resume.client, used);
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
@@ -481,7 +486,8 @@ struct StreamState {
     /// The continuation may repeat whitespace the answer already ends with.
     trim_leading: bool,
     usage_seen: bool,
-    usage_total: Option<u64>,
+    /// What the provider's `usage` said, when it did.
+    usage: Option<Usage>,
     /// The latest `id` and `model` seen, as JSON text.
     id: Option<String>,
     model: Option<String>,
@@ -497,9 +503,9 @@ impl StreamState {
         if facts.model.is_some() && facts.model != self.model {
             self.model.clone_from(&facts.model);
         }
-        if let Some(total) = facts.usage {
+        if let Some(usage) = facts.usage {
             self.usage_seen = true;
-            self.usage_total = total;
+            self.usage = Some(usage);
         }
         self.finished |= facts.finished;
         let text = &facts.content;
@@ -509,10 +515,20 @@ impl StreamState {
         }
     }
 
-    /// Tokens the answer used: as reported, or estimated from what was streamed.
-    fn tokens_used(&self) -> u64 {
-        self.usage_total
-            .unwrap_or_else(|| u64::try_from(self.completion_chars.div_ceil(4)).unwrap_or(0))
+    /// Tokens the answer used: as reported, or its output estimated from what was
+    /// streamed.
+    fn tokens_used(&self) -> Usage {
+        match self.usage {
+            Some(u) if u.total > 0 || u.output > 0 => u,
+            _ => {
+                let output = u64::try_from(self.completion_chars.div_ceil(4)).unwrap_or(0);
+                Usage {
+                    input: 0,
+                    output,
+                    total: output,
+                }
+            }
+        }
     }
 
     /// A usage chunk estimated from what was streamed (about four characters a token).

@@ -39,12 +39,43 @@ pub trait Grouped: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 's
     }
 }
 
+// A ConfigMap's data is compared with the desired one (drift), and what a policy says is
+// served is read from it: kept whole.
 impl Grouped for ConfigMap {}
-impl Grouped for Service {}
-impl Grouped for PodDisruptionBudget {}
+
+// For these a reconcile reads only the metadata: the hash annotation, the owner, the
+// labels (no field of theirs is restored by hand-edit detection).
+impl Grouped for Service {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec = None;
+        self.status = None;
+    }
+}
+
+impl Grouped for PodDisruptionBudget {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec = None;
+        self.status = None;
+    }
+}
+
 impl Grouped for ServiceAccount {}
-impl Grouped for Role {}
-impl Grouped for RoleBinding {}
+
+impl Grouped for Role {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.rules = None;
+    }
+}
+
+impl Grouped for RoleBinding {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.subjects = None;
+    }
+}
 
 impl Grouped for Deployment {
     /// A reconcile reads the hash annotation, the replicas and the status; the pod
@@ -56,10 +87,17 @@ impl Grouped for Deployment {
 }
 
 impl Grouped for Pod {
-    /// Only the status explains a stuck region.
+    /// Only the status's conditions and container states explain a stuck region.
     fn trim(&mut self) {
         self.managed_fields_mut().clear();
         self.spec = None;
+        if let Some(status) = &mut self.status {
+            *status = k8s_openapi::api::core::v1::PodStatus {
+                conditions: status.conditions.take(),
+                container_statuses: status.container_statuses.take(),
+                ..Default::default()
+            };
+        }
     }
 }
 

@@ -85,8 +85,9 @@ pub async fn run(
             caches: caches.clone(),
         };
 
-        // The initial lists come from the API server's watch cache, not etcd.
-        let everything = watcher::Config::default().any_semantic();
+        // Initial lists come in pages (500 objects), so loading a cache never holds a
+        // whole kind's JSON at once.
+        let everything = watcher::Config::default();
         let ours = everything
             .clone()
             .labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));

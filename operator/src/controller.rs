@@ -1,32 +1,31 @@
-//! The two controllers. Each reconcile checks every property of the world, so it can be
-//! killed at any line and resume correctly; it never branches on why it was called.
+//! The two reconciles. Each checks every property of the world, so it can be killed at
+//! any line and resume correctly; it never branches on why it was called. They read the
+//! world from [`Caches`] and write only where it differs from what they want, so a
+//! reconcile that changes nothing sends no request at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crds::k8s::{Secret, Time};
 use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
-use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::cache::{Cache, Caches, Grouped};
 use crate::metrics::Metrics;
 use crate::render::{
-    HASH_ANNOTATION, MANAGER, POOL_LABEL, REGION_LABEL, config_json, regional_name, render,
-    revision, stamp,
+    HASH_ANNOTATION, MANAGER, REGION_LABEL, config_json, regional_name, render, revision, stamp,
 };
 use crate::status::{
     PolicyCompiled, PolicyFacts, Problem, RegionObservation, Stuck, policy_status,
@@ -42,6 +41,9 @@ pub enum Error {
     /// The object has no namespace (the CRDs are namespaced, so this is a bug upstream).
     #[error("object has no namespace")]
     NoNamespace,
+    /// The reconcile's task panicked or was cancelled.
+    #[error("reconcile task: {0}")]
+    Task(String),
 }
 
 impl Error {
@@ -50,6 +52,7 @@ impl Error {
         match self {
             Self::Kube(_) => "kube",
             Self::NoNamespace => "no_namespace",
+            Self::Task(_) => "task",
         }
     }
 }
@@ -62,8 +65,10 @@ pub struct Context {
     pub client: Client,
     /// Gateway image for pools that name none.
     pub gateway_image: String,
-    /// Metrics.
-    pub metrics: Metrics,
+    /// Metrics, shared by every watched namespace.
+    pub metrics: Arc<Metrics>,
+    /// What the reconciles read instead of asking the API server.
+    pub caches: Caches,
 }
 
 impl std::fmt::Debug for Context {
@@ -154,22 +159,31 @@ impl Drift for Deployment {
 }
 
 /// Server-side applies `obj` unless the live object already carries the same content
-/// hash and has not drifted. An object of that name that the pool does not control is never touched: it was
-/// created by someone else, or belongs to another pool whose children's names collide.
+/// hash and has not drifted. An object of that name that the pool does not control is
+/// never touched: it was created by someone else, or belongs to another pool whose
+/// children's names collide.
 async fn apply<K>(
     api: &Api<K>,
+    cache: &Cache<K>,
     mut obj: K,
     pool_uid: &str,
     metrics: &Metrics,
-) -> Result<K, ChildFailure>
+) -> Result<Arc<K>, ChildFailure>
 where
-    K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug + Drift,
+    K: Grouped + Serialize + DeserializeOwned + Drift,
 {
     let hash = stamp(&mut obj);
     let name = obj.name_any();
     let kind = K::kind(&()).into_owned();
-    if let Some(live) = api.get_opt(&name).await? {
-        if !controlled_by(&live, pool_uid) {
+    // The cache holds only objects carrying the operator's label. One it lacks may still
+    // exist (someone else's, or ours so new that its watch event is on the way), so it
+    // is read before it would be created: creating costs one read more, nothing else does.
+    let live = match cache.get(&obj.namespace().unwrap_or_default(), &name) {
+        Some(live) => Some(live),
+        None => api.get_opt(&name).await?.map(Arc::new),
+    };
+    if let Some(live) = live {
+        if !controlled_by(live.as_ref(), pool_uid) {
             let owner = live
                 .meta()
                 .owner_references
@@ -198,6 +212,7 @@ where
         &Patch::Apply(&obj),
     )
     .await
+    .map(Arc::new)
     .map_err(|e| refused(&kind, &name, e))
 }
 
@@ -261,24 +276,31 @@ where
 /// controls, whatever labels others carry.
 async fn prune<K>(
     api: &Api<K>,
+    cache: &Cache<K>,
+    ns: &str,
     pool: &str,
     pool_uid: &str,
     keep: &BTreeSet<String>,
     metrics: &Metrics,
 ) -> Result<(), Error>
 where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    K: Grouped + DeserializeOwned,
 {
-    let selector = format!("{POOL_LABEL}={pool},app.kubernetes.io/managed-by={MANAGER}");
-    for obj in api
-        .list_metadata(&ListParams::default().labels(&selector))
-        .await?
-    {
+    for obj in cache.group(ns, pool) {
         let name = obj.name_any();
-        if !keep.contains(&name) && controlled_by(&obj, pool_uid) {
-            metrics.write("delete");
-            tracing::info!(kind = %K::kind(&()), %name, "pruning a child no longer wanted");
-            api.delete(&name, &DeleteParams::background()).await?;
+        if keep.contains(&name)
+            || !controlled_by(obj.as_ref(), pool_uid)
+            || obj.meta().deletion_timestamp.is_some()
+        {
+            continue;
+        }
+        metrics.write("delete");
+        tracing::info!(kind = %K::kind(&()), %name, "pruning a child no longer wanted");
+        match api.delete(&name, &DeleteParams::background()).await {
+            // Gone already; the cache has not heard yet.
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
         }
     }
     Ok(())
@@ -295,47 +317,52 @@ async fn apply_children(
 ) -> Result<Vec<RegionObservation>, ChildFailure> {
     let name = pool.name_any();
     let uid = pool.uid().unwrap_or_default();
-    let client = ctx.client.clone();
+    let client = &ctx.client;
+    let c = &ctx.caches;
     let children = render(pool, configs, &ctx.gateway_image);
     let m = &ctx.metrics;
-    apply(
-        &Api::<ServiceAccount>::namespaced(client.clone(), ns),
-        children.service_account.clone(),
-        &uid,
-        m,
-    )
-    .await?;
-    apply(
-        &Api::<Role>::namespaced(client.clone(), ns),
-        children.role.clone(),
-        &uid,
-        m,
-    )
-    .await?;
-    apply(
-        &Api::<RoleBinding>::namespaced(client.clone(), ns),
-        children.role_binding.clone(),
-        &uid,
-        m,
-    )
-    .await?;
+    let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
+    apply(&sas, &c.service_accounts, children.service_account, &uid, m).await?;
+    let roles = Api::<Role>::namespaced(client.clone(), ns);
+    apply(&roles, &c.roles, children.role, &uid, m).await?;
+    let bindings = Api::<RoleBinding>::namespaced(client.clone(), ns);
+    apply(&bindings, &c.role_bindings, children.role_binding, &uid, m).await?;
+    let keep_cms: BTreeSet<String> = children
+        .config_maps
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let keep_svcs: BTreeSet<String> = children
+        .services
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let keep_pdbs: BTreeSet<String> = children
+        .disruption_budgets
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    let keep_deploys: BTreeSet<String> = children
+        .deployments
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
     let cms = Api::<ConfigMap>::namespaced(client.clone(), ns);
-    for cm in &children.config_maps {
-        apply(&cms, cm.clone(), &uid, m).await?;
+    for cm in children.config_maps {
+        apply(&cms, &c.config_maps, cm, &uid, m).await?;
     }
     let svcs = Api::<Service>::namespaced(client.clone(), ns);
-    for svc in &children.services {
-        apply(&svcs, svc.clone(), &uid, m).await?;
+    for svc in children.services {
+        apply(&svcs, &c.services, svc, &uid, m).await?;
     }
     let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
-    for pdb in &children.disruption_budgets {
-        apply(&pdbs, pdb.clone(), &uid, m).await?;
+    for pdb in children.disruption_budgets {
+        apply(&pdbs, &c.disruption_budgets, pdb, &uid, m).await?;
     }
     let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
-    let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let mut observations = Vec::new();
-    for (i, d) in children.deployments.iter().enumerate() {
-        let live = apply(&deploys, d.clone(), &uid, m).await?;
+    for (i, d) in children.deployments.into_iter().enumerate() {
+        let live = apply(&deploys, &c.deployments, d, &uid, m).await?;
         let region = &pool.spec.regions[i];
         let desired = if pool.spec.gateway.external_replicas {
             live.spec.replicas.unwrap_or(1)
@@ -348,7 +375,7 @@ async fn apply_children(
             .and_then(|s| s.ready_replicas)
             .unwrap_or(0);
         let stuck = if ready < desired {
-            stuck_pods(&pods, &name, &region.name).await
+            stuck_pods(&c.pods, ns, &name, &region.name)
         } else {
             None
         };
@@ -361,29 +388,19 @@ async fn apply_children(
             stuck,
         });
     }
-    let names = |objs: Vec<String>| objs.into_iter().collect::<BTreeSet<_>>();
-    let keep = names(children.deployments.iter().map(|o| o.name_any()).collect());
-    prune(&deploys, &name, &uid, &keep, m)
+    let transient = ChildFailure::Transient;
+    prune(&deploys, &c.deployments, ns, &name, &uid, &keep_deploys, m)
         .await
-        .map_err(ChildFailure::Transient)?;
-    let keep = names(children.config_maps.iter().map(|o| o.name_any()).collect());
-    prune(&cms, &name, &uid, &keep, m)
+        .map_err(transient)?;
+    prune(&cms, &c.config_maps, ns, &name, &uid, &keep_cms, m)
         .await
-        .map_err(ChildFailure::Transient)?;
-    let keep = names(children.services.iter().map(|o| o.name_any()).collect());
-    prune(&svcs, &name, &uid, &keep, m)
+        .map_err(transient)?;
+    prune(&svcs, &c.services, ns, &name, &uid, &keep_svcs, m)
         .await
-        .map_err(ChildFailure::Transient)?;
-    let keep = names(
-        children
-            .disruption_budgets
-            .iter()
-            .map(|o| o.name_any())
-            .collect(),
-    );
-    prune(&pdbs, &name, &uid, &keep, m)
+        .map_err(transient)?;
+    prune(&pdbs, &c.disruption_budgets, ns, &name, &uid, &keep_pdbs, m)
         .await
-        .map_err(ChildFailure::Transient)?;
+        .map_err(transient)?;
     Ok(observations)
 }
 
@@ -399,22 +416,12 @@ const STUCK_WAITING: [&str; 6] = [
 
 /// Why a region's gateway pods do not become ready, if one of them says: the scheduler
 /// found no node, or a container cannot start. A rollout that merely takes time says
-/// nothing here, and neither does a failure to list the pods: it costs only the
-/// explanation, so it never fails the reconcile.
-async fn stuck_pods(pods: &Api<Pod>, pool: &str, region: &str) -> Option<Stuck> {
-    let selector = format!("{POOL_LABEL}={pool},{REGION_LABEL}={region}");
-    let list = match pods.list(&ListParams::default().labels(&selector)).await {
-        Ok(list) => list,
-        Err(e) => {
-            tracing::warn!(%pool, %region, error = %e, "cannot list gateway pods to explain a region that is not ready");
-            return None;
-        }
-    };
-    for pod in list
-        .items
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
+/// nothing here.
+fn stuck_pods(pods: &Cache<Pod>, ns: &str, pool: &str, region: &str) -> Option<Stuck> {
+    for pod in pods.group(ns, pool).iter().filter(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && p.labels().get(REGION_LABEL).map(String::as_str) == Some(region)
+    }) {
         let Some(status) = &pod.status else { continue };
         let unschedulable = status.conditions.iter().flatten().find(|c| {
             c.type_ == "PodScheduled"
@@ -457,40 +464,42 @@ async fn stuck_pods(pods: &Api<Pod>, pool: &str, region: &str) -> Option<Stuck> 
     None
 }
 
-/// The configuration a region's gateways run now, from the pool's own ConfigMap.
+/// The configuration a region's gateways run now, from the pool's own ConfigMap (read
+/// from the API server only when the cache has not seen it yet).
 async fn running_config(
     cms: &Api<ConfigMap>,
+    cache: &Cache<ConfigMap>,
+    ns: &str,
     name: &str,
     pool_uid: &str,
 ) -> Result<Option<GatewayConfig>, Error> {
-    let Some(cm) = cms.get_opt(name).await? else {
+    let cm = match cache.get(ns, name) {
+        Some(cm) => Some(cm),
+        None => cms.get_opt(name).await?.map(Arc::new),
+    };
+    let Some(cm) = cm else {
         return Ok(None);
     };
-    if !controlled_by(&cm, pool_uid) {
+    if !controlled_by(cm.as_ref(), pool_uid) {
         return Ok(None);
     }
     Ok(crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
 }
 
 /// Models of `policy` that the pool's gateways serve now, in any region.
-async fn served_in_cluster(
-    client: &Client,
+fn served_in_cluster(
+    cms: &Cache<ConfigMap>,
     ns: &str,
     pool: &str,
     policy: &str,
-) -> Result<BTreeSet<String>, Error> {
-    let selector = format!("{POOL_LABEL}={pool},app.kubernetes.io/managed-by={MANAGER}");
-    let cms = Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&selector))
-        .await?;
-    Ok(cms
-        .items
+) -> BTreeSet<String> {
+    cms.group(ns, pool)
         .iter()
         .filter_map(|cm| crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
         .flat_map(|config| config.routes)
         .filter(|r| r.policy == policy)
         .map(|r| r.model)
-        .collect())
+        .collect()
 }
 
 /// Why a policy's route for `model` is not served: `winner` claimed it first. Creation
@@ -527,10 +536,7 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
     let ns = pool.namespace().ok_or(Error::NoNamespace)?;
     let name = pool.name_any();
     let client = ctx.client.clone();
-    let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default())
-        .await?
-        .items;
+    let policies = ctx.caches.policies_of(&ns, &name);
 
     let mut configs = Vec::new();
     let mut problem = None;
@@ -540,8 +546,14 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
         match compile(&pool, &policies, &region.name) {
             Ok(mut compiled) => {
                 if !compiled.rejected.is_empty()
-                    && let Some(previous) =
-                        running_config(&cms, &regional_name(&name, &region.name), &uid).await?
+                    && let Some(previous) = running_config(
+                        &cms,
+                        &ctx.caches.config_maps,
+                        &ns,
+                        &regional_name(&name, &region.name),
+                        &uid,
+                    )
+                    .await?
                 {
                     for kept in compiled.carry_over(&previous) {
                         tracing::info!(pool = %name, region = %region.name, policy = %kept.policy, models = ?kept.models, "a rejected policy edit: its previous routes stay");
@@ -570,8 +582,7 @@ pub async fn reconcile_pool(pool: Arc<ProviderPool>, ctx: Arc<Context>) -> Resul
             Err(ChildFailure::Transient(e)) => return Err(e),
         }
     }
-    let missing =
-        missing_credentials(&pool, &Api::<Secret>::namespaced(client.clone(), &ns)).await?;
+    let missing = missing_credentials(&pool, &ctx.caches.secrets, &ns);
     let status = pool_status(&pool, &observations, problem.as_ref(), &missing, &now());
     let ready = status["conditions"].as_array().is_some_and(|c| {
         c.iter()
@@ -619,20 +630,15 @@ pub async fn reconcile_policy(
     let name = policy.name_any();
     let client = ctx.client.clone();
     let pool_name = &policy.spec.pool_ref.name;
-    let pool = Api::<ProviderPool>::namespaced(client.clone(), &ns)
-        .get_opt(pool_name)
-        .await?;
-    let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    let pool = ctx.caches.pools.get(&ns, pool_name);
+    let secrets = &ctx.caches.secrets;
 
     let facts = match &pool {
         None => PolicyFacts::PoolMissing {
             namespace: ns.clone(),
         },
         Some(pool) => {
-            let policies = Api::<RoutingPolicy>::namespaced(client.clone(), &ns)
-                .list(&ListParams::default())
-                .await?
-                .items;
+            let policies = ctx.caches.policies_of(&ns, pool_name);
             let mut seen = PolicyCompiled::default();
             for region in &pool.spec.regions {
                 let Ok(mut out) = compile(pool, &policies, &region.name) else {
@@ -664,8 +670,8 @@ pub async fn reconcile_policy(
                         .map(|r| r.model.clone()),
                 );
             }
-            seen.in_cluster = served_in_cluster(&client, &ns, pool_name, &name).await?;
-            seen.missing_secrets = missing_secrets(pool, &policy, &secrets).await?;
+            seen.in_cluster = served_in_cluster(&ctx.caches.config_maps, &ns, pool_name, &name);
+            seen.missing_secrets = missing_secrets(pool, &policy, secrets, &ns);
             seen.cycle_note = cycle_note(&policy.spec);
             PolicyFacts::Compiled(seen)
         }
@@ -685,25 +691,15 @@ pub async fn reconcile_policy(
     Ok(Action::await_change())
 }
 
-/// Secret references of the policy (its client keys, and the credentials of every
-/// provider its routes target) that do not resolve, each naming the field.
 /// Providers whose credentials Secret or key is missing, naming the field.
-async fn missing_credentials(
-    pool: &ProviderPool,
-    secrets: &Api<Secret>,
-) -> Result<Vec<String>, Error> {
+fn missing_credentials(pool: &ProviderPool, secrets: &Cache<Secret>, ns: &str) -> Vec<String> {
     let mut missing = Vec::new();
-    // Providers often share one Secret: read each once.
-    let mut read: BTreeMap<String, Option<Secret>> = BTreeMap::new();
     for (i, p) in pool.spec.providers.iter().enumerate() {
         let Some(creds) = &p.credentials else {
             continue;
         };
         let r = &creds.secret_ref;
-        if !read.contains_key(&r.name) {
-            read.insert(r.name.clone(), secrets.get_opt(&r.name).await?);
-        }
-        let why = match read.get(&r.name).cloned().flatten() {
+        let why = match secrets.get(ns, &r.name) {
             None => "not found",
             Some(s)
                 if !s.data.as_ref().is_some_and(|d| d.contains_key(&r.key))
@@ -726,16 +722,19 @@ async fn missing_credentials(
             p.name
         ));
     }
-    Ok(missing)
+    missing
 }
 
-async fn missing_secrets(
+/// Secret references of the policy (its client keys, and the credentials of every
+/// provider its routes target) that do not resolve, each naming the field.
+fn missing_secrets(
     pool: &ProviderPool,
     policy: &RoutingPolicy,
-    secrets: &Api<Secret>,
-) -> Result<Vec<String>, Error> {
+    secrets: &Cache<Secret>,
+    ns: &str,
+) -> Vec<String> {
     let mut missing = Vec::new();
-    let check = |secret: Option<Secret>, key: Option<&str>| match (secret, key) {
+    let check = |secret: Option<Arc<Secret>>, key: Option<&str>| match (secret, key) {
         (None, _) => Some("not found"),
         (Some(s), Some(key)) => {
             let has = s.data.as_ref().is_some_and(|d| d.contains_key(key))
@@ -746,7 +745,7 @@ async fn missing_secrets(
     };
     if let Some(auth) = &policy.spec.client_auth {
         let name = &auth.secret_ref.name;
-        let secret = secrets.get_opt(name).await?;
+        let secret = secrets.get(ns, name);
         // An allow-list entry naming no client in the Secret would limit nobody.
         if let Some(secret) = &secret {
             for (i, c) in auth.clients.iter().enumerate() {
@@ -779,7 +778,7 @@ async fn missing_secrets(
             continue;
         };
         let r = &creds.secret_ref;
-        if let Some(why) = check(secrets.get_opt(&r.name).await?, Some(&r.key)) {
+        if let Some(why) = check(secrets.get(ns, &r.name), Some(&r.key)) {
             missing.push(format!(
                 "provider {:?} (ProviderPool {:?} spec.providers[{i}].credentials.secretRef): Secret {:?} {why}{}",
                 p.name,
@@ -789,130 +788,14 @@ async fn missing_secrets(
             ));
         }
     }
-    Ok(missing)
+    missing
 }
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+/// Counts the failure and retries the object in a few seconds.
+pub(crate) fn error_policy<K>(_obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(error.label());
     tracing::warn!(error = %error, "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
-}
-
-/// A watch mapper: the objects in `store`, in the changed object's namespace, that
-/// `depends` says are affected by it.
-fn dependents<K, W>(
-    store: kube::runtime::reflector::Store<K>,
-    depends: impl Fn(&K, &W) -> bool + Send + Sync + 'static,
-) -> impl Fn(W) -> Vec<ObjectRef<K>> + Send + Sync + 'static
-where
-    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
-    W: Resource,
-{
-    move |changed: W| {
-        let ns = changed.namespace();
-        store
-            .state()
-            .into_iter()
-            .filter(|k| k.namespace() == ns && depends(k, &changed))
-            .map(|k| ObjectRef::from_obj(&*k))
-            .collect()
-    }
-}
-
-/// Runs both controllers until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    namespace: Option<String>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let client = ctx.client.clone();
-    let api = |_: ()| -> (Api<ProviderPool>, Api<RoutingPolicy>, Api<Secret>) {
-        match &namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        }
-    };
-    let (pools, policies, secrets) = api(());
-    let owned = |_: ()| -> (Api<Deployment>, Api<ConfigMap>) {
-        match &namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        }
-    };
-    let (deploys, cms) = owned(());
-    let children =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-
-    // Bounded parallelism keeps memory and API load flat when many pools change at once
-    // (a cold start over hundreds of pools).
-    let config = kube::runtime::controller::Config::default().concurrency(8);
-    let pool_controller =
-        Controller::new(pools.clone(), watcher::Config::default()).with_config(config.clone());
-    let pool_store = pool_controller.store();
-    let pool_controller = pool_controller
-        .owns(deploys, children.clone())
-        .owns(cms, children)
-        .watches(
-            policies.clone(),
-            watcher::Config::default(),
-            |p: RoutingPolicy| {
-                p.namespace()
-                    .map(|ns| ObjectRef::new(&p.spec.pool_ref.name).within(&ns))
-            },
-        )
-        .watches(
-            secrets.clone(),
-            watcher::Config::default(),
-            dependents(pool_store, |pool: &ProviderPool, s: &Secret| {
-                let name = s.name_any();
-                pool.spec.providers.iter().any(|p| {
-                    p.credentials
-                        .as_ref()
-                        .is_some_and(|c| c.secret_ref.name == name)
-                })
-            }),
-        )
-        .run(reconcile_pool, error_policy, ctx.clone())
-        .for_each(|_| async {});
-
-    let policy_controller =
-        Controller::new(policies, watcher::Config::default()).with_config(config);
-    let policy_store = policy_controller.store();
-    let policy_controller = policy_controller
-        .watches(
-            pools,
-            watcher::Config::default(),
-            dependents(
-                policy_store.clone(),
-                |p: &RoutingPolicy, pool: &ProviderPool| p.spec.pool_ref.name == pool.name_any(),
-            ),
-        )
-        // A policy's references include its pool's provider Secrets, which only the
-        // pool knows: any Secret of the namespace may matter.
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            dependents(policy_store, |_: &RoutingPolicy, _: &Secret| true),
-        )
-        .run(reconcile_policy, error_policy, ctx.clone())
-        .for_each(|_| async {});
-
-    // Reconciles are idempotent, so stopping mid-way is safe: the next leader redoes them.
-    tokio::select! {
-        () = async { tokio::join!(pool_controller, policy_controller); } => {},
-        () = shutdown => tracing::info!("shutting down the controllers"),
-    }
 }
 
 #[cfg(test)]

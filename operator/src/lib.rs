@@ -4,11 +4,14 @@
 //! - [`render`]: pure functions from a pool and its compiled configs to desired objects.
 //! - [`status`] and [`conditions`]: pure status math.
 //! - [`controller`]: the I/O that applies them (server-side apply, one field manager).
+//! - [`cache`] and [`watches`]: what the reconciles read, and what wakes them.
 //! - [`leader`]: Lease-based leader election, so two replicas are safe.
 
+pub mod cache;
 pub mod conditions;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod status;
+pub mod watches;

@@ -13,9 +13,9 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::CustomResourceExt;
-use switchyard_operator::controller::{self, Context};
 use switchyard_operator::leader::{self, LeaderElection};
 use switchyard_operator::metrics::Metrics;
+use switchyard_operator::watches;
 
 /// The Switchyard operator: reconciles ProviderPools and RoutingPolicies into regional
 /// gateway Deployments, ConfigMaps and Services. Every option can also be set through
@@ -96,9 +96,20 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
-    let client = kube::Client::try_default()
+    let metrics = Arc::new(Metrics::default());
+    let config = kube::Config::infer()
         .await
-        .context("cannot reach the Kubernetes API")?;
+        .context("cannot find the Kubernetes API's address and credentials")?;
+    let counted = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("cannot build a Kubernetes API client")?
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |req: hyper::Request<kube::client::Body>| {
+                counted.request(req.method().as_str(), req.uri().path(), req.uri().query());
+                req
+            },
+        ))
+        .build();
     // A clear start-up error when the CRDs are missing, instead of endless watch errors.
     let crds: kube::Api<crds::k8s::CustomResourceDefinition> = kube::Api::all(client.clone());
     for crd in [
@@ -124,18 +135,13 @@ async fn main() -> anyhow::Result<()> {
         controller: "switchyard-operator".into(),
         instance: Some(identity.clone()),
     };
-    let ctx = Arc::new(Context {
-        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
-        client: client.clone(),
-        gateway_image: image,
-        metrics: Metrics::default(),
-    });
+    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
     let leading = Arc::new(AtomicBool::new(!elect));
-    tokio::spawn(admin(listen, ctx.clone(), leading.clone()));
+    tokio::spawn(admin(listen, metrics.clone(), leading.clone()));
 
     let timing = leader::Timing::for_lease(Duration::from_secs(15));
     let lease = LeaderElection::new(
-        client,
+        client.clone(),
         &lease_ns,
         "switchyard-operator",
         &identity,
@@ -162,8 +168,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    // One pair of controllers per watched namespace (or one cluster-wide pair); all stop
-    // together.
+    // One pair of controllers, with its own caches, per watched namespace (or one
+    // cluster-wide pair); all stop together.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -172,9 +178,16 @@ async fn main() -> anyhow::Result<()> {
     };
     let runs = scopes.into_iter().map(|ns| {
         let mut rx = stop_rx.clone();
-        controller::run(ctx.clone(), ns, async move {
-            let _ = rx.changed().await;
-        })
+        watches::run(
+            client.clone(),
+            recorder.clone(),
+            image.clone(),
+            metrics.clone(),
+            ns,
+            async move {
+                let _ = rx.changed().await;
+            },
+        )
     });
     tokio::select! {
         _ = futures_util::future::join_all(runs) => {},
@@ -185,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin(listen: SocketAddr, ctx: Arc<Context>, leading: Arc<AtomicBool>) {
+async fn admin(listen: SocketAddr, metrics: Arc<Metrics>, leading: Arc<AtomicBool>) {
     let Ok(listener) = tokio::net::TcpListener::bind(listen).await else {
         tracing::error!(%listen, "cannot serve /metrics");
         return;
@@ -194,12 +207,12 @@ async fn admin(listen: SocketAddr, ctx: Arc<Context>, leading: Arc<AtomicBool>) 
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let ctx = ctx.clone();
+        let metrics = metrics.clone();
         let leading = leading.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let ctx = ctx.clone();
+                    let metrics = metrics.clone();
                     let leading = leading.clone();
                     async move {
                         let (status, body) = match req.uri().path() {
@@ -214,7 +227,7 @@ async fn admin(listen: SocketAddr, ctx: Arc<Context>, leading: Arc<AtomicBool>) 
                                 }
                                 .to_owned(),
                             ),
-                            "/metrics" => (StatusCode::OK, ctx.metrics.render()),
+                            "/metrics" => (StatusCode::OK, metrics.render()),
                             _ => (StatusCode::NOT_FOUND, "not found".to_owned()),
                         };
                         let mut resp = Response::new(Full::new(Bytes::from(body)));

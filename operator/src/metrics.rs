@@ -1,5 +1,5 @@
-//! Operator metrics: reconciles, errors, durations, and API writes (so "idle means
-//! idle" can be checked).
+//! Operator metrics: reconciles, errors, durations, API writes and every API request by
+//! verb and resource (so "idle means idle" and "requests per pool" can be checked).
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -22,6 +22,12 @@ struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verb: &'static str,
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     error: &'static str,
 }
@@ -38,6 +44,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     durations: Family<KindLabels, Histogram, fn() -> Histogram>,
     writes: Family<KindLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
     pool_ready: Family<PoolLabels, prometheus_client::metrics::gauge::Gauge>,
     in_flight: Family<KindLabels, prometheus_client::metrics::gauge::Gauge>,
 }
@@ -50,6 +57,7 @@ impl Default for Metrics {
             errors: Family::default(),
             durations: Family::new_with_constructor(durations),
             writes: Family::default(),
+            requests: Family::default(),
             pool_ready: Family::default(),
             in_flight: Family::default(),
         };
@@ -69,6 +77,11 @@ impl Default for Metrics {
                 "api_writes",
                 "Writes to the API server by object kind",
                 m.writes.clone(),
+            );
+            r.register(
+                "api_requests",
+                "Requests sent to the API server, by verb (get, list, watch, create, patch, update, delete) and resource",
+                m.requests.clone(),
             );
             r.register(
                 "pool_ready",
@@ -136,6 +149,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a request about to be sent to the API server.
+    pub fn request(&self, method: &str, path: &str, query: Option<&str>) {
+        let (verb, resource) = classify(method, path, query);
+        self.requests
+            .get_or_create(&RequestLabels { verb, resource })
+            .inc();
+    }
+
     /// Records whether a pool is Ready.
     pub fn pool_ready(&self, namespace: &str, name: &str, ready: bool) {
         let labels = PoolLabels {
@@ -152,5 +173,105 @@ impl Metrics {
             let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         }
         out
+    }
+}
+
+/// The Kubernetes verb and resource (`pods`, `providerpools/status`) of a request, read
+/// from its method and path: `/api/v1/...` or `/apis/GROUP/VERSION/...`, then
+/// optionally `namespaces/NS/`, then `RESOURCE[/NAME[/SUBRESOURCE]]`.
+fn classify(method: &str, path: &str, query: Option<&str>) -> (&'static str, String) {
+    let rest = path.strip_prefix("/api/v1/").or_else(|| {
+        let groups = path.strip_prefix("/apis/")?;
+        groups.splitn(3, '/').nth(2)
+    });
+    let mut parts: Vec<&str> = rest.unwrap_or_default().split('/').collect();
+    if parts.len() > 2 && parts[0] == "namespaces" {
+        parts.drain(..2);
+    }
+    let named = parts.len() > 1;
+    let resource = match parts.as_slice() {
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+        [resource, ..] if !resource.is_empty() => (*resource).to_owned(),
+        _ => "other".to_owned(),
+    };
+    let watch = query.is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let verb = match method {
+        "GET" if watch => "watch",
+        "GET" if named => "get",
+        "GET" => "list",
+        "POST" => "create",
+        "PATCH" => "patch",
+        "PUT" => "update",
+        "DELETE" if named => "delete",
+        "DELETE" => "deletecollection",
+        _ => "other",
+    };
+    (verb, resource)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    #[test]
+    fn requests_are_classified_by_verb_and_resource() {
+        let cases = [
+            (
+                "GET",
+                "/api/v1/namespaces/t/configmaps/c",
+                None,
+                "get",
+                "configmaps",
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/t/configmaps",
+                Some("labelSelector=a"),
+                "list",
+                "configmaps",
+            ),
+            (
+                "GET",
+                "/apis/apps/v1/deployments",
+                Some("watch=true&resourceVersion=1"),
+                "watch",
+                "deployments",
+            ),
+            (
+                "PATCH",
+                "/apis/switchyard.dev/v1alpha1/namespaces/t/providerpools/p/status",
+                None,
+                "patch",
+                "providerpools/status",
+            ),
+            (
+                "POST",
+                "/apis/events.k8s.io/v1/namespaces/t/events",
+                None,
+                "create",
+                "events",
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/t/services/s",
+                None,
+                "delete",
+                "services",
+            ),
+            (
+                "GET",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/x",
+                None,
+                "get",
+                "customresourcedefinitions",
+            ),
+        ];
+        for (method, path, query, verb, resource) in cases {
+            assert_eq!(
+                classify(method, path, query),
+                (verb, resource.to_owned()),
+                "{method} {path}"
+            );
+        }
     }
 }

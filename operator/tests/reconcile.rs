@@ -1,5 +1,6 @@
-//! `reconcile_pool` against a mocked API server: the exact requests it makes. An unchanged
-//! world costs reads only; drift costs exactly the write that repairs it.
+//! `reconcile_pool` against a mocked API server and caches filled with the same world: the
+//! exact requests it makes. An unchanged world costs nothing; drift costs exactly the
+//! write that repairs it; a child the cache lacks is read before it is created.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,7 +10,9 @@ use crds::{ProviderPool, RoutingPolicy};
 use hyper::{Request, Response};
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use switchyard_operator::cache::{Cache, Caches, Grouped};
 use switchyard_operator::controller::{Context, reconcile_pool};
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::render::{render, stamp};
@@ -143,7 +146,12 @@ async fn serve(
                 .await
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            if path.ends_with("/status") {
+                // The whole object, as the API server answers a status apply.
+                serde_json::to_value(pool()).expect("json")
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            }
         } else {
             json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {"name": "x"}})
         };
@@ -155,7 +163,35 @@ async fn serve(
     }
 }
 
-async fn run(objects: Vec<(String, Value)>) -> Vec<String> {
+/// The caches as the watches would fill them from `objects`.
+fn caches(objects: &[(String, Value)]) -> Caches {
+    fn of<K: Grouped + DeserializeOwned>(objects: &[(String, Value)], plural: &str) -> Cache<K> {
+        let segment = format!("/{plural}/");
+        Cache::filled(
+            objects
+                .iter()
+                .filter(|(path, _)| path.contains(&segment))
+                .map(|(_, o)| serde_json::from_value(o.clone()).expect("typed object")),
+        )
+    }
+    Caches {
+        pools: Cache::filled([pool()]),
+        policies: Cache::filled([policy()]),
+        secrets: Cache::filled([]),
+        deployments: of(objects, "deployments"),
+        config_maps: of(objects, "configmaps"),
+        services: of(objects, "services"),
+        disruption_budgets: of(objects, "poddisruptionbudgets"),
+        service_accounts: of(objects, "serviceaccounts"),
+        roles: of(objects, "roles"),
+        role_bindings: of(objects, "rolebindings"),
+        pods: Cache::filled([]),
+    }
+}
+
+/// Reconciles the pool against an API server holding `objects` and caches holding
+/// `cached`; returns the requests sent.
+async fn run(objects: Vec<(String, Value)>, cached: &[(String, Value)]) -> Vec<String> {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, NS);
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -170,7 +206,8 @@ async fn run(objects: Vec<(String, Value)>) -> Vec<String> {
         ),
         client,
         gateway_image: "gw:1".into(),
-        metrics: Metrics::default(),
+        metrics: Arc::new(Metrics::default()),
+        caches: caches(cached),
     });
     let result = tokio::time::timeout(
         Duration::from_secs(10),
@@ -182,39 +219,11 @@ async fn run(objects: Vec<(String, Value)>) -> Vec<String> {
     log.lock().expect("log").clone()
 }
 
-fn writes(log: &[String]) -> Vec<&String> {
-    log.iter().filter(|l| !l.starts_with("GET ")).collect()
-}
-
 #[tokio::test]
-async fn an_unchanged_world_costs_reads_only() {
-    let log = run(world()).await;
-    assert_eq!(
-        writes(&log),
-        Vec::<&String>::new(),
-        "no write when nothing changed: {log:#?}"
-    );
-    let gets: Vec<&str> = log
-        .iter()
-        .map(|l| l.split('?').next().unwrap_or_default())
-        .collect();
-    assert_eq!(
-        gets,
-        [
-            "GET /apis/switchyard.dev/v1alpha1/namespaces/team/routingpolicies",
-            "GET /api/v1/namespaces/team/serviceaccounts/chat-gateway",
-            "GET /apis/rbac.authorization.k8s.io/v1/namespaces/team/roles/chat-gateway",
-            "GET /apis/rbac.authorization.k8s.io/v1/namespaces/team/rolebindings/chat-gateway",
-            "GET /api/v1/namespaces/team/configmaps/chat-us-east",
-            "GET /api/v1/namespaces/team/services/chat-us-east",
-            "GET /api/v1/namespaces/team/services/chat",
-            "GET /apis/apps/v1/namespaces/team/deployments/chat-us-east",
-            "GET /apis/apps/v1/namespaces/team/deployments",
-            "GET /api/v1/namespaces/team/configmaps",
-            "GET /api/v1/namespaces/team/services",
-            "GET /apis/policy/v1/namespaces/team/poddisruptionbudgets",
-        ]
-    );
+async fn an_unchanged_world_costs_no_request() {
+    let world = world();
+    let log = run(world.clone(), &world).await;
+    assert_eq!(log, Vec::<String>::new(), "nothing changed: {log:#?}");
 }
 
 #[tokio::test]
@@ -226,11 +235,66 @@ async fn a_drifted_config_map_is_repaired_with_one_server_side_apply() {
             obj["metadata"]["annotations"]["switchyard.dev/applied-hash"] = json!("stale");
         }
     }
-    let log = run(objects).await;
+    let log = run(objects.clone(), &objects).await;
     assert_eq!(
-        writes(&log),
-        [&"PATCH /api/v1/namespaces/team/configmaps/chat-us-east?&force=true&fieldManager=switchyard-operator".to_owned()],
+        log,
+        [
+            "PATCH /api/v1/namespaces/team/configmaps/chat-us-east?&force=true&fieldManager=switchyard-operator"
+        ],
         "{log:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_child_the_cache_lacks_is_read_before_it_is_created() {
+    let cached = world();
+    let objects: Vec<(String, Value)> = cached
+        .iter()
+        .filter(|(path, _)| !path.ends_with("/serviceaccounts/chat-gateway"))
+        .cloned()
+        .collect();
+    let cached: Vec<(String, Value)> = objects.clone();
+    let log = run(objects, &cached).await;
+    assert_eq!(
+        log,
+        [
+            "GET /api/v1/namespaces/team/serviceaccounts/chat-gateway",
+            "PATCH /api/v1/namespaces/team/serviceaccounts/chat-gateway?&force=true&fieldManager=switchyard-operator",
+        ],
+        "{log:#?}"
+    );
+}
+
+#[tokio::test]
+async fn an_object_someone_else_made_under_a_childs_name_is_read_and_left_alone() {
+    let mut objects = world();
+    for (path, obj) in &mut objects {
+        if path.ends_with("/services/chat") {
+            obj["metadata"]["ownerReferences"] = json!([]);
+            obj["metadata"]["labels"] = json!({});
+        }
+    }
+    // The watch selects the operator's label, so the cache never sees that Service.
+    let cached: Vec<(String, Value)> = objects
+        .iter()
+        .filter(|(path, _)| !path.ends_with("/services/chat"))
+        .cloned()
+        .collect();
+    let log = run(objects, &cached).await;
+    assert_eq!(
+        log[0], "GET /api/v1/namespaces/team/services/chat",
+        "{log:#?}"
+    );
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("/services/chat?") || l.starts_with("DELETE")),
+        "the Service is neither applied nor deleted: {log:#?}"
+    );
+    assert!(
+        log.iter().any(|l| l.starts_with(
+            "PATCH /apis/switchyard.dev/v1alpha1/namespaces/team/providerpools/chat/status"
+        )),
+        "the pool's status says why: {log:#?}"
     );
 }
 
@@ -248,11 +312,10 @@ async fn a_child_of_a_removed_region_is_pruned() {
         format!("/apis/apps/v1/namespaces/{NS}/deployments/chat-eu-west"),
         extra,
     ));
-    let log = run(objects).await;
-    let w = writes(&log);
-    assert_eq!(w.len(), 1, "{log:#?}");
+    let log = run(objects.clone(), &objects).await;
+    assert_eq!(log.len(), 1, "{log:#?}");
     assert!(
-        w[0].starts_with("DELETE /apis/apps/v1/namespaces/team/deployments/chat-eu-west"),
+        log[0].starts_with("DELETE /apis/apps/v1/namespaces/team/deployments/chat-eu-west"),
         "{log:#?}"
     );
 }

@@ -49,7 +49,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   # get: the gateways' Role grants it, and RBAC lets the operator grant only what it holds.
   resources: ["providerpools/status", "routingpolicies/status"]
   verbs: ["get", "patch"]
-# The children of each pool: applied, watched, and pruned when a region goes away.
+# The children of each pool: watched (the operator's label only) into caches, applied,
+# and pruned when a region goes away. get: a child the cache lacks is read before it
+# would be created, since an object of that name may be someone else's.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -58,17 +60,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # Gateway pods, read only: a region whose pods cannot be scheduled or started says why.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 # Events when a condition flips.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -271,6 +271,11 @@ impl Cluster {
                 // Nodes are simulated: no kubelet posts heartbeats, so the node lifecycle
                 // controller would taint them unreachable and evict the gateways.
                 "--controllers=*,-node-lifecycle-controller".into(),
+                // The defaults (20/30) make the ReplicaSet and Deployment controllers, not
+                // the operator, the bottleneck when hundreds of pools roll out at once; a
+                // control plane sized for that many workloads raises them too.
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
             ],
         )?;
         let sched_port = free_port()?;
@@ -283,6 +288,9 @@ impl Cluster {
                 "--bind-address=127.0.0.1".into(),
                 format!("--secure-port={sched_port}"),
                 "--leader-elect=false".into(),
+                // As for the controller-manager (defaults 50/100).
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
             ],
         )?;
         let kwok_port = free_port()?;
@@ -962,7 +970,8 @@ fn http_get_contains(port: u16, path: &str, needle: &str) -> bool {
     body.contains(needle)
 }
 
-/// One kwok node per (region, zone), labelled like a cloud provider labels them; none in
+/// One kwok node per (region, zone), labelled like a cloud provider labels them, each
+/// with room for the bench's 1000-pool run (a gateway requests 100m CPU and 128Mi); none in
 /// `skip_region` (the real node's).
 fn nodes_manifest(skip_region: Option<&str>) -> String {
     let mut out = String::new();
@@ -970,7 +979,7 @@ fn nodes_manifest(skip_region: Option<&str>) -> String {
         for zone in ZONES {
             let name = format!("kwok-{region}-{zone}");
             out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    kwok.x-k8s.io/node: fake\n    node.alpha.kubernetes.io/ttl: \"0\"\n  labels:\n    type: kwok\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    kubernetes.io/arch: amd64\n    topology.kubernetes.io/region: {region}\n    topology.kubernetes.io/zone: {region}-{zone}\nstatus:\n  allocatable: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n  capacity: {{cpu: \"32\", memory: 256Gi, pods: \"110\"}}\n"
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    kwok.x-k8s.io/node: fake\n    node.alpha.kubernetes.io/ttl: \"0\"\n  labels:\n    type: kwok\n    kubernetes.io/hostname: {name}\n    kubernetes.io/os: linux\n    kubernetes.io/arch: amd64\n    topology.kubernetes.io/region: {region}\n    topology.kubernetes.io/zone: {region}-{zone}\nstatus:\n  allocatable: {{cpu: \"256\", memory: 1Ti, pods: \"1200\"}}\n  capacity: {{cpu: \"256\", memory: 1Ti, pods: \"1200\"}}\n"
             ));
         }
     }

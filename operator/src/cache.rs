@@ -1,0 +1,388 @@
+//! What the reconciles read: one watch per kind fills a cache (a kube-runtime reflector
+//! store), so a reconcile that changes nothing asks the API server nothing. Each cache is
+//! loaded before any reconcile runs; a reconcile never waits for one.
+//!
+//! Children are watched by the operator's `managed-by` label only, so an object someone
+//! else created under a child's name is not in the cache: [`crate::controller`] reads it
+//! from the API server before it would create the child, and leaves it alone.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crds::k8s::Secret;
+use crds::{ProviderPool, RoutingPolicy};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+
+use crate::render::POOL_LABEL;
+
+/// How a cached object is grouped for [`Cache::group`]: children by the pool they serve,
+/// policies by the pool they name.
+pub trait Grouped: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static {
+    /// The pool this object belongs to, if it is grouped at all.
+    fn group(&self) -> Option<&str> {
+        self.labels().get(POOL_LABEL).map(String::as_str)
+    }
+
+    /// Drops what no reconcile reads, before the object is cached (memory at scale).
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+    }
+}
+
+// A ConfigMap's data is compared with the desired one (drift), and what a policy says is
+// served is read from it: kept whole.
+impl Grouped for ConfigMap {}
+
+// For these a reconcile reads only the metadata: the hash annotation, the owner, the
+// labels (no field of theirs is restored by hand-edit detection).
+impl Grouped for Service {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec = None;
+        self.status = None;
+    }
+}
+
+impl Grouped for PodDisruptionBudget {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec = None;
+        self.status = None;
+    }
+}
+
+impl Grouped for ServiceAccount {}
+
+impl Grouped for Role {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.rules = None;
+    }
+}
+
+impl Grouped for RoleBinding {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.subjects = None;
+    }
+}
+
+impl Grouped for Deployment {
+    /// A reconcile reads the hash annotation, the replicas and the status; the pod
+    /// template is covered by the hash.
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec.template = Default::default();
+    }
+}
+
+impl Grouped for Pod {
+    /// Only the status's conditions and container states explain a stuck region.
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.spec = None;
+        if let Some(status) = &mut self.status {
+            *status = k8s_openapi::api::core::v1::PodStatus {
+                conditions: status.conditions.take(),
+                container_statuses: status.container_statuses.take(),
+                ..Default::default()
+            };
+        }
+    }
+}
+
+impl Grouped for RoutingPolicy {
+    fn group(&self) -> Option<&str> {
+        Some(&self.spec.pool_ref.name)
+    }
+}
+
+impl Grouped for ProviderPool {
+    fn group(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl Grouped for Secret {
+    fn group(&self) -> Option<&str> {
+        None
+    }
+
+    /// Only which keys exist matters: values (and annotations, where `kubectl apply`
+    /// copies them) never stay in the operator's memory.
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.annotations_mut().clear();
+        self.string_data = None;
+        for value in self.data.iter_mut().flat_map(|d| d.values_mut()) {
+            value.0.clear();
+        }
+    }
+}
+
+/// Names by (namespace, group). A superset of what the store holds: every read is
+/// checked against the store, and the index is rebuilt after each (re)list.
+type Index = HashMap<(String, String), BTreeSet<String>>;
+
+/// A reflector store of one kind plus an index by [`Grouped::group`].
+pub struct Cache<K: Grouped> {
+    store: Store<K>,
+    index: Arc<RwLock<Index>>,
+}
+
+impl<K: Grouped> Clone for Cache<K> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            index: self.index.clone(),
+        }
+    }
+}
+
+impl<K: Grouped> Debug for Cache<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("kind", &K::kind(&()))
+            .field("objects", &self.store.len())
+            .finish()
+    }
+}
+
+fn group_key<K: Grouped>(obj: &K) -> Option<(String, String)> {
+    Some((obj.namespace().unwrap_or_default(), obj.group()?.to_owned()))
+}
+
+impl<K: Grouped> Cache<K> {
+    fn new(writer: &Writer<K>) -> Self {
+        Self {
+            store: writer.as_reader(),
+            index: Arc::default(),
+        }
+    }
+
+    /// A loaded cache holding exactly `objects` (trimmed), fed by no watch: for tests and
+    /// tools that need a reconcile's view of a world.
+    pub fn filled(objects: impl IntoIterator<Item = K>) -> Self {
+        let mut writer = Writer::default();
+        let cache = Self::new(&writer);
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for mut obj in objects {
+            obj.trim();
+            writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        cache.rebuild();
+        cache
+    }
+
+    /// The object `name` in `ns`, as last seen.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<K>> {
+        self.store.get(&ObjectRef::new(name).within(ns))
+    }
+
+    /// The objects of `group` in `ns`, by name.
+    pub fn group(&self, ns: &str, group: &str) -> Vec<Arc<K>> {
+        let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(names) = index.get(&(ns.to_owned(), group.to_owned())) else {
+            return Vec::new();
+        };
+        names
+            .iter()
+            .filter_map(|name| self.get(ns, name))
+            .filter(|obj| obj.group() == Some(group))
+            .collect()
+    }
+
+    /// The store, for a controller reading its main kind.
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// Every cached object.
+    pub fn all(&self) -> Vec<Arc<K>> {
+        self.store.state()
+    }
+
+    /// Waits until the first list has been loaded.
+    pub async fn loaded(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.store.wait_until_ready().await
+    }
+
+    fn note(&self, obj: &K) {
+        if let Some(key) = group_key(obj) {
+            self.index
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key)
+                .or_default()
+                .insert(obj.name_any());
+        }
+    }
+
+    fn forget(&self, obj: &K) {
+        if let Some(key) = group_key(obj) {
+            let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(names) = index.get_mut(&key) {
+                names.remove(&obj.name_any());
+                if names.is_empty() {
+                    index.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// After a (re)list, objects deleted while the watch was down left no Delete event.
+    fn rebuild(&self) {
+        let mut fresh = Index::new();
+        for obj in self.store.state() {
+            if let Some(key) = group_key(obj.as_ref()) {
+                fresh.entry(key).or_default().insert(obj.name_any());
+            }
+        }
+        *self.index.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+    }
+}
+
+/// A change the watch of a cache saw, after the cache took it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Listed, created or modified.
+    Applied,
+    /// Deleted.
+    Deleted,
+}
+
+/// A cache and the watch that fills it. [`Feed::run`] drives the watch, telling `notify`
+/// of every change once the cache holds it.
+pub struct Feed<K: Grouped> {
+    cache: Cache<K>,
+    writer: Writer<K>,
+}
+
+impl<K: Grouped> Debug for Feed<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").field("cache", &self.cache).finish()
+    }
+}
+
+impl<K> Feed<K>
+where
+    K: Grouped + DeserializeOwned,
+{
+    /// An empty cache and its writer.
+    pub fn new() -> Self {
+        let writer = Writer::default();
+        Self {
+            cache: Cache::new(&writer),
+            writer,
+        }
+    }
+
+    /// The cache this feed fills.
+    pub fn cache(&self) -> Cache<K> {
+        self.cache.clone()
+    }
+
+    /// Watches `api` (with `config`) until dropped. Watch errors are logged and retried
+    /// with backoff; they never reach a reconcile.
+    pub async fn run(
+        self,
+        api: Api<K>,
+        config: watcher::Config,
+        mut notify: impl FnMut(&K, Change) + Send,
+    ) {
+        let Self { cache, writer } = self;
+        let kind = K::kind(&());
+        let events = watcher(api, config)
+            .default_backoff()
+            .modify(|obj: &mut K| obj.trim());
+        let mut events = std::pin::pin!(reflector::reflector(writer, events));
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                    cache.note(&obj);
+                    notify(&obj, Change::Applied);
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    cache.forget(&obj);
+                    notify(&obj, Change::Deleted);
+                }
+                Ok(watcher::Event::InitDone) => cache.rebuild(),
+                Ok(watcher::Event::Init) => {}
+                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
+            }
+        }
+    }
+}
+
+impl<K> Default for Feed<K>
+where
+    K: Grouped + DeserializeOwned,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything a reconcile reads.
+#[derive(Debug, Clone)]
+pub struct Caches {
+    /// ProviderPools.
+    pub pools: Cache<ProviderPool>,
+    /// RoutingPolicies, grouped by the pool they name.
+    pub policies: Cache<RoutingPolicy>,
+    /// Secrets: names and keys only.
+    pub secrets: Cache<Secret>,
+    /// The children, grouped by pool.
+    pub deployments: Cache<Deployment>,
+    /// One per region.
+    pub config_maps: Cache<ConfigMap>,
+    /// Regional and pool-wide.
+    pub services: Cache<Service>,
+    /// Where a region has more than one replica.
+    pub disruption_budgets: Cache<PodDisruptionBudget>,
+    /// The gateways' identity.
+    pub service_accounts: Cache<ServiceAccount>,
+    /// What the gateways may do.
+    pub roles: Cache<Role>,
+    /// Binds the role to the account.
+    pub role_bindings: Cache<RoleBinding>,
+    /// Gateway pods, to say why a region is not ready.
+    pub pods: Cache<Pod>,
+}
+
+impl Caches {
+    /// Waits until every cache has its first list.
+    pub async fn loaded(&self) -> Result<(), reflector::store::WriterDropped> {
+        self.pools.loaded().await?;
+        self.policies.loaded().await?;
+        self.secrets.loaded().await?;
+        self.deployments.loaded().await?;
+        self.config_maps.loaded().await?;
+        self.services.loaded().await?;
+        self.disruption_budgets.loaded().await?;
+        self.service_accounts.loaded().await?;
+        self.roles.loaded().await?;
+        self.role_bindings.loaded().await?;
+        self.pods.loaded().await
+    }
+
+    /// The policies that name `pool`, as `compile` takes them.
+    pub fn policies_of(&self, ns: &str, pool: &str) -> Vec<RoutingPolicy> {
+        self.policies
+            .group(ns, pool)
+            .iter()
+            .map(|p| RoutingPolicy::clone(p))
+            .collect()
+    }
+}

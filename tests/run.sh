@@ -65,14 +65,14 @@ step() {
   hb=""
   local took=$((SECONDS - started))
   if ((rc != 0)); then
-    steps+=("$(printf '%-58s %8s  FAILED' "$name" "$(elapsed $took)")")
+    steps+=("$(printf '%8s  FAILED  %s' "$(elapsed $took)" "$name")")
     if [ "$mode" = quiet ]; then
       echo "    FAILED after $(elapsed $took); the last lines of $details:"
       tail -n 25 "$details" | sed 's/^/    | /'
     fi
     exit "$rc"
   fi
-  steps+=("$(printf '%-58s %8s  ok' "$name" "$(elapsed $took)")")
+  steps+=("$(printf '%8s  ok      %s' "$(elapsed $took)" "$name")")
   echo "    ok ($(elapsed $took))"
   current=""
 }

@@ -190,22 +190,7 @@ mod tests {
     /// Records one answer of `name`'s model on route `m`.
     fn record(t: &RoutingTable, name: &str, now: Instant, outcome: Outcome, ms: Option<u64>) {
         let route = t.route_for("m").expect("route");
-        let p = t.provider(name).expect("provider");
-        let target = route
-            .config
-            .targets
-            .iter()
-            .find(|t| t.provider == name)
-            .expect("target");
-        let h = route.health_of(target).expect("health");
-        h.begin();
-        h.settle(
-            now,
-            outcome,
-            ms.map(Duration::from_millis),
-            &route.config.circuit_breaker,
-            &p.config.health.passive,
-        );
+        t.record(route, name, now, outcome, ms.map(Duration::from_millis));
     }
 
     fn eject(t: &RoutingTable, name: &str, now: Instant) {
@@ -413,16 +398,7 @@ mod tests {
     /// Records `outcome` for provider `a`'s target on `model`'s route.
     fn on_a(t: &RoutingTable, model: &str, now: Instant, outcome: Outcome) {
         let route = t.route_for(model).expect("route");
-        let p = t.provider("a").expect("a");
-        let h = route.health_of(&route.config.targets[0]).expect("health");
-        h.begin();
-        h.settle(
-            now,
-            outcome,
-            None,
-            &route.config.circuit_breaker,
-            &p.config.health.passive,
-        );
+        t.record(route, "a", now, outcome, None);
     }
 
     fn first_choice(t: &RoutingTable, model: &str, now: Instant) -> String {

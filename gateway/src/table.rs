@@ -404,6 +404,35 @@ impl RoutingTable {
         })
     }
 
+    /// Records one finished try of `provider`'s target on `route` in that target's
+    /// health, as a try would.
+    #[cfg(test)]
+    pub fn record(
+        &self,
+        route: &RouteEntry,
+        provider: &str,
+        now: Instant,
+        outcome: crate::health::Outcome,
+        latency: Option<std::time::Duration>,
+    ) {
+        let p = self.provider(provider).expect("provider");
+        let target = route
+            .config
+            .targets
+            .iter()
+            .find(|t| t.provider == provider)
+            .expect("target");
+        let h = route.health_of(target).expect("health");
+        h.begin();
+        h.settle(
+            now,
+            outcome,
+            latency,
+            &route.config.circuit_breaker,
+            &p.config.health.passive,
+        );
+    }
+
     /// A provider by name.
     pub fn provider(&self, name: &str) -> Option<&ProviderEntry> {
         self.providers.get(name)

@@ -420,22 +420,7 @@ mod tests {
         now: Instant,
         outcome: Outcome,
     ) {
-        let p = t.provider(provider).expect("provider");
-        let target = route
-            .config
-            .targets
-            .iter()
-            .find(|t| t.provider == provider)
-            .expect("target");
-        let h = route.health_of(target).expect("health");
-        h.begin();
-        h.settle(
-            now,
-            outcome,
-            None,
-            &route.config.circuit_breaker,
-            &p.config.health.passive,
-        );
+        t.record(route, provider, now, outcome, None);
     }
 
     /// Runs `plan` to the end, every try failing with `kind`, which the plan hears as

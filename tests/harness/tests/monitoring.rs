@@ -30,6 +30,17 @@ fn curl(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Sets a fault on the fake provider at `port`.
+fn fault(port: u16, spec: &str) {
+    curl(&[
+        "-XPOST",
+        &format!("http://127.0.0.1:{port}/admin/faults"),
+        "-d",
+        &format!(r#"{{"fault":"{spec}"}}"#),
+    ])
+    .expect("fault set");
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -236,13 +247,7 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}
         std::thread::sleep(Duration::from_secs(1));
     }
     // An outage of alpha: every request is rescued by beta, and alpha is ejected.
-    curl(&[
-        "-XPOST",
-        &format!("http://127.0.0.1:{alpha}/admin/faults"),
-        "-d",
-        r#"{"fault":"status:503"}"#,
-    ])
-    .expect("fault set");
+    fault(alpha, "status:503");
     let pending = wait_for(
         "the failover and ejection alerts to go pending",
         Duration::from_secs(60),
@@ -291,13 +296,7 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}
         }
     }
     // A stream broken mid-answer, so that every series the dashboard shows exists.
-    curl(&[
-        "-XPOST",
-        &format!("http://127.0.0.1:{beta}/admin/faults"),
-        "-d",
-        r#"{"fault":"cut-after:3"}"#,
-    ])
-    .expect("fault set");
+    fault(beta, "cut-after:3");
     curl(&[
         "-XPOST",
         &format!("http://127.0.0.1:{gateway_port}/v1/chat/completions"),

@@ -194,6 +194,39 @@ pub struct GatewaySettings {
     /// them at start-up, so a changed bundle applies as their pods restart.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "trustedCA")]
     pub trusted_ca: Option<ConfigMapKeyRef>,
+
+    /// Send OpenTelemetry traces of the gateways' requests to a collector: a span per
+    /// client request and one per try of a provider, with the GenAI semantic-convention
+    /// attributes. Off when unset. Changing it rolls the gateways (without dropping
+    /// requests), as it is read at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSettings>,
+}
+
+/// Where the gateways export traces, and how many.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TracingSettings {
+    /// Base URL of an OTLP/HTTP collector (protobuf encoding, usually port 4318), such as
+    /// `http://otel-collector.observability:4318`; spans are posted to
+    /// `<endpoint>/v1/traces`. `https` collectors are verified like providers (web PKI
+    /// roots plus `trustedCA`).
+    #[schemars(
+        length(min = 8, max = 512),
+        regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    )]
+    pub endpoint: String,
+
+    /// Share of requests traced, from 0 to 1, when the client's own trace context does not
+    /// decide: a request whose `traceparent` says sampled is always traced, one that says
+    /// not sampled never is.
+    #[serde(default = "default_sampling_ratio")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sampling_ratio: f64,
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
 }
 
 /// A key of a ConfigMap in the same namespace.
@@ -234,6 +267,7 @@ impl Default for GatewaySettings {
             external_replicas: false,
             resources: None,
             trusted_ca: None,
+            tracing: None,
         }
     }
 }

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::ResponseFuture;
 use crate::budget::MemoryBudget;
 use crate::idempotency::Replays;
 use crate::metrics::Metrics;
+use crate::otel::Tracing;
 use crate::table::RoutingTable;
 use crate::upstream::{HttpClient, new_client};
 
@@ -56,6 +57,8 @@ pub struct Gateway {
     /// Turns true just before the drain deadline: streams still running end with an
     /// explicit interruption event instead of being cut.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Trace spans (off unless the `OTEL_*` environment names a collector).
+    pub tracing: Tracing,
     /// Tells this gateway's upstream clients apart from another's in the same thread.
     id: u64,
     tls: rustls::ClientConfig,
@@ -108,6 +111,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             budget: MemoryBudget::new(limits.memory_budget),
             stopping: tokio::sync::watch::Sender::new(false),
+            tracing: Tracing::default(),
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             tls,
             config_state: Mutex::new(ConfigState::default()),

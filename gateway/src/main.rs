@@ -23,6 +23,7 @@ mod gateway;
 mod health;
 mod idempotency;
 mod metrics;
+mod otel;
 mod probe;
 mod proxy;
 mod response;
@@ -208,12 +209,14 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
+    let tls = upstream::tls_config(args.ca_file.as_deref())?;
     let mut gw = Gateway::new(
         args.region.clone(),
         args.limits(),
         args.idempotency_max_bytes,
-        upstream::tls_config(args.ca_file.as_deref())?,
+        tls.clone(),
     );
+    gw.tracing = otel::Tracing::from_env(tokio::runtime::Handle::current(), tls)?;
     gw.admin_on_api_port = args.admin_listen.is_none();
     gw.upstream_idle = Duration::from_secs(args.upstream_idle_timeout_seconds);
     let gw = Arc::new(gw);
@@ -330,6 +333,10 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
+    // Spans of the last requests are still queued; the export runs on this runtime, so
+    // wait for it from another thread.
+    let tracing_gw = gw.clone();
+    tokio::task::spawn_blocking(move || tracing_gw.tracing.shutdown()).await?;
     Ok(())
 }
 

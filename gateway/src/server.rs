@@ -465,9 +465,11 @@ async fn api(
         .get::<StreamOptions>("stream_options")
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
+    let trace = gw.tracing.request(&parts.headers, op, &model);
     let request = ClientRequest {
         op,
         body,
+        trace,
         model: model.clone(),
         stream,
         include_usage,

@@ -66,6 +66,67 @@ pub fn child_name(base: &str) -> String {
 /// pods are not the first evicted (BestEffort) and are scheduled where they fit, and a
 /// memory limit above what the gateway's default limits let it hold (a 256 MiB buffer
 /// budget, a 64 MiB replay store and about 20 MiB of its own). No CPU limit: throttling
+/// The gateway container's environment: settings newer than some gateway images (so a
+/// pool pinned to an older image still starts), and the standard OpenTelemetry variables
+/// when the pool asks for traces.
+fn gateway_env(pool: &ProviderPool, region: &Region, name: &str) -> Vec<EnvVar> {
+    let mut env = vec![
+        // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving
+        // until then drops no request. Delay + drain (30 s) stay within the grace
+        // period.
+        EnvVar {
+            name: "SWITCHYARD_SHUTDOWN_DELAY_SECONDS".into(),
+            value: Some(SHUTDOWN_DELAY_SECONDS.to_string()),
+            ..EnvVar::default()
+        },
+        // Clients reach the API port through the Services; what the gateway knows of
+        // providers and routes stays on a port they do not.
+        EnvVar {
+            name: "SWITCHYARD_ADMIN_LISTEN".into(),
+            value: Some(format!("0.0.0.0:{}", pool.spec.gateway.admin_port)),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+    ];
+    if let Some(tracing) = &pool.spec.gateway.tracing {
+        let var = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..EnvVar::default()
+        };
+        // Every name here is a DNS label, so none needs percent-encoding; POD_NAME is
+        // expanded by the kubelet, as it is defined above.
+        let resource = format!(
+            "k8s.namespace.name={},k8s.deployment.name={name},k8s.pod.name=$(POD_NAME),switchyard.pool={},switchyard.region={}",
+            pool.namespace().unwrap_or_default(),
+            pool.name_any(),
+            region.name,
+        );
+        env.extend([
+            var("OTEL_EXPORTER_OTLP_ENDPOINT", tracing.endpoint.clone()),
+            var("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+            var("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".into()),
+            var(
+                "OTEL_TRACES_SAMPLER_ARG",
+                tracing.sampling_ratio.to_string(),
+            ),
+            var("OTEL_SERVICE_NAME", "switchyard-gateway".into()),
+            var("OTEL_RESOURCE_ATTRIBUTES", resource),
+        ]);
+    }
+    env
+}
+
 /// adds latency to every request.
 fn default_gateway_resources() -> ResourceRequirements {
     let quantity = |q: &str| Quantity(q.to_owned());
@@ -392,35 +453,7 @@ fn deployment(
         name: "gateway".into(),
         image: Some(image.into()),
         args: Some(args),
-        env: Some(vec![
-            // Endpoint removal reaches every kube-proxy a moment after SIGTERM; serving
-            // until then drops no request. Delay + drain (30 s) stay within the grace
-            // period. Settings newer than some gateway images are environment variables,
-            // not flags, so that a pool pinned to an older image still starts.
-            EnvVar {
-                name: "SWITCHYARD_SHUTDOWN_DELAY_SECONDS".into(),
-                value: Some(SHUTDOWN_DELAY_SECONDS.to_string()),
-                ..EnvVar::default()
-            },
-            // Clients reach the API port through the Services; what the gateway knows of
-            // providers and routes stays on a port they do not.
-            EnvVar {
-                name: "SWITCHYARD_ADMIN_LISTEN".into(),
-                value: Some(format!("0.0.0.0:{}", pool.spec.gateway.admin_port)),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "POD_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(gateway_env(pool, region, name)),
         ports: Some(vec![
             ContainerPort {
                 name: Some("http".into()),

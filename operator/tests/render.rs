@@ -203,3 +203,58 @@ fn a_private_ca_bundle_is_mounted_and_passed_to_every_gateway() {
         );
     }
 }
+
+#[test]
+fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
+    let env = |c: &Children, region: &str| -> std::collections::BTreeMap<String, String> {
+        by_region(c, region)
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .expect("pod")
+            .containers[0]
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect()
+    };
+    let off = children();
+    assert!(
+        env(&off, "us-east").keys().all(|k| !k.starts_with("OTEL_")),
+        "no OTEL_* variable without spec.gateway.tracing"
+    );
+    let on = children_with(|pool| {
+        pool.spec.gateway.tracing = Some(crds::pool::TracingSettings {
+            endpoint: "http://otel-collector.observability:4318".into(),
+            sampling_ratio: 0.25,
+        });
+    });
+    let e = env(&on, "us-east");
+    assert_eq!(
+        e["OTEL_EXPORTER_OTLP_ENDPOINT"],
+        "http://otel-collector.observability:4318"
+    );
+    assert_eq!(e["OTEL_TRACES_SAMPLER"], "parentbased_traceidratio");
+    assert_eq!(e["OTEL_TRACES_SAMPLER_ARG"], "0.25");
+    assert_eq!(e["OTEL_EXPORTER_OTLP_PROTOCOL"], "http/protobuf");
+    let resource = &e["OTEL_RESOURCE_ATTRIBUTES"];
+    assert!(resource.contains("switchyard.region=us-east"), "{resource}");
+    assert!(resource.contains("k8s.pod.name=$(POD_NAME)"), "{resource}");
+    // POD_NAME must come first for the kubelet to expand it.
+    let names: Vec<String> = by_region(&on, "us-east")
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod")
+        .containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| e.name.clone())
+        .collect();
+    let pos = |n: &str| names.iter().position(|x| x == n).expect(n);
+    assert!(pos("POD_NAME") < pos("OTEL_RESOURCE_ATTRIBUTES"));
+}

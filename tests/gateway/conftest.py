@@ -28,9 +28,10 @@ def built():
     )
 
 
-def _start(cmd, log_path, preexec_fn=None):
+def _start(cmd, log_path, preexec_fn=None, env=None):
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=preexec_fn)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=preexec_fn,
+                            env=None if env is None else {**os.environ, **env})
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -99,7 +100,8 @@ class FakeProvider:
 
 
 class Gateway:
-    def __init__(self, manifests_dir, tmp_path, region="us-east", extra_args=(), binary=None, preexec_fn=None):
+    def __init__(self, manifests_dir, tmp_path, region="us-east", extra_args=(), binary=None, preexec_fn=None,
+                 env=None):
         self.log_path = tmp_path / "gateway.log"
         self.manifests_dir = manifests_dir
         self.proc, self.url = _start(
@@ -107,6 +109,7 @@ class Gateway:
              "--listen", "127.0.0.1:0", "--drain-seconds", "10", *extra_args],
             self.log_path,
             preexec_fn,
+            env,
         )
 
     def status(self):
@@ -170,7 +173,7 @@ def stack(tmp_path):
     started = []
 
     def make(names, routes=None, policy=None, provider_extra=None, region="us-east", tls=(), gateway_args=(),
-             gateway_binary=None, gateway_preexec=None):
+             gateway_binary=None, gateway_preexec=None, gateway_env=None):
         fakes = {n: FakeProvider(n, tmp_path, tls=n in tls) for n in names}
         started.extend(fakes.values())
         extra = provider_extra or {}
@@ -181,7 +184,7 @@ def stack(tmp_path):
         mdir.mkdir(exist_ok=True)
         (mdir / "switchyard.yaml").write_text(manifests(providers, routes, **(policy or {})))
         gw = Gateway(mdir, tmp_path, region=region, extra_args=gateway_args, binary=gateway_binary,
-                     preexec_fn=gateway_preexec)
+                     preexec_fn=gateway_preexec, env=gateway_env)
         started.append(gw)
         return gw, fakes
 

@@ -21,6 +21,7 @@ use crate::dialect::{ErrorClass, Operation, build_request};
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::health::{Health, Outcome, ProviderHealth};
+use crate::otel::TrySpan;
 use crate::response::{Body, json_response};
 use crate::server::over_budget;
 use crate::sse::SseReader;
@@ -101,15 +102,18 @@ pub(super) async fn send(
     provider: &ProviderEntry,
     model: Arc<Health>,
     rc: &RouteConfig,
-    upstream: Request<Full<Bytes>>,
+    mut upstream: Request<Full<Bytes>>,
     first_byte: Duration,
+    span: &TrySpan,
 ) -> Result<Sent, SendError> {
     let name = provider.config.name.as_str();
+    gw.tracing.inject(span, upstream.headers_mut());
     let mut inflight = InFlight::start(
         provider.health.clone(),
         model,
         rc,
         &provider.config.health.passive,
+        span.clone(),
     );
     let t0 = Instant::now();
     let sent = gw.request(rc.timeouts.connect.get(), upstream);
@@ -127,6 +131,7 @@ pub(super) async fn send(
         Ok(Ok(resp)) => {
             let latency = t0.elapsed();
             inflight.connected(latency);
+            span.status(resp.status().as_u16());
             Ok(Sent {
                 resp,
                 inflight,
@@ -148,6 +153,8 @@ pub(super) struct InFlight {
     /// The endpoint's verdict is still to come.
     link_pending: bool,
     done: bool,
+    /// The try's trace span, which lasts as long as the try.
+    pub(super) span: TrySpan,
 }
 
 impl InFlight {
@@ -156,6 +163,7 @@ impl InFlight {
         model: Arc<Health>,
         route: &RouteConfig,
         passive: &PassiveHealth,
+        span: TrySpan,
     ) -> Self {
         provider.start(Instant::now());
         provider.link.begin();
@@ -167,6 +175,7 @@ impl InFlight {
             passive: passive.clone(),
             link_pending: true,
             done: false,
+            span,
         }
     }
 
@@ -240,6 +249,39 @@ pub(super) async fn attempt(
     deadline: Instant,
     tried: &[String],
 ) -> Tried {
+    let span = match table.provider(&target.provider) {
+        Some(provider) if gw.tracing.is_on() => gw.tracing.try_span(
+            &req.trace,
+            req.op,
+            &provider.config,
+            target,
+            &route.config.model,
+            false,
+        ),
+        _ => TrySpan::default(),
+    };
+    let tried = try_target(gw, table, route, target, req, deadline, tried, &span).await;
+    match &tried {
+        Tried::Answer(..) => {}
+        Tried::Retry(retry) => span.failed(retry.kind, &retry.why),
+        Tried::Final(resp) => span.failed(resp.status().as_str(), ""),
+        Tried::ContextLength(_) => span.failed("context_length", ""),
+        Tried::ContentPolicy(_) => span.failed("content_policy", ""),
+    }
+    tried
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn try_target(
+    gw: &Arc<Gateway>,
+    table: &Arc<RoutingTable>,
+    route: &RouteEntry,
+    target: &TargetConfig,
+    req: &ClientRequest,
+    deadline: Instant,
+    tried: &[String],
+    span: &TrySpan,
+) -> Tried {
     let Some(provider) = table.provider(&target.provider) else {
         return Tried::retry(
             "vanished",
@@ -286,7 +328,7 @@ pub(super) async fn attempt(
         inflight,
         latency,
         t0,
-    } = match send(gw, provider, model, rc, upstream, first_byte).await {
+    } = match send(gw, provider, model, rc, upstream, first_byte, span).await {
         Ok(sent) => sent,
         Err(SendError::TimedOut) => {
             let why = format!(
@@ -327,6 +369,7 @@ pub(super) async fn attempt(
                 request_id: req.request_id.clone(),
                 include_usage: req.include_usage,
                 client: req.client.clone(),
+                trace: req.trace.clone(),
             };
             let source = Source {
                 provider: name.to_owned(),
@@ -392,6 +435,7 @@ pub(super) async fn attempt(
             .record_tokens(Instant::now(), answer.usage.total);
         gw.metrics
             .tokens(&rc.model, name, &req.client, answer.usage);
+        span.answered(&req.trace, Some(answer.usage));
         inflight.finish(Outcome::Success, Some(latency));
         if answer.refusal {
             gw.metrics

@@ -24,6 +24,7 @@ use crate::body::RequestBody;
 use crate::dialect::Operation;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
+use crate::otel::RequestSpan;
 use crate::response::{Body, names};
 use crate::table::{RouteEntry, RoutingTable};
 use attempt::{Tried, attempt};
@@ -58,6 +59,8 @@ pub struct ClientRequest {
     pub request_id: String,
     /// Who asks: the client's name in the route's client-key Secret, or `anonymous`.
     pub client: String,
+    /// Its trace span (nothing when tracing is off).
+    pub trace: RequestSpan,
 }
 
 /// Serves `req` with the current table.
@@ -94,7 +97,7 @@ pub async fn serve(
         let served_by = target.provider.as_str();
         let tries = plan.tries();
         let done = |mut resp: Response<Body>| {
-            decorate(&mut resp, &table, served_by, tries);
+            decorate(&mut resp, &table, served_by, tries, &req.trace);
             Served {
                 resp,
                 upstream_time: None,
@@ -155,7 +158,7 @@ pub async fn serve(
         }
         .response(),
     };
-    decorate(&mut resp, &table, "", plan.tries());
+    decorate(&mut resp, &table, "", plan.tries(), &req.trace);
     if !plan.failures().is_empty() {
         first.metrics(&gw.metrics).rescue(false);
     }
@@ -183,8 +186,15 @@ fn failures_header(failures: &[plan::Failure]) -> Option<HeaderValue> {
     HeaderValue::from_str(&text).ok()
 }
 
-/// Response headers naming who served.
-fn decorate(resp: &mut Response<Body>, table: &RoutingTable, provider: &str, tries: u32) {
+/// Response headers naming who served; the same facts on the request's span.
+fn decorate(
+    resp: &mut Response<Body>,
+    table: &RoutingTable,
+    provider: &str,
+    tries: u32,
+    trace: &RequestSpan,
+) {
+    trace.finished(provider, resp.status().as_u16(), tries);
     // The request id is set by the server on every response, this one included.
     let h = resp.headers_mut();
     h.insert(&names::X_ATTEMPTS, HeaderValue::from(tries));

@@ -21,6 +21,7 @@ use crate::body::RequestBody;
 use crate::dialect::{Chunk, Facts, Operation, Prefill, Step, StreamDecoder, Usage, build_request};
 use crate::gateway::Gateway;
 use crate::health::Outcome;
+use crate::otel::RequestSpan;
 use crate::response::event_stream;
 use crate::select::pick;
 use crate::sse::{SseReader, StreamError};
@@ -38,6 +39,8 @@ pub(super) struct Resume {
     pub(super) include_usage: bool,
     /// Who asked (for the token metric).
     pub(super) client: String,
+    /// The request's trace span, which lasts until the stream ends.
+    pub(super) trace: RequestSpan,
 }
 
 /// A stream: fail over invisibly until the first token; afterwards forward chunks, skip
@@ -107,6 +110,7 @@ pub(super) async fn stream(
     };
     gw.metrics
         .attempt(name, "success", Some(latency.as_secs_f64()));
+    inflight.span.answered(&req.trace, None);
     let upstream_time = stream_started.elapsed() + latency;
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(32);
     let idle = rc.timeouts.stream_idle.get();
@@ -162,6 +166,7 @@ pub(super) async fn stream(
                     .gw
                     .metrics
                     .tokens(&resume.route_model, &provider, &resume.client, used);
+                inflight.span.answered(&resume.trace, Some(used));
                 inflight.finish(Outcome::Success, Some(latency));
                 return;
             }
@@ -170,6 +175,7 @@ pub(super) async fn stream(
                 next = reader.next(until) => next,
                 () = stop_requested(&mut stopping) => {
                     // Not the provider's doing: the replica is at its drain deadline.
+                    resume.trace.interrupted();
                     drop(inflight);
                     broke(false);
                     interrupted(&tx, &provider, "the gateway replica serving this stream is shutting down").await;
@@ -210,6 +216,11 @@ pub(super) async fn stream(
                 }
                 Err(StreamError::TimedOut) if Instant::now() >= resume.deadline => {
                     // No time is left to resume anywhere.
+                    inflight.span.failed(
+                        "stream_broken",
+                        "the request's total timeout ran out mid-answer",
+                    );
+                    resume.trace.interrupted();
                     inflight.finish(Outcome::Failure, Some(latency));
                     resume.gw.metrics.attempt(&provider, "stream_broken", None);
                     broke(false);
@@ -223,6 +234,7 @@ pub(super) async fn stream(
                 ),
                 Err(other) => other.to_string(),
             };
+            inflight.span.failed("stream_broken", &why);
             inflight.finish(Outcome::Failure, Some(latency));
             resume.gw.metrics.attempt(&provider, "stream_broken", None);
             if resumed < 2
@@ -248,6 +260,7 @@ pub(super) async fn stream(
             }
             // The original failure stands; a continuation target's own refusal is never
             // what the client sees.
+            resume.trace.interrupted();
             broke(false);
             interrupted(&tx, &provider, &why).await;
             return;
@@ -400,7 +413,26 @@ async fn continue_on(
             .first_byte
             .get()
             .min(r.deadline.saturating_duration_since(now));
-        let Ok(sent) = send(&r.gw, provider, model.clone(), rc, upstream, first_byte).await else {
+        let span = r.gw.tracing.try_span(
+            &r.trace,
+            Operation::ChatCompletions,
+            &provider.config,
+            choice.target,
+            &rc.model,
+            true,
+        );
+        let Ok(sent) = send(
+            &r.gw,
+            provider,
+            model.clone(),
+            rc,
+            upstream,
+            first_byte,
+            &span,
+        )
+        .await
+        else {
+            span.failed("continuation_failed", "no response headers");
             continue;
         };
         let status = sent.resp.status();
@@ -419,6 +451,7 @@ async fn continue_on(
             } else {
                 Outcome::Success
             };
+            span.failed(status.as_str(), "refused to continue the partial answer");
             sent.inflight.finish(outcome, Some(sent.latency));
             continue;
         }

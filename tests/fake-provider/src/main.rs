@@ -220,6 +220,7 @@ impl Fake {
             "x-api-key": header("x-api-key").map(|_| "<redacted>"),
             "anthropic-version": header("anthropic-version"),
             "x-request-id": header("x-request-id"),
+            "traceparent": header("traceparent"),
         });
         let version = format!("{:?}", req.version());
         let req_headers = req.headers().clone();

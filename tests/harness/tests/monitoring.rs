@@ -2,7 +2,8 @@
 //! and the operator with the chart's alert rules loaded; every metric and label the rules
 //! read exists, an induced provider outage makes the failover and ejection alerts go
 //! pending, and every query of the chart's Grafana dashboard parses and reads only
-//! metrics the components export.
+//! metrics the components export. The pool asks for traces: the gateway, run with the
+//! environment the operator rendered for it, exports them to an OTLP receiver.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -126,8 +127,13 @@ fn prometheus_scrapes_gateway_and_operator_and_an_outage_makes_the_alerts_pendin
     .expect("CRDs established");
 
     // The operator, with a pool to report on.
-    let (operator_port, gateway_admin, gateway_port, prometheus_port) =
-        (free_port(), free_port(), free_port(), free_port());
+    let (operator_port, gateway_admin, gateway_port, prometheus_port, otlp_port) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let mut op = Command::new(
         workspace_binary("switchyard-operator", "switchyard-operator").expect("operator builds"),
     );
@@ -142,12 +148,67 @@ fn prometheus_scrapes_gateway_and_operator_and_an_outage_makes_the_alerts_pendin
     let mut procs = vec![c.spawn_process("operator", op).expect("operator starts")];
     let ns = c.namespace("monitoring").expect("namespace");
     let pool = "apiVersion: v1\nkind: Secret\nmetadata: {name: key}\nstringData: {apiKey: k}\n---\n\
-apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {name: chat}\nspec:\n  regions: [{name: us-east}]\n  providers:\n  - {name: p, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {secretRef: {name: key}}, models: [{name: m}]}\n---\n\
+apiVersion: switchyard.dev/v1alpha1\nkind: ProviderPool\nmetadata: {name: chat}\nspec:\n  regions: [{name: us-east}]\n  gateway: {tracing: {endpoint: 'http://127.0.0.1:OTLP_PORT'}}\n  providers:\n  - {name: p, type: openai, endpoint: 'https://api.openai.com', region: us-east, credentials: {secretRef: {name: key}}, models: [{name: m}]}\n---\n\
 apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}\nspec:\n  poolRef: {name: chat}\n  routes: [{model: m, targets: [{provider: p}]}]\n";
+    let pool = pool.replace("OTLP_PORT", &otlp_port.to_string());
     let (ok, _, err) = c
-        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], pool)
+        .kubectl_input(&["apply", "-n", ns.name(), "-f", "-"], &pool)
         .expect("kubectl");
     assert!(ok, "{err}");
+
+    // The pool asks for traces: the operator puts the OpenTelemetry variables on its
+    // gateway Deployment, and the gateway below runs with them, as its pod would.
+    let otel_env: Vec<(String, String)> = wait_for(
+        "the gateway Deployment with tracing",
+        Duration::from_secs(60),
+        || {
+            let out = c
+                .kubectl_ok(&[
+                    "get",
+                    "deploy",
+                    "chat-us-east",
+                    "-n",
+                    ns.name(),
+                    "-o",
+                    "json",
+                ])
+                .ok()?;
+            let d: Value = serde_json::from_str(&out).ok()?;
+            let env: Vec<(String, String)> = d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()?
+                .iter()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .filter(|(k, _)| k.starts_with("OTEL_"))
+                .map(|(k, v)| (k, v.replace("$(POD_NAME)", "chat-us-east-0")))
+                .collect();
+            (!env.is_empty()).then_some(env)
+        },
+    );
+    let spans_file = tempfile::NamedTempFile::new().expect("spans file");
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: ./tests/run.sh creates it (tests/gateway/requirements.txt)",
+        python.display()
+    );
+    let mut receiver = Command::new(python);
+    receiver.args([
+        &repo_root()
+            .join("tests/gateway/otlp_receiver.py")
+            .display()
+            .to_string(),
+        &otlp_port.to_string(),
+        &spans_file.path().display().to_string(),
+    ]);
+    procs.push(
+        c.spawn_process("otlp-receiver", receiver)
+            .expect("the OTLP receiver starts"),
+    );
 
     // A gateway in front of two fake providers, as a pod of that pool would run.
     let fake = workspace_binary("fake-provider", "fake-provider").expect("fake builds");
@@ -181,7 +242,9 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}
         &format!("127.0.0.1:{gateway_port}"),
         "--admin-listen",
         &format!("127.0.0.1:{gateway_admin}"),
-    ]);
+    ])
+    .envs(otel_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    .env("OTEL_BSP_SCHEDULE_DELAY", "200");
     procs.push(c.spawn_process("gateway", gw).expect("gateway starts"));
 
     // Prometheus with the chart's rules, scraping both every second. The gateway target
@@ -268,6 +331,61 @@ apiVersion: switchyard.dev/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: chat}
     assert!(
         !pending.contains("SwitchyardGatewayErrorRate"),
         "every request was rescued, so no error-rate alert: {pending:?}"
+    );
+
+    // The outage's requests as traces: a request span with the GenAI attributes, and
+    // under it the failed try of alpha (with why it was failed over) and beta's answer.
+    let (request, tries) = wait_for(
+        "a rescued request's spans at the OTLP receiver",
+        Duration::from_secs(30),
+        || {
+            let spans: Vec<Value> = std::fs::read_to_string(spans_file.path())
+                .ok()?
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            spans.iter().find_map(|server| {
+                let tries: Vec<Value> = spans
+                    .iter()
+                    .filter(|s| s["parent_span_id"] == server["span_id"])
+                    .cloned()
+                    .collect();
+                (server["kind"] == "server"
+                    && server["attributes"]["switchyard.attempts"] == 2
+                    && tries.len() == 2)
+                    .then(|| (server.clone(), tries))
+            })
+        },
+    );
+    let a = &request["attributes"];
+    assert_eq!(a["gen_ai.operation.name"], "chat", "{request}");
+    assert_eq!(a["gen_ai.request.model"], "gpt-4o");
+    assert_eq!(a["gen_ai.response.model"], "gpt-4o");
+    assert_eq!(a["switchyard.provider"], "beta");
+    assert!(a["gen_ai.usage.input_tokens"].as_i64() > Some(0));
+    assert!(a["gen_ai.usage.output_tokens"].as_i64() > Some(0));
+    let resource = &request["resource"];
+    assert_eq!(resource["switchyard.pool"], "chat", "{resource}");
+    assert_eq!(resource["switchyard.region"], "us-east");
+    assert_eq!(resource["k8s.namespace.name"], ns.name());
+    assert_eq!(resource["k8s.pod.name"], "chat-us-east-0");
+    let failed = tries
+        .iter()
+        .find(|t| t["attributes"]["switchyard.provider"] == "alpha")
+        .expect("alpha's try");
+    assert_eq!(
+        failed["attributes"]["error.type"], "server_error",
+        "{failed}"
+    );
+    assert_eq!(
+        failed["attributes"]["gen_ai.provider.name"],
+        "openai_compatible"
+    );
+    assert!(
+        failed["attributes"]["switchyard.failover.reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("alpha")),
+        "{failed}"
     );
 
     // Every metric the rules read is scraped, with every label they group by.

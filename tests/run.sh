@@ -5,7 +5,7 @@
 # running.
 #
 # One line per step with its time; installs and builds write their details to a log file
-# (its path is printed when they fail), tests print as they run. A step silent for 30 s
+# (its path is printed when they fail), tests print as they run. A step silent for 25 s
 # gets a "still running" line. Whatever happens, the end shows every step's time and the
 # test totals.
 set -euo pipefail
@@ -25,17 +25,18 @@ current=""
 
 elapsed() { local s=$1; if ((s >= 60)); then printf '%dm%02ds' $((s / 60)) $((s % 60)); else printf '%ds' "$s"; fi; }
 
-# Prints a line when `file` has not grown for 30 s while step `name` runs.
+# Prints a line when `file` (what the step shows on the screen) has not grown for 25 s
+# while step `name` runs, so the screen never stays silent for 30 s.
 heartbeat() {
   local name=$1 file=$2 started=$SECONDS last_size=-1 quiet_since=$SECONDS size nap
   # Its sleep goes with it, so no stray process outlives the step.
   trap 'kill "$nap" 2>/dev/null; exit 0' TERM
   while :; do
-    sleep 5 & nap=$!
+    sleep 1 & nap=$!
     wait "$nap"
     size=$(stat -c %s "$file" 2>/dev/null || echo 0)
     if [ "$size" != "$last_size" ]; then last_size=$size; quiet_since=$SECONDS; continue; fi
-    if ((SECONDS - quiet_since >= 30)); then
+    if ((SECONDS - quiet_since >= 25)); then
       echo "    ... $name: still running ($(elapsed $((SECONDS - started))))"
       quiet_since=$SECONDS
     fi
@@ -50,7 +51,8 @@ step() {
   local name=$1 mode=$2; shift 2
   current=$name
   echo "==> $name"
-  local started=$SECONDS rc=0 watched=$details
+  # What reaches the screen: nothing from a quiet step, the tests log from a loud one.
+  local started=$SECONDS rc=0 watched=/dev/null
   [ "$mode" = loud ] && watched=$tests_log
   heartbeat "$name" "$watched" & hb=$!
   if [ "$mode" = quiet ]; then

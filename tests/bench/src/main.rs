@@ -6,6 +6,7 @@
 //! cargo run --release -p bench -- --only-operator   # rewrite only the operator section
 //! cargo run --release -p bench -- --only-peers [--seconds 3]   # print only the peers section
 //! cargo run --release -p bench -- --only-recovery   # rewrite only the time-to-recover section
+//! cargo run --release -p bench -- --only-instructions [--baseline-gateway LABEL PATH]   # rewrite only the instructions section
 //! cargo run --release -p bench -- --saturate URL [--seconds 10]   # load only, for profiling
 //! ```
 //!
@@ -35,6 +36,7 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 const NOTES_HEADING: &str = "## Notes across runs";
 
 /// The operator's section.
+const INSTRUCTIONS_HEADING: &str = "## Instructions per request";
 const OPERATOR_HEADING: &str = "## Operator";
 
 /// The section the real-node tier's measurements go to.
@@ -376,7 +378,12 @@ fn cmd_full(cmd: &str, args: &[&str]) -> String {
 
 /// User-space instructions per request, the stable cost figure (wall-clock numbers on a
 /// shared 2-core machine move by tens of percent from run to run).
-async fn instruction_profile(bin: &Path, dir: &Path, report: &mut String) -> anyhow::Result<()> {
+async fn instruction_profile(
+    bin: &Path,
+    dir: &Path,
+    baseline: Option<(&str, &Path)>,
+    report: &mut String,
+) -> anyhow::Result<()> {
     if cmd_output("valgrind", &["--version"]) == "not found" {
         writeln!(
             report,
@@ -387,8 +394,7 @@ valgrind is not installed, so this section is missing.
         )?;
         return Ok(());
     }
-    let (fake_port, fake2_port, gw_port, nginx_port) =
-        (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (fake_port, fake2_port, nginx_port) = (free_port()?, free_port()?, free_port()?);
     let mut procs = Procs(Vec::new());
     procs.0.push(start_fake(
         bin,
@@ -405,37 +411,72 @@ valgrind is not installed, so this section is missing.
     wait_http(fake_port, "/v1/models")?;
     let manifests = gateway_manifests(dir, fake_port, fake2_port, "10s")?;
     let path = "/v1/chat/completions";
-    let mut gateway = Command::new(bin.join("switchyard-gateway"));
-    gateway
-        .args([
-            "--manifests",
-            &manifests.display().to_string(),
-            "--region",
-            "local",
-            "--listen",
-            &format!("127.0.0.1:{gw_port}"),
-            "--workers",
-            "1",
-        ])
-        .env("RUST_LOG", "warn");
-    let (gw_ir, gw_top) = callgrind(
-        dir,
-        "gateway",
-        gateway,
-        &format!("http://127.0.0.1:{gw_port}{path}"),
-        (gw_port, "/readyz"),
-    )
-    .await?;
+    // The same gateway with tracing off (as shipped), and on: every request sampled and
+    // exported (to the second fake provider, which accepts OTLP exports and drops them),
+    // or none sampled (spans made but not recorded; traceparent still sent upstream).
+    let otlp = format!("http://127.0.0.1:{fake2_port}");
+    type Env<'a> = Vec<(&'a str, String)>;
+    let mut variants: Vec<(String, PathBuf, Env)> = vec![
+        (
+            "switchyard-gateway".into(),
+            bin.join("switchyard-gateway"),
+            vec![],
+        ),
+        (
+            "switchyard-gateway, tracing on, every request sampled".into(),
+            bin.join("switchyard-gateway"),
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone())],
+        ),
+        (
+            "switchyard-gateway, tracing on, sampling ratio 0".into(),
+            bin.join("switchyard-gateway"),
+            vec![
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()),
+                ("OTEL_TRACES_SAMPLER", "traceidratio".into()),
+                ("OTEL_TRACES_SAMPLER_ARG", "0".into()),
+            ],
+        ),
+    ];
+    if let Some((label, path)) = baseline {
+        variants.push((label.to_owned(), path.to_owned(), vec![]));
+    }
+    let mut rows = Vec::new();
+    let mut gw_top = String::new();
+    for (i, (label, binary, env)) in variants.into_iter().enumerate() {
+        let gw_port = free_port()?;
+        let mut gateway = Command::new(&binary);
+        gateway
+            .args([
+                "--manifests",
+                &manifests.display().to_string(),
+                "--region",
+                "local",
+                "--listen",
+                &format!("127.0.0.1:{gw_port}"),
+                "--workers",
+                "1",
+            ])
+            .env("RUST_LOG", "warn")
+            .envs(env);
+        let (ir, top) = callgrind(
+            dir,
+            &format!("gateway{i}"),
+            gateway,
+            &format!("http://127.0.0.1:{gw_port}{path}"),
+            (gw_port, "/readyz"),
+        )
+        .await?;
+        if i == 0 {
+            gw_top = top;
+        }
+        rows.push((label, ir));
+    }
+    let gw_ir = rows[0].1;
+    writeln!(report, "{INSTRUCTIONS_HEADING}\n")?;
     writeln!(
         report,
-        "## Instructions per request
-"
+        "Method: each proxy runs under valgrind's callgrind; after 200 warm-up requests, counting is switched on for {PROFILED_REQUESTS} requests (4 keep-alive connections, one request at a time each) and the user-space instructions are divided by the requests served, the threads exporting traces included. Kernel work (syscalls, the network stack) is not counted.\n"
     )?;
-    writeln!(
-        report,
-        "Method: each proxy runs under valgrind's callgrind; after 200 warm-up requests, counting is switched on for {PROFILED_REQUESTS} requests (4 keep-alive connections, one request at a time each) and the user-space instructions are divided by the requests served. Kernel work (syscalls, the network stack) is not counted.\n"
-    )?;
-    let mut rows = vec![("switchyard-gateway", gw_ir)];
     if let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -458,20 +499,27 @@ valgrind is not installed, so this section is missing.
             (nginx_port, "/v1/models"),
         )
         .await?;
-        rows.push(("nginx (1 process)", ir));
+        rows.push(("nginx (1 process)".into(), ir));
     }
     writeln!(
         report,
         "| proxy | instructions per request |\n| --- | --- |"
     )?;
     for (name, ir) in &rows {
-        writeln!(report, "| {name} | {:.0}k |", ir / 1000.0)?;
+        writeln!(report, "| {name} | {:.1}k |", ir / 1000.0)?;
     }
-    if let [(_, gw), (_, nginx)] = rows[..] {
+    if let Some((_, nginx)) = rows.iter().find(|(n, _)| n.starts_with("nginx")) {
         writeln!(
             report,
             "\n- The gateway executes {:.2}× nginx's instructions per request.",
-            gw / nginx
+            gw_ir / nginx
+        )?;
+    }
+    for (name, ir) in rows.iter().skip(1).filter(|(n, _)| !n.starts_with("nginx")) {
+        writeln!(
+            report,
+            "- {name}: {:+.1}% against the gateway as shipped (tracing off).",
+            (ir / gw_ir - 1.0) * 100.0
         )?;
     }
     writeln!(
@@ -715,6 +763,9 @@ async fn main() -> anyhow::Result<()> {
     // Prints the instruction profile only (for working on the hot path).
     let mut only_instructions = false;
     let mut saturate_url = None;
+    // A gateway binary to profile beside this build's (`--only-instructions`), such as one
+    // built from an earlier commit.
+    let mut baseline: Option<(String, PathBuf)> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -728,6 +779,11 @@ async fn main() -> anyhow::Result<()> {
             "--only-realnode" => only_realnode = true,
             "--only-operator" => only_operator = true,
             "--only-instructions" => only_instructions = true,
+            "--baseline-gateway" => {
+                let label = args.next().context("--baseline-gateway needs LABEL PATH")?;
+                let path = args.next().context("--baseline-gateway needs LABEL PATH")?;
+                baseline = Some((label, PathBuf::from(path)));
+            }
             "--saturate" => saturate_url = Some(args.next().context("--saturate needs a URL")?),
             other => bail!("unknown argument {other}"),
         }
@@ -790,7 +846,25 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     if only_instructions {
         let mut section = String::new();
-        instruction_profile(&bin, &dir, &mut section).await?;
+        let base = baseline.as_ref().map(|(l, p)| (l.as_str(), p.as_path()));
+        instruction_profile(&bin, &dir, base, &mut section).await?;
+        let note = format!(
+            "Measured by `--only-instructions` on {} (UTC), later than the sections above it, on the same machine.",
+            cmd_output("date", &["-u", "+%Y-%m-%d %H:%M"])
+        );
+        let section = section.replacen(
+            &format!("{INSTRUCTIONS_HEADING}\n\n"),
+            &format!("{INSTRUCTIONS_HEADING}\n\n{note}\n\n"),
+            1,
+        );
+        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
+        if let Some(start) = old.find(INSTRUCTIONS_HEADING) {
+            let end = old[start + 1..]
+                .find("\n## ")
+                .map_or(old.len(), |i| start + 2 + i);
+            let report = format!("{}{section}{}", &old[..start], &old[end..]);
+            std::fs::write(&out_path, &report)?;
+        }
         println!("{section}");
         return Ok(());
     }
@@ -847,7 +921,7 @@ async fn main() -> anyhow::Result<()> {
             peers::HEADING
         )?;
     }
-    instruction_profile(&bin, &dir, &mut report).await?;
+    instruction_profile(&bin, &dir, None, &mut report).await?;
     recovery::benchmarks(&bin, &dir, &mut report).await?;
     let old = std::fs::read_to_string(&out_path).unwrap_or_default();
     if operator {

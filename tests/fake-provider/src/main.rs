@@ -12,6 +12,7 @@
 //! GET    /admin/connections  {"open": N}, client connections open now
 //! GET    /admin/attempts  the requests seen (the latest 10,000), in order, with the fault applied
 //! POST   /admin/reset     clears faults and attempts
+//! POST   /v1/traces       an OTLP/HTTP trace export: answered 200 and dropped
 //! ```
 //!
 //! Fault specs: `status:<code>[:retry-after=<s>|:retry-after-ms=<ms>|:reset-requests=<dur>]`,
@@ -234,6 +235,20 @@ impl Fake {
 
         if path.starts_with("/admin/") {
             return Ok(self.admin(&method, &path, &request));
+        }
+        if method == Method::POST && path == "/v1/traces" {
+            // A sink for OTLP trace exports (the bench points a gateway's tracing here):
+            // accepted with the empty answer a collector gives, and not kept.
+            let mut resp = Response::new(
+                Full::new(Bytes::new())
+                    .map_err(|never: Infallible| match never {})
+                    .boxed(),
+            );
+            resp.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("application/x-protobuf"),
+            );
+            return Ok(resp);
         }
 
         // Azure: /openai/deployments/{deployment}/chat/completions?api-version=...

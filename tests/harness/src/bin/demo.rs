@@ -46,7 +46,7 @@ fn show(text: &str) {
 }
 
 /// The demo's phases: one line each, with the time since the demo started, and a line
-/// when one has run for 30 s without a word.
+/// when one has run for 25 s without a word.
 struct Phases {
     started: Instant,
     current: std::sync::Arc<std::sync::Mutex<(String, Instant)>>,
@@ -66,7 +66,7 @@ impl Phases {
                 };
                 let (phase, since) = now;
                 last_word = last_word.max(since);
-                if !phase.is_empty() && last_word.elapsed() >= Duration::from_secs(30) {
+                if !phase.is_empty() && last_word.elapsed() >= Duration::from_secs(25) {
                     out!(
                         "    ... still running ({}; details in {})",
                         clock(since.elapsed()),

@@ -210,10 +210,10 @@ pub struct TracingSettings {
     /// Base URL of an OTLP/HTTP collector (protobuf encoding, usually port 4318), such as
     /// `http://otel-collector.observability:4318`; spans are posted to
     /// `<endpoint>/v1/traces`. `https` collectors are verified like providers (web PKI
-    /// roots plus `trustedCA`).
+    /// roots plus `trustedCA`). No credentials in the URL.
     #[schemars(
         length(min = 8, max = 512),
-        regex(pattern = r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+        regex(pattern = r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")
     )]
     pub endpoint: String,
 

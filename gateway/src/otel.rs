@@ -68,6 +68,11 @@ impl Tracing {
         let Some(endpoint) = endpoint else {
             return Ok(Self::default());
         };
+        // Named in logs and errors by host and port only: a URL may carry credentials.
+        let collector = address(&endpoint).map_or_else(
+            || "an unparsable URL".to_owned(),
+            |(host, port)| format!("{host}:{port}"),
+        );
         if let Some(other) = var("OTEL_TRACES_EXPORTER").filter(|v| v != "otlp") {
             anyhow::bail!("OTEL_TRACES_EXPORTER={other}: only `otlp` and `none` are supported");
         }
@@ -93,7 +98,7 @@ impl Tracing {
             .with_timeout(timeout)
             .build()
             .map_err(|e| {
-                anyhow::anyhow!("tracing: cannot export to {endpoint} (OTEL_EXPORTER_OTLP_*): {e}")
+                anyhow::anyhow!("tracing: cannot export to {collector} (OTEL_EXPORTER_OTLP_*): {e}")
             })?;
         let mut resource = Resource::builder();
         if var("OTEL_SERVICE_NAME").is_none() {
@@ -104,7 +109,7 @@ impl Tracing {
             .with_resource(resource.build())
             .build();
         let tracer = provider.tracer("switchyard-gateway");
-        tracing::info!(endpoint = %endpoint, "exporting traces over OTLP/HTTP");
+        tracing::info!(%collector, "exporting traces over OTLP/HTTP");
         Ok(Self {
             on: Some(On {
                 provider,

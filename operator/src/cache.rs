@@ -39,9 +39,52 @@ pub trait Grouped: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 's
     }
 }
 
-// A ConfigMap's data is compared with the desired one (drift), and what a policy says is
-// served is read from it: kept whole.
-impl Grouped for ConfigMap {}
+/// Set on a cached ConfigMap in place of its data (never written to the API server): a
+/// digest of the data, to tell whether it differs from the desired one.
+pub const CACHED_DATA_DIGEST: &str = "switchyard.dev/cached-data-digest";
+/// Set on a cached ConfigMap in place of its data: the (policy, model) pairs its
+/// compiled configuration serves, as JSON.
+pub const CACHED_SERVED: &str = "switchyard.dev/cached-served";
+
+/// A digest of a ConfigMap's data (SHA-256, so an edit cannot be made to look unchanged).
+pub fn data_digest(cm: &ConfigMap) -> String {
+    let bytes = serde_json::to_vec(&(&cm.data, &cm.binary_data)).unwrap_or_default();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The (policy, model) pairs a gateway ConfigMap serves; empty if it does not decode.
+pub fn served_routes(cm: &ConfigMap) -> Vec<(String, String)> {
+    if let Some(served) = cm.annotations().get(CACHED_SERVED) {
+        return serde_json::from_str(served).unwrap_or_default();
+    }
+    crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref())
+        .map(|config| {
+            config
+                .routes
+                .into_iter()
+                .map(|r| (r.policy, r.model))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+// The compiled configuration is most of a ConfigMap, and most of the cache at scale: a
+// reconcile needs only whether it differs from the desired one and which policies' models
+// it serves, so those replace it. (A rejected policy edit, which needs the previous
+// configuration itself, reads it from the API server.)
+impl Grouped for ConfigMap {
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        let digest = data_digest(self);
+        let served = serde_json::to_string(&served_routes(self)).unwrap_or_default();
+        let annotations = self.annotations_mut();
+        annotations.insert(CACHED_DATA_DIGEST.to_owned(), digest);
+        annotations.insert(CACHED_SERVED.to_owned(), served);
+        self.data = None;
+        self.binary_data = None;
+    }
+}
 
 // For these a reconcile reads only the metadata: the hash annotation, the owner, the
 // labels (no field of theirs is restored by hand-edit detection).

@@ -22,7 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::cache::{Cache, Caches, Grouped};
+use crate::cache::{CACHED_DATA_DIGEST, Cache, Caches, Grouped, data_digest, served_routes};
 use crate::metrics::Metrics;
 use crate::render::{
     HASH_ANNOTATION, MANAGER, REGION_LABEL, config_json, regional_name, render, revision, stamp,
@@ -144,9 +144,13 @@ impl Drift for Service {}
 impl Drift for PodDisruptionBudget {}
 
 impl Drift for ConfigMap {
-    /// An edited config would be served by every gateway of the region.
+    /// An edited config would be served by every gateway of the region. A cached
+    /// ConfigMap carries a digest of its data instead of the data.
     fn drifted(&self, desired: &Self) -> bool {
-        self.data != desired.data || self.binary_data != desired.binary_data
+        match self.annotations().get(CACHED_DATA_DIGEST) {
+            Some(digest) => *digest != data_digest(desired),
+            None => self.data != desired.data || self.binary_data != desired.binary_data,
+        }
     }
 }
 
@@ -473,14 +477,18 @@ async fn running_config(
     name: &str,
     pool_uid: &str,
 ) -> Result<Option<GatewayConfig>, Error> {
-    let cm = match cache.get(ns, name) {
-        Some(cm) => Some(cm),
-        None => cms.get_opt(name).await?.map(Arc::new),
-    };
-    let Some(cm) = cm else {
+    // The cache keeps only a digest of the data, so it is read (only while a policy edit
+    // is rejected); one the cache knows to be someone else's is not.
+    if cache
+        .get(ns, name)
+        .is_some_and(|cm| !controlled_by(cm.as_ref(), pool_uid))
+    {
+        return Ok(None);
+    }
+    let Some(cm) = cms.get_opt(name).await? else {
         return Ok(None);
     };
-    if !controlled_by(cm.as_ref(), pool_uid) {
+    if !controlled_by(&cm, pool_uid) {
         return Ok(None);
     }
     Ok(crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
@@ -495,10 +503,9 @@ fn served_in_cluster(
 ) -> BTreeSet<String> {
     cms.group(ns, pool)
         .iter()
-        .filter_map(|cm| crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref()).ok())
-        .flat_map(|config| config.routes)
-        .filter(|r| r.policy == policy)
-        .map(|r| r.model)
+        .flat_map(|cm| served_routes(cm))
+        .filter(|(p, _)| p == policy)
+        .map(|(_, model)| model)
         .collect()
 }
 

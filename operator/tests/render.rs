@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt;
 use switchyard_operator::render::{Children, render};
 
 fn children() -> Children {
@@ -257,4 +258,30 @@ fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
         .collect();
     let pos = |n: &str| names.iter().position(|x| x == n).expect(n);
     assert!(pos("POD_NAME") < pos("OTEL_RESOURCE_ATTRIBUTES"));
+}
+
+#[test]
+fn a_cached_config_map_holds_a_digest_and_the_served_routes_instead_of_its_data() {
+    use switchyard_operator::cache::{CACHED_DATA_DIGEST, Grouped, data_digest, served_routes};
+    let desired = children().config_maps[0].clone();
+    let served = served_routes(&desired);
+    assert!(
+        served.iter().any(|(policy, _)| !policy.is_empty()),
+        "{served:?}"
+    );
+    let mut cached = desired.clone();
+    cached.trim();
+    assert!(cached.data.is_none() && cached.binary_data.is_none());
+    assert_eq!(served_routes(&cached), served);
+    let digest = &cached.annotations()[CACHED_DATA_DIGEST];
+    assert_eq!(*digest, data_digest(&desired));
+    // An edited configuration no longer matches.
+    let mut edited = desired.clone();
+    for value in edited.data.iter_mut().flat_map(|d| d.values_mut()) {
+        value.push(' ');
+    }
+    for value in edited.binary_data.iter_mut().flat_map(|d| d.values_mut()) {
+        value.0.push(0);
+    }
+    assert_ne!(*digest, data_digest(&edited));
 }

@@ -144,15 +144,29 @@ impl Grouped for Pod {
     }
 }
 
+/// `kubectl apply` keeps a copy of the whole object in this annotation; nothing here
+/// reads it.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 impl Grouped for RoutingPolicy {
     fn group(&self) -> Option<&str> {
         Some(&self.spec.pool_ref.name)
+    }
+
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.annotations_mut().remove(LAST_APPLIED);
     }
 }
 
 impl Grouped for ProviderPool {
     fn group(&self) -> Option<&str> {
         None
+    }
+
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+        self.annotations_mut().remove(LAST_APPLIED);
     }
 }
 

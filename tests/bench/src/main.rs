@@ -1403,7 +1403,10 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
     ])?;
     let metrics_port = free_port()?;
     let start_operator = || -> anyhow::Result<Child> {
-        let mut cmd = Command::new(bin.join("switchyard-operator"));
+        // SWITCHYARD_BENCH_OPERATOR=PATH measures another build (an A/B experiment).
+        let operator = std::env::var_os("SWITCHYARD_BENCH_OPERATOR")
+            .map_or_else(|| bin.join("switchyard-operator"), PathBuf::from);
+        let mut cmd = Command::new(operator);
         cmd.args([
             "--metrics-listen",
             &format!("127.0.0.1:{metrics_port}"),

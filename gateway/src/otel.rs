@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::HeaderMap;
 use hyper::{Request, Response};
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
+use opentelemetry::trace::{Span, SpanKind, Status, TraceContextExt, Tracer, TracerProvider};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector, HttpError};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
@@ -131,16 +131,24 @@ impl Tracing {
             return RequestSpan::default();
         };
         let parent = on.propagator.extract(&HeaderExtractor(headers));
-        let span = on
+        let mut span = on
             .tracer
             .span_builder(format!("{} {model}", operation_name(op)))
             .with_kind(SpanKind::Server)
-            .with_attributes([
+            .start_with_context(&on.tracer, &parent);
+        // Attributes are built only for spans that are kept: an unsampled request pays
+        // for its trace context and nothing more.
+        let recording = span.is_recording();
+        if recording {
+            span.set_attributes([
                 KeyValue::new("gen_ai.operation.name", operation_name(op)),
                 KeyValue::new("gen_ai.request.model", model.to_owned()),
-            ])
-            .start_with_context(&on.tracer, &parent);
-        RequestSpan(Some(Arc::new(parent.with_span(span))))
+            ]);
+        }
+        RequestSpan(Some(Arc::new(Traced {
+            cx: parent.with_span(span),
+            recording,
+        })))
     }
 
     /// The span of one try of `target` on `provider`, a child of `request`.
@@ -160,34 +168,42 @@ impl Tracing {
             .deployment
             .as_deref()
             .or(target.upstream_model.as_deref())
-            .unwrap_or(public_model)
-            .to_owned();
-        let mut attributes = vec![
-            KeyValue::new("gen_ai.operation.name", operation_name(op)),
-            KeyValue::new(
-                "gen_ai.provider.name",
-                provider_name(provider.provider_type),
-            ),
-            KeyValue::new("gen_ai.request.model", model.clone()),
-            KeyValue::new("switchyard.provider", provider.name.clone()),
-            KeyValue::new("switchyard.provider.region", provider.region.clone()),
-        ];
-        if let Some((host, port)) = address(&provider.endpoint) {
-            attributes.push(KeyValue::new("server.address", host));
-            attributes.push(KeyValue::new("server.port", port));
-        }
-        if continuation {
-            attributes.push(KeyValue::new("switchyard.continuation", true));
-        }
-        let span = on
+            .unwrap_or(public_model);
+        let mut span = on
             .tracer
             .span_builder(format!("{} {model}", operation_name(op)))
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
-            .start_with_context(&on.tracer, parent);
+            .start_with_context(&on.tracer, &parent.cx);
+        let recording = span.is_recording();
+        if recording {
+            span.set_attributes([
+                KeyValue::new("gen_ai.operation.name", operation_name(op)),
+                KeyValue::new(
+                    "gen_ai.provider.name",
+                    provider_name(provider.provider_type),
+                ),
+                KeyValue::new("gen_ai.request.model", model.to_owned()),
+                KeyValue::new("switchyard.provider", provider.name.clone()),
+                KeyValue::new("switchyard.provider.region", provider.region.clone()),
+            ]);
+            if let Some((host, port)) = address(&provider.endpoint) {
+                span.set_attribute(KeyValue::new("server.address", host));
+                span.set_attribute(KeyValue::new("server.port", port));
+            }
+            if continuation {
+                span.set_attribute(KeyValue::new("switchyard.continuation", true));
+            }
+        }
         TrySpan(Some(Arc::new(TryState {
-            cx: parent.with_span(span),
-            model,
+            traced: Traced {
+                cx: parent.cx.with_span(span),
+                recording,
+            },
+            model: if recording {
+                model.to_owned()
+            } else {
+                String::new()
+            },
         })))
     }
 
@@ -195,7 +211,7 @@ impl Tracing {
     pub fn inject(&self, span: &TrySpan, headers: &mut HeaderMap) {
         if let (Some(on), Some(state)) = (&self.on, &span.0) {
             on.propagator
-                .inject_context(&state.cx, &mut HeaderInjector(headers));
+                .inject_context(&state.traced.cx, &mut HeaderInjector(headers));
         }
     }
 
@@ -212,14 +228,27 @@ impl Tracing {
 /// A client request's span; ends when the last holder lets go (for a stream, when the
 /// stream ends). Cloning is cheap, and free when tracing is off.
 #[derive(Debug, Clone, Default)]
-pub struct RequestSpan(Option<Arc<Context>>);
+pub struct RequestSpan(Option<Arc<Traced>>);
+
+/// A span in its context, and whether it is kept (sampled).
+#[derive(Debug)]
+struct Traced {
+    cx: Context,
+    recording: bool,
+}
+
+impl Traced {
+    /// The span, if anything set on it is kept.
+    fn span(&self) -> Option<opentelemetry::trace::SpanRef<'_>> {
+        self.recording.then(|| self.cx.span())
+    }
+}
 
 impl RequestSpan {
     /// What the client got: `provider` answered (empty if none did) after `tries`
     /// tries, with `status`; a status of 400 or more is the span's `error.type`.
     pub fn finished(&self, provider: &str, status: u16, tries: u32) {
-        if let Some(cx) = &self.0 {
-            let span = cx.span();
+        if let Some(span) = self.0.as_deref().and_then(Traced::span) {
             if !provider.is_empty() {
                 span.set_attribute(KeyValue::new("switchyard.provider", provider.to_owned()));
             }
@@ -237,23 +266,21 @@ impl RequestSpan {
 
     /// The model that answered, as the provider was asked for it.
     pub fn response_model(&self, model: &str) {
-        if let Some(cx) = &self.0 {
-            cx.span()
-                .set_attribute(KeyValue::new("gen_ai.response.model", model.to_owned()));
+        if let Some(span) = self.0.as_deref().and_then(Traced::span) {
+            span.set_attribute(KeyValue::new("gen_ai.response.model", model.to_owned()));
         }
     }
 
     /// Tokens the answer used.
     pub fn usage(&self, usage: Usage) {
-        if let Some(cx) = &self.0 {
-            set_usage(&cx.span(), usage);
+        if let Some(span) = self.0.as_deref().and_then(Traced::span) {
+            set_usage(&span, usage);
         }
     }
 
     /// The stream broke and could not be resumed.
     pub fn interrupted(&self) {
-        if let Some(cx) = &self.0 {
-            let span = cx.span();
+        if let Some(span) = self.0.as_deref().and_then(Traced::span) {
             span.set_attribute(KeyValue::new("error.type", "stream_interrupted"));
             span.set_status(Status::error("stream_interrupted"));
         }
@@ -267,7 +294,7 @@ pub struct TrySpan(Option<Arc<TryState>>);
 
 #[derive(Debug)]
 struct TryState {
-    cx: Context,
+    traced: Traced,
     /// The model the provider was asked for.
     model: String,
 }
@@ -276,8 +303,9 @@ impl TrySpan {
     /// The try failed: `kind` is its class (as the attempts metric names it), `why` the
     /// gateway's own words (never a provider's body or a key), empty if none.
     pub fn failed(&self, kind: &str, why: &str) {
-        if let Some(state) = &self.0 {
-            let span = state.cx.span();
+        if let Some(state) = &self.0
+            && let Some(span) = state.traced.span()
+        {
             span.set_attribute(KeyValue::new("error.type", kind.to_owned()));
             if !why.is_empty() {
                 span.set_attribute(KeyValue::new("switchyard.failover.reason", why.to_owned()));
@@ -288,8 +316,8 @@ impl TrySpan {
 
     /// The provider's response headers arrived with `status`.
     pub fn status(&self, status: u16) {
-        if let Some(state) = &self.0 {
-            state.cx.span().set_attribute(KeyValue::new(
+        if let Some(span) = self.0.as_ref().and_then(|s| s.traced.span()) {
+            span.set_attribute(KeyValue::new(
                 "http.response.status_code",
                 i64::from(status),
             ));
@@ -298,8 +326,9 @@ impl TrySpan {
 
     /// The try answered: its model and tokens, also set on the request's span.
     pub fn answered(&self, request: &RequestSpan, usage: Option<Usage>) {
-        if let Some(state) = &self.0 {
-            let span = state.cx.span();
+        if let Some(state) = &self.0
+            && let Some(span) = state.traced.span()
+        {
             span.set_attribute(KeyValue::new("gen_ai.response.model", state.model.clone()));
             if let Some(usage) = usage {
                 set_usage(&span, usage);

@@ -53,11 +53,17 @@ pub fn data_digest(cm: &ConfigMap) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The (policy, model) pairs a gateway ConfigMap serves; empty if it does not decode.
+/// The (policy, model) pairs a cached gateway ConfigMap serves (see its `trim`).
 pub fn served_routes(cm: &ConfigMap) -> Vec<(String, String)> {
-    if let Some(served) = cm.annotations().get(CACHED_SERVED) {
-        return serde_json::from_str(served).unwrap_or_default();
-    }
+    cm.annotations()
+        .get(CACHED_SERVED)
+        .and_then(|served| serde_json::from_str(served).ok())
+        .unwrap_or_default()
+}
+
+/// The (policy, model) pairs a ConfigMap's compiled configuration serves; none if it does
+/// not decode.
+fn decoded_routes(cm: &ConfigMap) -> Vec<(String, String)> {
     crds::decode_config(cm.data.as_ref(), cm.binary_data.as_ref())
         .map(|config| {
             config
@@ -77,7 +83,8 @@ impl Grouped for ConfigMap {
     fn trim(&mut self) {
         self.managed_fields_mut().clear();
         let digest = data_digest(self);
-        let served = serde_json::to_string(&served_routes(self)).unwrap_or_default();
+        // Decoded from the data, whatever annotations the live object carries.
+        let served = serde_json::to_string(&decoded_routes(self)).unwrap_or_default();
         let annotations = self.annotations_mut();
         annotations.insert(CACHED_DATA_DIGEST.to_owned(), digest);
         annotations.insert(CACHED_SERVED.to_owned(), served);

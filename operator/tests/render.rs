@@ -205,25 +205,31 @@ fn a_private_ca_bundle_is_mounted_and_passed_to_every_gateway() {
     }
 }
 
+/// The gateway container's environment in `region`, in order.
+fn gateway_env<'a>(c: &'a Children, region: &str) -> &'a [k8s_openapi::api::core::v1::EnvVar] {
+    by_region(c, region)
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .expect("pod")
+        .containers[0]
+        .env
+        .as_deref()
+        .unwrap_or_default()
+}
+
 #[test]
 fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
-    let env = |c: &Children, region: &str| -> std::collections::BTreeMap<String, String> {
-        by_region(c, region)
-            .spec
-            .template
-            .spec
-            .as_ref()
-            .expect("pod")
-            .containers[0]
-            .env
+    let values = |c: &Children| -> std::collections::BTreeMap<String, String> {
+        gateway_env(c, "us-east")
             .iter()
-            .flatten()
             .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
             .collect()
     };
     let off = children();
     assert!(
-        env(&off, "us-east").keys().all(|k| !k.starts_with("OTEL_")),
+        values(&off).keys().all(|k| !k.starts_with("OTEL_")),
         "no OTEL_* variable without spec.gateway.tracing"
     );
     let on = children_with(|pool| {
@@ -232,7 +238,7 @@ fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
             sampling_ratio: 0.25,
         });
     });
-    let e = env(&on, "us-east");
+    let e = values(&on);
     assert_eq!(
         e["OTEL_EXPORTER_OTLP_ENDPOINT"],
         "http://otel-collector.observability:4318"
@@ -244,19 +250,12 @@ fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
     assert!(resource.contains("switchyard.region=us-east"), "{resource}");
     assert!(resource.contains("k8s.pod.name=$(POD_NAME)"), "{resource}");
     // POD_NAME must come first for the kubelet to expand it.
-    let names: Vec<String> = by_region(&on, "us-east")
-        .spec
-        .template
-        .spec
-        .as_ref()
-        .expect("pod")
-        .containers[0]
-        .env
-        .iter()
-        .flatten()
-        .map(|e| e.name.clone())
-        .collect();
-    let pos = |n: &str| names.iter().position(|x| x == n).expect(n);
+    let pos = |n: &str| {
+        gateway_env(&on, "us-east")
+            .iter()
+            .position(|e| e.name == n)
+            .expect(n)
+    };
     assert!(pos("POD_NAME") < pos("OTEL_RESOURCE_ATTRIBUTES"));
 }
 
@@ -264,12 +263,23 @@ fn tracing_sets_the_standard_opentelemetry_environment_and_is_off_otherwise() {
 fn a_cached_config_map_holds_a_digest_and_the_served_routes_instead_of_its_data() {
     use switchyard_operator::cache::{CACHED_DATA_DIGEST, Grouped, data_digest, served_routes};
     let desired = children().config_maps[0].clone();
-    let served = served_routes(&desired);
+    let config = crds::decode_config(desired.data.as_ref(), desired.binary_data.as_ref())
+        .expect("a compiled configuration");
+    let served: Vec<(String, String)> = config
+        .routes
+        .into_iter()
+        .map(|r| (r.policy, r.model))
+        .collect();
     assert!(
         served.iter().any(|(policy, _)| !policy.is_empty()),
         "{served:?}"
     );
     let mut cached = desired.clone();
+    // An annotation on the live object cannot stand in for what the data says.
+    cached.annotations_mut().insert(
+        switchyard_operator::cache::CACHED_SERVED.to_owned(),
+        r#"[["someone-else","spoofed"]]"#.to_owned(),
+    );
     cached.trim();
     assert!(cached.data.is_none() && cached.binary_data.is_none());
     assert_eq!(served_routes(&cached), served);

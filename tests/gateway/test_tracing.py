@@ -150,14 +150,15 @@ def test_sampling_follows_the_ratio_and_the_clients_decision(stack, client_for, 
 
 
 def test_tracing_is_off_without_an_endpoint_or_when_disabled(stack, client_for, receiver):
-    env = otel_env(receiver, OTEL_SDK_DISABLED="true")
-    gw, fakes = stack(["alpha"], gateway_env=env)
     _, _, header = traceparent()
-    client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, extra_headers={"traceparent": header})
+    for env in ({}, otel_env(receiver, OTEL_SDK_DISABLED="true")):
+        gw, fakes = stack(["alpha"], gateway_env=env)
+        client_for(gw).chat.completions.create(model="gpt-4o", messages=MSG, extra_headers={"traceparent": header})
+        assert fakes["alpha"].client_tries()[0]["headers"]["traceparent"] is None, env
+        assert "exporting traces" not in gw.output(), env
+        gw.stop()
     time.sleep(1)
-    assert receiver.spans == []
-    assert fakes["alpha"].client_tries()[0]["headers"]["traceparent"] is None
-    assert "exporting traces" not in gw.output()
+    assert receiver.spans == [], "a disabled gateway exported nothing, even when stopping"
 
 
 def test_an_unsupported_export_protocol_stops_the_gateway_with_an_error_naming_it(stack, receiver, tmp_path):

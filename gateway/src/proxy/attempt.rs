@@ -249,16 +249,20 @@ pub(super) async fn attempt(
     deadline: Instant,
     tried: &[String],
 ) -> Tried {
-    let span = match table.provider(&target.provider) {
-        Some(provider) if gw.tracing.is_on() => gw.tracing.try_span(
+    // With tracing off, not even the provider is looked up for it.
+    let span = if gw.tracing.is_on()
+        && let Some(provider) = table.provider(&target.provider)
+    {
+        gw.tracing.try_span(
             &req.trace,
             req.op,
             &provider.config,
             target,
             &route.config.model,
             false,
-        ),
-        _ => TrySpan::default(),
+        )
+    } else {
+        TrySpan::default()
     };
     let tried = try_target(gw, table, route, target, req, deadline, tried, &span).await;
     match &tried {

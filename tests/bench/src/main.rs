@@ -584,6 +584,41 @@ fn answers(port: u16, path: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `section` with a line under its `heading` saying that `flag` measured it, and when:
+/// later than the rest of the report, which is dated at its top.
+fn dated(section: &str, heading: &str, flag: &str) -> String {
+    let note = format!(
+        "Measured by `{flag}` on {} (UTC), later than the rest of this file (dated at the top), on the same machine.",
+        cmd_output("date", &["-u", "+%Y-%m-%d %H:%M"])
+    );
+    section.replacen(
+        &format!("{heading}\n\n"),
+        &format!("{heading}\n\n{note}\n\n"),
+        1,
+    )
+}
+
+/// Replaces the section under `heading` of the report at `path` (up to the next `## `
+/// heading) with `section`; a report without one gets it before the notes.
+fn splice_section(path: &Path, heading: &str, section: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).context("reading the old report")?;
+    let (start, end) = match old.find(heading) {
+        Some(start) => {
+            let body = start + heading.len();
+            let end = old[body..]
+                .find("\n## ")
+                .map_or(old.len(), |i| body + i + 1);
+            (start, end)
+        }
+        None => {
+            let at = old.find(NOTES_HEADING).unwrap_or(old.len());
+            (at, at)
+        }
+    };
+    std::fs::write(path, format!("{}{section}{}", &old[..start], &old[end..]))?;
+    Ok(())
+}
+
 fn release_binaries() -> anyhow::Result<PathBuf> {
     let root = harness::repo_root();
     let status = harness::cargo()
@@ -802,15 +837,7 @@ async fn main() -> anyhow::Result<()> {
     if only_realnode {
         let mut section = String::new();
         realnode_benchmarks(&mut section)?;
-        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
-        let start = old
-            .find(REALNODE_HEADING)
-            .unwrap_or_else(|| old.find(NOTES_HEADING).unwrap_or(old.len()));
-        let end = old[start..]
-            .find(NOTES_HEADING)
-            .map_or(old.len(), |i| start + i);
-        let report = format!("{}{section}{}", &old[..start], &old[end..]);
-        std::fs::write(&out_path, &report)?;
+        splice_section(&out_path, REALNODE_HEADING, &section)?;
         println!("{section}");
         println!("wrote the real-node section of {}", out_path.display());
         return Ok(());
@@ -820,24 +847,8 @@ async fn main() -> anyhow::Result<()> {
         // The other sections stay as they are, from the run dated at the top.
         let mut section = String::new();
         operator_benchmarks(&bin, &mut section).await?;
-        let note = format!(
-            "Measured by `--only-operator` on {} (UTC), later than the rest of this file (dated at the top), on the same machine.",
-            cmd_output("date", &["-u", "+%Y-%m-%d %H:%M"])
-        );
-        let section = section.replacen(
-            &format!("{OPERATOR_HEADING}\n\n"),
-            &format!("{OPERATOR_HEADING}\n\n{note}\n\n"),
-            1,
-        );
-        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
-        let start = old
-            .find(OPERATOR_HEADING)
-            .unwrap_or_else(|| old.find(REALNODE_HEADING).unwrap_or(old.len()));
-        let end = old[start..]
-            .find(REALNODE_HEADING)
-            .map_or(old.len(), |i| start + i);
-        let report = format!("{}{section}{}", &old[..start], &old[end..]);
-        std::fs::write(&out_path, &report)?;
+        let section = dated(&section, OPERATOR_HEADING, "--only-operator");
+        splice_section(&out_path, OPERATOR_HEADING, &section)?;
         println!("{section}");
         println!("wrote the operator section of {}", out_path.display());
         return Ok(());
@@ -848,23 +859,8 @@ async fn main() -> anyhow::Result<()> {
         let mut section = String::new();
         let base = baseline.as_ref().map(|(l, p)| (l.as_str(), p.as_path()));
         instruction_profile(&bin, &dir, base, &mut section).await?;
-        let note = format!(
-            "Measured by `--only-instructions` on {} (UTC), later than the sections above it, on the same machine.",
-            cmd_output("date", &["-u", "+%Y-%m-%d %H:%M"])
-        );
-        let section = section.replacen(
-            &format!("{INSTRUCTIONS_HEADING}\n\n"),
-            &format!("{INSTRUCTIONS_HEADING}\n\n{note}\n\n"),
-            1,
-        );
-        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
-        if let Some(start) = old.find(INSTRUCTIONS_HEADING) {
-            let end = old[start + 1..]
-                .find("\n## ")
-                .map_or(old.len(), |i| start + 2 + i);
-            let report = format!("{}{section}{}", &old[..start], &old[end..]);
-            std::fs::write(&out_path, &report)?;
-        }
+        let section = dated(&section, INSTRUCTIONS_HEADING, "--only-instructions");
+        splice_section(&out_path, INSTRUCTIONS_HEADING, &section)?;
         println!("{section}");
         return Ok(());
     }
@@ -1731,4 +1727,29 @@ fn realnode_benchmarks(report: &mut String) -> anyhow::Result<()> {
     }
     writeln!(report)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NOTES_HEADING, splice_section};
+
+    #[test]
+    fn a_section_is_replaced_up_to_the_next_heading_or_added_before_the_notes() {
+        let path = std::env::temp_dir().join(format!("splice-{}.md", std::process::id()));
+        let report = format!(
+            "# Report\n\n## A\n\nold a\n\n### A detail\n\nmore a\n\n## B\n\nold b\n\n{NOTES_HEADING}\n\nnotes\n"
+        );
+        std::fs::write(&path, &report).expect("write");
+        splice_section(&path, "## A", "## A\n\nnew a\n\n").expect("splice");
+        splice_section(&path, "## B", "## B\n\nnew b\n\n").expect("splice");
+        splice_section(&path, "## C", "## C\n\nnew c\n\n").expect("splice");
+        let got = std::fs::read_to_string(&path).expect("read");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            got,
+            format!(
+                "# Report\n\n## A\n\nnew a\n\n## B\n\nnew b\n\n## C\n\nnew c\n\n{NOTES_HEADING}\n\nnotes\n"
+            )
+        );
+    }
 }

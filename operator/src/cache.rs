@@ -13,8 +13,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use crds::k8s::Secret;
 use crds::{ProviderPool, RoutingPolicy};
 use futures_util::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::reflector::store::Writer;
@@ -24,10 +23,13 @@ use kube::{Api, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::render::POOL_LABEL;
+use crate::views::{DeploymentSummary, PodSummary};
 
 /// How a cached object is grouped for [`Cache::group`]: children by the pool they serve,
 /// policies by the pool they name.
-pub trait Grouped: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 'static {
+pub trait Grouped:
+    Resource<DynamicType = ()> + Clone + Debug + PartialEq + Send + Sync + 'static
+{
     /// The pool this object belongs to, if it is grouped at all.
     fn group(&self) -> Option<&str> {
         self.labels().get(POOL_LABEL).map(String::as_str)
@@ -36,6 +38,17 @@ pub trait Grouped: Resource<DynamicType = ()> + Clone + Debug + Send + Sync + 's
     /// Drops what no reconcile reads, before the object is cached (memory at scale).
     fn trim(&mut self) {
         self.managed_fields_mut().clear();
+    }
+
+    /// Whether `self` differs from `before` (both as cached) in anything a reconcile
+    /// reads, or only in the resourceVersion every write moves.
+    fn differs_from(&self, before: &Self) -> bool {
+        let unversioned = |obj: &Self| {
+            let mut obj = obj.clone();
+            obj.meta_mut().resource_version = None;
+            obj
+        };
+        unversioned(self) != unversioned(before)
     }
 }
 
@@ -127,29 +140,9 @@ impl Grouped for RoleBinding {
     }
 }
 
-impl Grouped for Deployment {
-    /// A reconcile reads the hash annotation, the replicas and the status; the pod
-    /// template is covered by the hash.
-    fn trim(&mut self) {
-        self.managed_fields_mut().clear();
-        self.spec.template = Default::default();
-    }
-}
+impl Grouped for DeploymentSummary {}
 
-impl Grouped for Pod {
-    /// Only the status's conditions and container states explain a stuck region.
-    fn trim(&mut self) {
-        self.managed_fields_mut().clear();
-        self.spec = None;
-        if let Some(status) = &mut self.status {
-            *status = k8s_openapi::api::core::v1::PodStatus {
-                conditions: status.conditions.take(),
-                container_statuses: status.container_statuses.take(),
-                ..Default::default()
-            };
-        }
-    }
-}
+impl Grouped for PodSummary {}
 
 /// `kubectl apply` keeps a copy of the whole object in this annotation; nothing here
 /// reads it.
@@ -220,6 +213,11 @@ impl<K: Grouped> Debug for Cache<K> {
             .field("objects", &self.store.len())
             .finish()
     }
+}
+
+/// The version of `obj` the cache holds.
+fn cached_version<K: Grouped>(cache: &Cache<K>, obj: &K) -> Option<Arc<K>> {
+    cache.get(&obj.namespace().unwrap_or_default(), &obj.name_any())
 }
 
 fn group_key<K: Grouped>(obj: &K) -> Option<(String, String)> {
@@ -327,7 +325,7 @@ pub enum Change {
 }
 
 /// A cache and the watch that fills it. [`Feed::run`] drives the watch, telling `notify`
-/// of every change once the cache holds it.
+/// of every change once the cache holds it, with the version the cache held before.
 pub struct Feed<K: Grouped> {
     cache: Cache<K>,
     writer: Writer<K>,
@@ -363,27 +361,42 @@ where
         self,
         api: Api<K>,
         config: watcher::Config,
-        mut notify: impl FnMut(&K, Change) + Send,
+        mut notify: impl FnMut(Option<&K>, &K, Change) + Send,
     ) {
-        let Self { cache, writer } = self;
+        let Self { cache, mut writer } = self;
         let kind = K::kind(&());
         let events = watcher(api, config)
             .default_backoff()
             .modify(|obj: &mut K| obj.trim());
-        let mut events = std::pin::pin!(reflector::reflector(writer, events));
+        let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {
+            let event = match event {
+                Ok(event) => event,
+                Err(e) => {
+                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
+                    continue;
+                }
+            };
+            // Read before the cache takes the event in: a change is told from the echo
+            // of a write by what the cache held.
+            let before = match &event {
+                watcher::Event::Apply(obj)
+                | watcher::Event::InitApply(obj)
+                | watcher::Event::Delete(obj) => cached_version(&cache, obj),
+                watcher::Event::Init | watcher::Event::InitDone => None,
+            };
+            writer.apply_watcher_event(&event);
             match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
                     cache.note(&obj);
-                    notify(&obj, Change::Applied);
+                    notify(before.as_deref(), &obj, Change::Applied);
                 }
-                Ok(watcher::Event::Delete(obj)) => {
+                watcher::Event::Delete(obj) => {
                     cache.forget(&obj);
-                    notify(&obj, Change::Deleted);
+                    notify(before.as_deref(), &obj, Change::Deleted);
                 }
-                Ok(watcher::Event::InitDone) => cache.rebuild(),
-                Ok(watcher::Event::Init) => {}
-                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
+                watcher::Event::InitDone => cache.rebuild(),
+                watcher::Event::Init => {}
             }
         }
     }
@@ -408,7 +421,7 @@ pub struct Caches {
     /// Secrets: names and keys only.
     pub secrets: Cache<Secret>,
     /// The children, grouped by pool.
-    pub deployments: Cache<Deployment>,
+    pub deployments: Cache<DeploymentSummary>,
     /// One per region.
     pub config_maps: Cache<ConfigMap>,
     /// Regional and pool-wide.
@@ -422,7 +435,7 @@ pub struct Caches {
     /// Binds the role to the account.
     pub role_bindings: Cache<RoleBinding>,
     /// Gateway pods, to say why a region is not ready.
-    pub pods: Cache<Pod>,
+    pub pods: Cache<PodSummary>,
 }
 
 impl Caches {

@@ -11,18 +11,19 @@ use std::time::Duration;
 use crds::k8s::{Secret, Time};
 use crds::{GatewayConfig, ProviderPool, RoutingPolicy, compile};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::cache::{CACHED_DATA_DIGEST, Cache, Caches, Grouped, data_digest, served_routes};
+use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::render::{
     HASH_ANNOTATION, MANAGER, REGION_LABEL, config_json, regional_name, render, revision, stamp,
@@ -31,6 +32,7 @@ use crate::status::{
     PolicyCompiled, PolicyFacts, Problem, RegionObservation, Stuck, policy_status,
     policy_status_changed, pool_status, pool_status_changed,
 };
+use crate::views::{DeploymentSummary, PodSummary};
 
 /// Everything a reconcile can fail with; the variant names the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +62,7 @@ impl Error {
 /// Shared by every reconcile.
 pub struct Context {
     /// Publishes Events when a condition flips.
-    pub recorder: Recorder,
+    pub events: Arc<Publisher>,
     /// API client.
     pub client: Client,
     /// Gateway image for pools that name none.
@@ -130,9 +132,9 @@ fn refused(kind: &str, name: &str, e: kube::Error) -> ChildFailure {
 
 /// Fields of a live child that people or tools may change by hand, which the operator
 /// restores even though the content hash it stamped is unchanged.
-trait Drift {
-    /// Whether `self` (live) strays from `desired` in such a field.
-    fn drifted(&self, _desired: &Self) -> bool {
+trait Drift<Desired = Self> {
+    /// Whether `self` (live, as cached) strays from `desired` in such a field.
+    fn drifted(&self, _desired: &Desired) -> bool {
         false
     }
 }
@@ -154,9 +156,9 @@ impl Drift for ConfigMap {
     }
 }
 
-impl Drift for Deployment {
+impl Drift<Deployment> for DeploymentSummary {
     /// `kubectl scale` by hand.
-    fn drifted(&self, desired: &Self) -> bool {
+    fn drifted(&self, desired: &Deployment) -> bool {
         // Unset when someone else (an autoscaler) owns it.
         desired.spec.replicas.is_some() && self.spec.replicas != desired.spec.replicas
     }
@@ -166,15 +168,16 @@ impl Drift for Deployment {
 /// hash and has not drifted. An object of that name that the pool does not control is
 /// never touched: it was created by someone else, or belongs to another pool whose
 /// children's names collide.
-async fn apply<K>(
+async fn apply<K, Desired>(
     api: &Api<K>,
     cache: &Cache<K>,
-    mut obj: K,
+    mut obj: Desired,
     pool_uid: &str,
     metrics: &Metrics,
 ) -> Result<Arc<K>, ChildFailure>
 where
-    K: Grouped + Serialize + DeserializeOwned + Drift,
+    K: Grouped + DeserializeOwned + Drift<Desired>,
+    Desired: Resource<DynamicType = ()> + Serialize + Debug,
 {
     let hash = stamp(&mut obj);
     let name = obj.name_any();
@@ -249,7 +252,7 @@ async fn publish_transitions<K>(
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = ctx.events.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, "publishing an Event failed");
         }
     }
@@ -310,6 +313,10 @@ where
     Ok(())
 }
 
+fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
+    objects.iter().map(ResourceExt::name_any).collect()
+}
+
 /// Writes every child of `pool` and deletes those no longer wanted; returns what each
 /// region's Deployment shows. Stops at the first child that cannot be written, before
 /// deleting anything.
@@ -325,48 +332,36 @@ async fn apply_children(
     let c = &ctx.caches;
     let children = render(pool, configs, &ctx.gateway_image);
     let m = &ctx.metrics;
+    let keep_cms = names(&children.config_maps);
+    let keep_svcs = names(&children.services);
+    let keep_pdbs = names(&children.disruption_budgets);
+    let keep_deploys = names(&children.deployments);
     let sas = Api::<ServiceAccount>::namespaced(client.clone(), ns);
-    apply(&sas, &c.service_accounts, children.service_account, &uid, m).await?;
     let roles = Api::<Role>::namespaced(client.clone(), ns);
-    apply(&roles, &c.roles, children.role, &uid, m).await?;
     let bindings = Api::<RoleBinding>::namespaced(client.clone(), ns);
-    apply(&bindings, &c.role_bindings, children.role_binding, &uid, m).await?;
-    let keep_cms: BTreeSet<String> = children
-        .config_maps
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    let keep_svcs: BTreeSet<String> = children
-        .services
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    let keep_pdbs: BTreeSet<String> = children
-        .disruption_budgets
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
-    let keep_deploys: BTreeSet<String> = children
-        .deployments
-        .iter()
-        .map(ResourceExt::name_any)
-        .collect();
     let cms = Api::<ConfigMap>::namespaced(client.clone(), ns);
+    let svcs = Api::<Service>::namespaced(client.clone(), ns);
+    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
+    let deploys = Api::<DeploymentSummary>::namespaced(client.clone(), ns);
+    apply(&sas, &c.service_accounts, children.service_account, &uid, m).await?;
+    apply(&roles, &c.roles, children.role, &uid, m).await?;
+    apply(&bindings, &c.role_bindings, children.role_binding, &uid, m).await?;
     for cm in children.config_maps {
         apply(&cms, &c.config_maps, cm, &uid, m).await?;
     }
-    let svcs = Api::<Service>::namespaced(client.clone(), ns);
     for svc in children.services {
         apply(&svcs, &c.services, svc, &uid, m).await?;
     }
-    let pdbs = Api::<PodDisruptionBudget>::namespaced(client.clone(), ns);
     for pdb in children.disruption_budgets {
         apply(&pdbs, &c.disruption_budgets, pdb, &uid, m).await?;
     }
-    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    // Last: their pods need the identity and the configuration above.
+    let mut lives = Vec::new();
+    for d in children.deployments {
+        lives.push(apply(&deploys, &c.deployments, d, &uid, m).await?);
+    }
     let mut observations = Vec::new();
-    for (i, d) in children.deployments.into_iter().enumerate() {
-        let live = apply(&deploys, &c.deployments, d, &uid, m).await?;
+    for (i, live) in lives.into_iter().enumerate() {
         let region = &pool.spec.regions[i];
         let desired = if pool.spec.gateway.external_replicas {
             live.spec.replicas.unwrap_or(1)
@@ -421,13 +416,13 @@ const STUCK_WAITING: [&str; 6] = [
 /// Why a region's gateway pods do not become ready, if one of them says: the scheduler
 /// found no node, or a container cannot start. A rollout that merely takes time says
 /// nothing here.
-fn stuck_pods(pods: &Cache<Pod>, ns: &str, pool: &str, region: &str) -> Option<Stuck> {
+fn stuck_pods(pods: &Cache<PodSummary>, ns: &str, pool: &str, region: &str) -> Option<Stuck> {
     for pod in pods.group(ns, pool).iter().filter(|p| {
         p.metadata.deletion_timestamp.is_none()
             && p.labels().get(REGION_LABEL).map(String::as_str) == Some(region)
     }) {
         let Some(status) = &pod.status else { continue };
-        let unschedulable = status.conditions.iter().flatten().find(|c| {
+        let unschedulable = status.conditions.iter().find(|c| {
             c.type_ == "PodScheduled"
                 && c.status == "False"
                 && c.reason.as_deref() == Some("Unschedulable")
@@ -441,7 +436,7 @@ fn stuck_pods(pods: &Cache<Pod>, ns: &str, pool: &str, region: &str) -> Option<S
                 ),
             });
         }
-        for c in status.container_statuses.iter().flatten() {
+        for c in &status.container_statuses {
             let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
                 continue;
             };

@@ -13,6 +13,7 @@ use http_body_util::Full;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::CustomResourceExt;
+use switchyard_operator::events;
 use switchyard_operator::leader::{self, LeaderElection};
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::watches;
@@ -131,11 +132,11 @@ async fn main() -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("switchyard-operator-{}", std::process::id()));
-    let reporter = kube::runtime::events::Reporter {
-        controller: "switchyard-operator".into(),
-        instance: Some(identity.clone()),
-    };
-    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
+    let events = Arc::new(events::Publisher::new(
+        client.clone(),
+        "switchyard-operator",
+        &identity,
+    ));
     let leading = Arc::new(AtomicBool::new(!elect));
     tokio::spawn(admin(listen, metrics.clone(), leading.clone()));
 
@@ -180,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         let mut rx = stop_rx.clone();
         watches::run(
             client.clone(),
-            recorder.clone(),
+            events.clone(),
             image.clone(),
             metrics.clone(),
             ns,

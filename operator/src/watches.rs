@@ -3,7 +3,6 @@
 //! for those. The caches are loaded before the first reconcile runs and never waited
 //! for inside one, so no reconcile can hold a worker while a cache fills.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -15,22 +14,22 @@ use crds::k8s::Secret;
 use crds::{ProviderPool, RoutingPolicy};
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::controller::{Action, Config};
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{applier, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 
-use crate::cache::{Caches, Change, Feed, Grouped};
+use crate::cache::{Caches, Change, Feed, Grouped, served_routes};
 use crate::controller::{Context, Error, error_policy, reconcile_policy, reconcile_pool};
+use crate::events::Publisher;
 use crate::metrics::Metrics;
 use crate::render::MANAGER;
+use crate::views::{DeploymentSummary, PodSummary};
 
 /// Reconciles running at once per kind: keeps memory and API load flat when many pools
 /// change together (a cold start over hundreds of pools).
@@ -44,7 +43,7 @@ const DEBOUNCE: Duration = Duration::from_millis(500);
 /// Runs both controllers over one namespace (or all) until `shutdown` resolves.
 pub async fn run(
     client: Client,
-    recorder: Recorder,
+    events: Arc<Publisher>,
     gateway_image: String,
     metrics: Arc<Metrics>,
     namespace: Option<String>,
@@ -56,14 +55,14 @@ pub async fn run(
         let pools = Feed::<ProviderPool>::new();
         let policies = Feed::<RoutingPolicy>::new();
         let secrets = Feed::<Secret>::new();
-        let deployments = Feed::<Deployment>::new();
+        let deployments = Feed::<DeploymentSummary>::new();
         let config_maps = Feed::<ConfigMap>::new();
         let services = Feed::<Service>::new();
         let disruption_budgets = Feed::<PodDisruptionBudget>::new();
         let service_accounts = Feed::<ServiceAccount>::new();
         let roles = Feed::<Role>::new();
         let role_bindings = Feed::<RoleBinding>::new();
-        let pods = Feed::<Pod>::new();
+        let pods = Feed::<PodSummary>::new();
         let caches = Caches {
             pools: pools.cache(),
             policies: policies.cache(),
@@ -93,27 +92,25 @@ pub async fn run(
             .labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
         let mut feeds = Feeds::default();
         let w = wake.clone();
-        let mut specs = Specs::default();
         feeds.spawn(
-            pools.run(api(&client, ns), everything.clone(), move |p, c| {
-                w.pool_changed(p, c, &mut specs);
+            pools.run(api(&client, ns), everything.clone(), move |before, p, c| {
+                w.pool_changed(before, p, c);
             }),
         );
         let w = wake.clone();
-        let mut specs = Specs::default();
         feeds.spawn(
-            policies.run(api(&client, ns), everything.clone(), move |p, c| {
-                w.policy_changed(p, c, &mut specs);
+            policies.run(api(&client, ns), everything.clone(), move |before, p, c| {
+                w.policy_changed(before, p, c);
             }),
         );
         let w = wake.clone();
-        feeds.spawn(secrets.run(api(&client, ns), everything, move |s, _| {
+        feeds.spawn(secrets.run(api(&client, ns), everything, move |_, s, _| {
             w.secret_changed(s);
         }));
         let w = wake.clone();
         feeds.spawn(
-            config_maps.run(api(&client, ns), ours.clone(), move |cm, _| {
-                w.config_map_changed(cm);
+            config_maps.run(api(&client, ns), ours.clone(), move |before, cm, c| {
+                w.config_map_changed(before, cm, c);
             }),
         );
         feeds.spawn(owned(&wake, deployments, api(&client, ns), &ours));
@@ -123,7 +120,7 @@ pub async fn run(
         feeds.spawn(owned(&wake, roles, api(&client, ns), &ours));
         feeds.spawn(owned(&wake, role_bindings, api(&client, ns), &ours));
         // Pods wake nothing: a region that is not ready looks at them again on a timer.
-        feeds.spawn(pods.run(api(&client, ns), ours, |_, _| {}));
+        feeds.spawn(pods.run(api(&client, ns), ours, |_, _, _| {}));
         drop(wake);
 
         tracing::info!(scope = %namespace.as_deref().unwrap_or("all namespaces"), "loading the caches");
@@ -143,7 +140,7 @@ pub async fn run(
             .concurrency(CONCURRENCY)
             .debounce(DEBOUNCE);
         let ctx = Arc::new(Context {
-            recorder,
+            events,
             client,
             gateway_image,
             metrics,
@@ -200,8 +197,10 @@ where
     K: Grouped + serde::de::DeserializeOwned,
 {
     let wake = wake.clone();
-    feed.run(api, config.clone(), move |child, _| {
-        wake.child_changed(child)
+    feed.run(api, config.clone(), move |before, child, change| {
+        if child_matters(before, child, change) {
+            wake.child_changed(child);
+        }
     })
 }
 
@@ -232,27 +231,30 @@ impl Wake {
         }
     }
 
-    fn pool_changed(&self, pool: &ProviderPool, change: Change, specs: &mut Specs) {
+    fn pool_changed(&self, before: Option<&ProviderPool>, pool: &ProviderPool, change: Change) {
         let (ns, name) = (pool.namespace().unwrap_or_default(), pool.name_any());
-        if change == Change::Applied {
-            // Its status too: the gateways report provider health there.
+        if pool_calls_for_reconcile(before, pool, change) {
             self.pool(&ns, &name);
         }
-        // A policy reads its pool's spec, never its status, which changes several times
-        // during every rollout.
-        if specs.changed(pool, change) {
+        // A policy reads its pool's spec, never its status.
+        if spec_changed(before, pool, change) {
             self.policies_of(&ns, &name);
         }
     }
 
-    fn policy_changed(&self, policy: &RoutingPolicy, change: Change, specs: &mut Specs) {
+    fn policy_changed(
+        &self,
+        before: Option<&RoutingPolicy>,
+        policy: &RoutingPolicy,
+        change: Change,
+    ) {
         let ns = policy.namespace().unwrap_or_default();
-        if change == Change::Applied {
+        if policy_calls_for_reconcile(before, policy, change) {
             let _ = self.policies.send(ObjectRef::from_obj(policy));
         }
         // The pool compiles the policy's spec, and the pool's other policies may win or
         // lose a model to it; neither reads its status.
-        if specs.changed(policy, change) {
+        if spec_changed(before, policy, change) {
             let pool = &policy.spec.pool_ref.name;
             self.pool(&ns, pool);
             self.policies_of(&ns, pool);
@@ -304,31 +306,82 @@ impl Wake {
         }
     }
 
-    fn config_map_changed(&self, cm: &ConfigMap) {
-        self.child_changed(cm);
+    fn config_map_changed(&self, before: Option<&ConfigMap>, cm: &ConfigMap, change: Change) {
+        if child_matters(before, cm, change) {
+            self.child_changed(cm);
+        }
         // What a policy says is served comes from its pool's ConfigMaps.
-        if let (Some(ns), Some(pool)) = (cm.namespace(), cm.group()) {
+        let served_now = match change {
+            Change::Applied => served_routes(cm),
+            Change::Deleted => Vec::new(),
+        };
+        if before.map(served_routes).unwrap_or_default() != served_now
+            && let (Some(ns), Some(pool)) = (cm.namespace(), cm.group())
+        {
             self.policies_of(&ns, pool);
         }
     }
 }
 
-/// The last (uid, generation) seen of each object: tells spec changes from status and
-/// metadata writes.
-#[derive(Default)]
-struct Specs(HashMap<(String, String), (Option<String>, Option<i64>)>);
-
-impl Specs {
-    /// Whether `obj` is new, gone, or has a spec it did not have when last seen.
-    fn changed<K: Resource>(&mut self, obj: &K, change: Change) -> bool {
-        let key = (obj.namespace().unwrap_or_default(), obj.name_any());
-        if change == Change::Deleted {
-            self.0.remove(&key);
-            return true;
-        }
-        let seen = (obj.uid(), obj.meta().generation);
-        self.0.insert(key, seen.clone()) != Some(seen)
+/// Whether a child's change calls for its pool's reconcile: a deletion, or a change to
+/// one the cache held (a hand edit, a rollout's progress). A child new to the cache is the
+/// echo of the reconcile that created it, or part of the first list, after which every
+/// pool reconciles anyway; waking its pool again would only delay pools not yet created.
+fn child_matters<K: Grouped>(before: Option<&K>, child: &K, change: Change) -> bool {
+    match change {
+        Change::Deleted => true,
+        Change::Applied => before.is_some_and(|b| child.differs_from(b)),
     }
+}
+
+/// Whether a pool's change calls for its reconcile. The operator's own status writes come
+/// back here and do not: only the rest of the pool does (its spec, and the provider health
+/// the gateways report in its status).
+fn pool_calls_for_reconcile(
+    before: Option<&ProviderPool>,
+    pool: &ProviderPool,
+    change: Change,
+) -> bool {
+    let others = |p: &ProviderPool| {
+        let mut p = p.clone();
+        p.metadata.resource_version = None;
+        if let Some(s) = &mut p.status {
+            s.observed_generation = None;
+            s.conditions.clear();
+            s.ready_regions = None;
+            s.healthy_providers = None;
+            for r in &mut s.regions {
+                r.desired_replicas = None;
+                r.ready_replicas = None;
+                r.config_revision = None;
+            }
+        }
+        p
+    };
+    change == Change::Applied && before.is_none_or(|b| others(b) != others(pool))
+}
+
+/// Whether a policy's change calls for its reconcile: its status is the operator's alone,
+/// so a write of it does not.
+fn policy_calls_for_reconcile(
+    before: Option<&RoutingPolicy>,
+    policy: &RoutingPolicy,
+    change: Change,
+) -> bool {
+    let unwritten = |p: &RoutingPolicy| {
+        let mut p = p.clone();
+        p.metadata.resource_version = None;
+        p.status = None;
+        p
+    };
+    change == Change::Applied && before.is_none_or(|b| unwritten(b) != unwritten(policy))
+}
+
+/// Whether `obj` is new, gone, or has a spec it did not have in `before`.
+fn spec_changed<K: Resource>(before: Option<&K>, obj: &K, change: Change) -> bool {
+    change == Change::Deleted
+        || before
+            .is_none_or(|b| (b.uid(), b.meta().generation) != (obj.uid(), obj.meta().generation))
 }
 
 /// The watch tasks; stopped with the controllers.
@@ -377,16 +430,18 @@ impl Drop for Task {
 
 #[cfg(test)]
 mod tests {
-    use super::{Change, Specs};
+    use super::{Change, child_matters, pool_calls_for_reconcile, spec_changed};
+    use crds::ProviderPool;
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::ObjectMeta;
+    use serde_json::json;
 
-    fn object(generation: i64, rv: &str) -> ConfigMap {
+    fn object(uid: &str, generation: i64, rv: &str) -> ConfigMap {
         ConfigMap {
             metadata: ObjectMeta {
                 name: Some("a".into()),
                 namespace: Some("n".into()),
-                uid: Some("u".into()),
+                uid: Some(uid.into()),
                 generation: Some(generation),
                 resource_version: Some(rv.into()),
                 ..ObjectMeta::default()
@@ -397,20 +452,83 @@ mod tests {
 
     #[test]
     fn only_a_new_spec_or_a_deletion_counts_as_a_spec_change() {
-        let mut specs = Specs::default();
+        let seen = object("u", 1, "1");
+        assert!(spec_changed(None, &seen, Change::Applied), "first sight");
         assert!(
-            specs.changed(&object(1, "1"), Change::Applied),
-            "first sight"
-        );
-        assert!(
-            !specs.changed(&object(1, "2"), Change::Applied),
+            !spec_changed(Some(&seen), &object("u", 1, "2"), Change::Applied),
             "a status write"
         );
         assert!(
-            specs.changed(&object(2, "3"), Change::Applied),
+            spec_changed(Some(&seen), &object("u", 2, "3"), Change::Applied),
             "a spec edit"
         );
-        assert!(specs.changed(&object(2, "3"), Change::Deleted), "deleted");
-        assert!(specs.changed(&object(2, "4"), Change::Applied), "recreated");
+        assert!(spec_changed(Some(&seen), &seen, Change::Deleted), "deleted");
+        assert!(
+            spec_changed(Some(&seen), &object("v", 1, "4"), Change::Applied),
+            "recreated under the same name"
+        );
+    }
+
+    #[test]
+    fn a_child_wakes_its_pool_when_changed_or_deleted_not_when_it_first_appears() {
+        let created = object("u", 1, "1");
+        assert!(
+            !child_matters(None, &created, Change::Applied),
+            "the echo of its creation"
+        );
+        assert!(
+            !child_matters(Some(&created), &object("u", 1, "2"), Change::Applied),
+            "a write that changed nothing cached"
+        );
+        let mut edited = object("u", 1, "3");
+        edited.metadata.labels = Some([("team".to_owned(), "x".to_owned())].into());
+        assert!(
+            child_matters(Some(&created), &edited, Change::Applied),
+            "edited"
+        );
+        assert!(
+            child_matters(Some(&created), &created, Change::Deleted),
+            "deleted"
+        );
+    }
+
+    #[test]
+    fn a_pools_own_status_write_wakes_nothing_but_gateway_health_does() {
+        let pool = |rv: &str, ready: i32, health: &str| -> ProviderPool {
+            serde_json::from_value(json!({
+                "apiVersion": "switchyard.dev/v1alpha1", "kind": "ProviderPool",
+                "metadata": {"name": "chat", "namespace": "n", "uid": "u", "generation": 1, "resourceVersion": rv},
+                "spec": {"regions": [{"name": "us-east", "replicas": 1}],
+                         "providers": [{"name": "a", "type": "openaiCompatible", "endpoint": "http://a", "region": "us-east", "models": [{"name": "m"}]}]},
+                "status": {"readyRegions": format!("{ready}/1"),
+                           "conditions": [{"type": "Ready", "status": if ready == 1 { "True" } else { "False" }, "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                           "regions": [{"name": "us-east", "desiredReplicas": 1, "readyReplicas": ready,
+                                        "providers": [{"name": "a", "state": health}]}]}
+            }))
+            .expect("pool")
+        };
+        let seen = pool("1", 0, "Unknown");
+        assert!(
+            pool_calls_for_reconcile(None, &seen, Change::Applied),
+            "first sight"
+        );
+        assert!(
+            !pool_calls_for_reconcile(Some(&seen), &pool("2", 1, "Unknown"), Change::Applied),
+            "the operator's own status write"
+        );
+        assert!(
+            pool_calls_for_reconcile(Some(&seen), &pool("3", 0, "Ejected"), Change::Applied),
+            "provider health from the gateways"
+        );
+        let mut edited = pool("4", 0, "Unknown");
+        edited.metadata.generation = Some(2);
+        assert!(
+            pool_calls_for_reconcile(Some(&seen), &edited, Change::Applied),
+            "a spec edit"
+        );
+        assert!(
+            !pool_calls_for_reconcile(Some(&seen), &seen, Change::Deleted),
+            "a deleted pool has nothing left to reconcile"
+        );
     }
 }

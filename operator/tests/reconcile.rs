@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchyard_operator::cache::{Cache, Caches, Grouped};
 use switchyard_operator::controller::{Context, reconcile_pool};
+use switchyard_operator::events::Publisher;
 use switchyard_operator::metrics::Metrics;
 use switchyard_operator::render::{render, stamp};
 use switchyard_operator::status::{RegionObservation, pool_status};
@@ -197,13 +198,7 @@ async fn run(objects: Vec<(String, Value)>, cached: &[(String, Value)]) -> Vec<S
     let log = Arc::new(Mutex::new(Vec::new()));
     let server = tokio::spawn(serve(handle, objects, log.clone()));
     let ctx = Arc::new(Context {
-        recorder: kube::runtime::events::Recorder::new(
-            client.clone(),
-            kube::runtime::events::Reporter {
-                controller: "test".into(),
-                instance: None,
-            },
-        ),
+        events: Arc::new(Publisher::new(client.clone(), "test", "test-0")),
         client,
         gateway_image: "gw:1".into(),
         metrics: Arc::new(Metrics::default()),

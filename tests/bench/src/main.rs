@@ -1208,6 +1208,8 @@ const SCALE_POOLS: [usize; 5] = [25, 50, 100, 200, 1000];
 struct ScaleRun {
     pools: usize,
     children_s: Option<f64>,
+    /// When the last Deployment, ConfigMap and Service appeared.
+    kinds_s: [Option<f64>; 3],
     ready_s: Option<f64>,
     /// Pools Ready when the run ended (all of them, or as many as the deadline saw).
     ready: usize,
@@ -1266,36 +1268,91 @@ fn verb_text(requests: &[(String, u64)], per: f64) -> String {
         .join(", ")
 }
 
-/// Objects with the operator's label of one kind in `ns`, counted without listing them
-/// all (one item per page; the API server says how many remain).
-async fn count<K>(client: &kube::Client, ns: &str) -> u64
+/// Objects with the operator's label that have appeared in a namespace, by kind and
+/// name.
+type Appeared = Arc<std::sync::Mutex<std::collections::HashSet<(String, String)>>>;
+
+/// Notes every object of kind `K` with the operator's label that appears in `ns`, through
+/// a metadata watch: the API server serves it from its watch cache, where polling with
+/// lists (a label selector gets no remaining-item count, so every poll lists them all)
+/// would compete with the operator being measured.
+fn watch_appearing<K>(
+    client: &kube::Client,
+    ns: &str,
+    seen: &Appeared,
+) -> tokio::task::JoinHandle<()>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + serde::de::DeserializeOwned
-        + std::fmt::Debug,
+        + std::fmt::Debug
+        + Send
+        + 'static,
 {
-    let api = kube::Api::<K>::namespaced(client.clone(), ns);
-    let params =
-        kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=switchyard-operator");
-    match api.list_metadata(&params.clone().limit(1)).await {
-        Ok(list) => match list.metadata.remaining_item_count {
-            Some(more) => list.items.len() as u64 + more as u64,
-            // No count given with more to come: list the names.
-            None if list
-                .metadata
-                .continue_
-                .as_deref()
-                .is_some_and(|c| !c.is_empty()) =>
-            {
-                api.list_metadata(&params)
-                    .await
-                    .map_or(0, |all| all.items.len() as u64)
+    use futures_util::StreamExt;
+    use kube::ResourceExt;
+    use kube::runtime::WatchStreamExt;
+    let api = kube::Api::<kube::core::PartialObjectMeta<K>>::namespaced(client.clone(), ns);
+    let config = kube::runtime::watcher::Config::default()
+        .labels("app.kubernetes.io/managed-by=switchyard-operator");
+    let seen = seen.clone();
+    tokio::spawn(async move {
+        let events = kube::runtime::watcher(api, config)
+            .default_backoff()
+            .touched_objects();
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            if let Ok(obj) = event {
+                seen.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert((K::kind(&()).into_owned(), obj.name_any()));
             }
-            None => list.items.len() as u64,
-        },
-        Err(_) => 0,
+        }
+    })
+}
+
+/// Seconds the API server takes to create `n` ClusterIP Services applied 32 at a time
+/// (selecting no pod, so nothing follows from them), in a namespace of their own.
+async fn services_alone(cluster: &harness::Cluster, n: usize) -> anyhow::Result<f64> {
+    use futures_util::StreamExt;
+    let ns = "services-alone";
+    cluster.kubectl_ok(&["create", "namespace", ns])?;
+    let api =
+        kube::Api::<k8s_openapi::api::core::v1::Service>::namespaced(cluster.client().await?, ns);
+    let t = Instant::now();
+    let failed = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let name = format!("s-{i}");
+                let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+                    "spec": {"selector": {"app": "none"}, "ports": [{"name": "http", "port": 80}]}
+                }))?;
+                let params = kube::api::PatchParams::apply("switchyard-bench").force();
+                api.patch(&name, &params, &kube::api::Patch::Apply(&svc))
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(32)
+        .filter_map(|r| async move { r.err() })
+        .collect::<Vec<_>>()
+        .await;
+    let secs = t.elapsed().as_secs_f64();
+    if let Some(e) = failed.first() {
+        bail!("{} of {n} Services failed: {e}", failed.len());
     }
+    cluster.kubectl_ok(&["delete", "namespace", ns, "--wait=false"])?;
+    Ok(secs)
+}
+
+/// The operator measured: this build's, or SWITCHYARD_BENCH_OPERATOR=PATH (an A/B
+/// experiment against another build, or a wrapper such as a heap profiler).
+fn operator_binary(bin: &Path) -> PathBuf {
+    std::env::var_os("SWITCHYARD_BENCH_OPERATOR")
+        .map_or_else(|| bin.join("switchyard-operator"), PathBuf::from)
 }
 
 /// Applies `pools` pools (and a policy each) into a fresh namespace, then starts the
@@ -1322,7 +1379,7 @@ async fn scale_run(
         .component_pid("kube-apiserver")
         .context("the API server's pid")?;
     let api_cpu = cpu_seconds(&[apiserver]);
-    let mut cmd = Command::new(bin.join("switchyard-operator"));
+    let mut cmd = Command::new(operator_binary(bin));
     cmd.args([
         "--metrics-listen",
         &format!("127.0.0.1:{port}"),
@@ -1344,15 +1401,34 @@ async fn scale_run(
     };
     let deadline = Duration::from_secs(if pools > 200 { 900 } else { 300 });
     println!("operator scale run: {pools} pools applied; operator starting");
-    let children = 10 * pools as u64;
+    let children = 10 * pools;
+    let appeared = Appeared::default();
+    let watches = [
+        watch_appearing::<k8s_openapi::api::apps::v1::Deployment>(&client, &ns, &appeared),
+        watch_appearing::<k8s_openapi::api::core::v1::ConfigMap>(&client, &ns, &appeared),
+        watch_appearing::<k8s_openapi::api::core::v1::Service>(&client, &ns, &appeared),
+    ];
+    // Per pool: 3 Deployments, 3 ConfigMaps, 4 Services.
+    let per_kind = [
+        ("Deployment", 3 * pools),
+        ("ConfigMap", 3 * pools),
+        ("Service", 4 * pools),
+    ];
     loop {
-        if run.children_s.is_none() {
-            let n = count::<k8s_openapi::api::apps::v1::Deployment>(&client, &ns).await
-                + count::<k8s_openapi::api::core::v1::ConfigMap>(&client, &ns).await
-                + count::<k8s_openapi::api::core::v1::Service>(&client, &ns).await;
-            if n >= children {
-                run.children_s = Some(t.elapsed().as_secs_f64());
+        let (n, by_kind) = {
+            let seen = appeared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let by_kind = per_kind.map(|(kind, _)| seen.iter().filter(|(k, _)| k == kind).count());
+            (seen.len(), by_kind)
+        };
+        for (i, (_, want)) in per_kind.iter().enumerate() {
+            if run.kinds_s[i].is_none() && by_kind[i] >= *want {
+                run.kinds_s[i] = Some(t.elapsed().as_secs_f64());
             }
+        }
+        if run.children_s.is_none() && n >= children {
+            run.children_s = Some(t.elapsed().as_secs_f64());
         }
         let ready = samples(&operator_metrics(port), "switchyard_operator_pool_ready")
             .iter()
@@ -1367,6 +1443,9 @@ async fn scale_run(
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for watch in watches {
+        watch.abort();
     }
     run.operator_cpu_s = cpu_seconds(&[pid]);
     run.apiserver_cpu_s = cpu_seconds(&[apiserver]) - api_cpu;
@@ -1399,10 +1478,7 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
     ])?;
     let metrics_port = free_port()?;
     let start_operator = || -> anyhow::Result<Child> {
-        // SWITCHYARD_BENCH_OPERATOR=PATH measures another build (an A/B experiment).
-        let operator = std::env::var_os("SWITCHYARD_BENCH_OPERATOR")
-            .map_or_else(|| bin.join("switchyard-operator"), PathBuf::from);
-        let mut cmd = Command::new(operator);
+        let mut cmd = Command::new(operator_binary(bin));
         cmd.args([
             "--metrics-listen",
             &format!("127.0.0.1:{metrics_port}"),
@@ -1483,7 +1559,7 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
     // Cold starts: the pools exist, then the operator starts over their namespace only.
     writeln!(
         report,
-        "Cold starts: N pools × 3 regions (1 replica each: N×3 Deployments and pods, N×10 Deployments+ConfigMaps+Services, plus a ServiceAccount, Role and RoleBinding per pool) and one RoutingPolicy per pool are applied first; then the operator starts, watching that namespace only. Times from its start; children counted through the API (one-item pages), Ready from the operator's `pool_ready` gauge (checked against the API at the end); requests from its `switchyard_operator_api_requests_total` (every request it sent, including its initial lists and watches, Events and status writes); CPU from /proc.\n"
+        "Cold starts: N pools × 3 regions (1 replica each: N×3 Deployments and pods, N×10 Deployments+ConfigMaps+Services, plus a ServiceAccount, Role and RoleBinding per pool) and one RoutingPolicy per pool are applied first; then the operator starts, watching that namespace only. Times from its start; children seen appearing through metadata watches (served from the API server's watch cache; polling with lists would load the API server being measured), Ready from the operator's `pool_ready` gauge (checked against the API at the end); requests from its `switchyard_operator_api_requests_total` (every request it sent, including its initial lists and watches, Events and status writes); CPU from /proc.\n"
     )?;
     writeln!(
         report,
@@ -1505,9 +1581,15 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
                 |v| format!("{v:.1} s"),
             )
         };
+        let kinds = match run.kinds_s {
+            [Some(d), Some(c), Some(s)] => {
+                format!(" (Deployments {d:.1} s, ConfigMaps {c:.1} s, Services {s:.1} s)")
+            }
+            _ => String::new(),
+        };
         writeln!(
             report,
-            "| {pools} | {} | {} | {:.1} s | {:.1} ms | {:.1} MB | {:.1} | {} | {:.1} s |",
+            "| {pools} | {}{kinds} | {} | {:.1} s | {:.1} ms | {:.1} MB | {:.1} | {} | {:.1} s |",
             secs(run.children_s),
             secs(run.ready_s),
             run.operator_cpu_s,
@@ -1555,6 +1637,16 @@ async fn operator_benchmarks(bin: &Path, report: &mut String) -> anyhow::Result<
             }
         )?;
     }
+
+    // What bounds "all children created": Services, through the API server's ClusterIP
+    // allocation, measured alone at the 200-pool count once the runs are over.
+    let alone = 800;
+    let secs = services_alone(&cluster, alone).await?;
+    writeln!(
+        report,
+        "\nClusterIP Services alone, on the same cluster after the runs: {alone} Services (as many as 200 pools have), applied 32 at a time with nothing else created, took {secs:.1} s ({:.0} per second).",
+        alone as f64 / secs
+    )?;
 
     // Targets, from the issue.
     let at = |n: usize| runs.iter().find(|r| r.pools == n);

@@ -6,7 +6,7 @@
 //! else created under a child's name is not in the cache: [`crate::controller`] reads it
 //! from the API server before it would create the child, and leaves it alone.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -358,46 +358,87 @@ where
     /// Watches `api` (with `config`) until dropped. Watch errors are logged and retried
     /// with backoff; they never reach a reconcile.
     pub async fn run(
-        self,
+        mut self,
         api: Api<K>,
         config: watcher::Config,
         mut notify: impl FnMut(Option<&K>, &K, Change) + Send,
     ) {
-        let Self { cache, mut writer } = self;
         let kind = K::kind(&());
         let events = watcher(api, config)
             .default_backoff()
             .modify(|obj: &mut K| obj.trim());
         let mut events = std::pin::pin!(events);
+        let mut unlisted = None;
         while let Some(event) = events.next().await {
-            let event = match event {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::warn!(%kind, error = %e, "watch failed; retrying");
-                    continue;
-                }
-            };
-            // Read before the cache takes the event in: a change is told from the echo
-            // of a write by what the cache held.
-            let before = match &event {
-                watcher::Event::Apply(obj)
-                | watcher::Event::InitApply(obj)
-                | watcher::Event::Delete(obj) => cached_version(&cache, obj),
-                watcher::Event::Init | watcher::Event::InitDone => None,
-            };
-            writer.apply_watcher_event(&event);
             match event {
-                watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
-                    cache.note(&obj);
-                    notify(before.as_deref(), &obj, Change::Applied);
-                }
-                watcher::Event::Delete(obj) => {
-                    cache.forget(&obj);
-                    notify(before.as_deref(), &obj, Change::Deleted);
-                }
-                watcher::Event::InitDone => cache.rebuild(),
-                watcher::Event::Init => {}
+                Ok(event) => self.absorb(event, &mut unlisted, &mut notify),
+                Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
             }
+        }
+    }
+
+    /// Takes one watch event into the cache and tells `notify`. `unlisted` is, during a
+    /// (re)list, what the cache held that the list has not shown yet: whatever is left at
+    /// its end was deleted while the watch was down, which no Delete event will say.
+    pub fn absorb(
+        &mut self,
+        event: watcher::Event<K>,
+        unlisted: &mut Option<HashSet<ObjectRef<K>>>,
+        notify: &mut impl FnMut(Option<&K>, &K, Change),
+    ) {
+        let cache = &self.cache;
+        // Read before the cache takes the event in: a change is told from the echo of a
+        // write by what the cache held.
+        let before = match &event {
+            watcher::Event::Apply(obj)
+            | watcher::Event::InitApply(obj)
+            | watcher::Event::Delete(obj) => cached_version(cache, obj),
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        };
+        let mut vanished = Vec::new();
+        match &event {
+            watcher::Event::Init => {
+                *unlisted = Some(
+                    cache
+                        .store
+                        .state()
+                        .iter()
+                        .map(|o| ObjectRef::from_obj(o.as_ref()))
+                        .collect(),
+                );
+            }
+            watcher::Event::InitApply(obj) => {
+                if let Some(unlisted) = unlisted {
+                    unlisted.remove(&ObjectRef::from_obj(obj));
+                }
+            }
+            watcher::Event::InitDone => {
+                vanished = unlisted
+                    .take()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|key| cache.store.get(&key))
+                    .collect();
+            }
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+        }
+        self.writer.apply_watcher_event(&event);
+        match event {
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => {
+                cache.note(&obj);
+                notify(before.as_deref(), &obj, Change::Applied);
+            }
+            watcher::Event::Delete(obj) => {
+                cache.forget(&obj);
+                notify(before.as_deref(), &obj, Change::Deleted);
+            }
+            watcher::Event::InitDone => {
+                cache.rebuild();
+                for obj in vanished {
+                    notify(Some(&obj), &obj, Change::Deleted);
+                }
+            }
+            watcher::Event::Init => {}
         }
     }
 }
@@ -461,5 +502,65 @@ impl Caches {
             .iter()
             .map(|p| RoutingPolicy::clone(p))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Change, Feed};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::ResourceExt;
+    use kube::api::ObjectMeta;
+    use kube::runtime::watcher::Event;
+
+    fn cm(name: &str, rv: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("n".into()),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            ..ConfigMap::default()
+        }
+    }
+
+    #[test]
+    fn a_relist_tells_of_what_was_deleted_while_the_watch_was_down() {
+        let mut feed = Feed::<ConfigMap>::new();
+        let cache = feed.cache();
+        let mut unlisted = None;
+        let mut seen = Vec::new();
+        let mut notify = |before: Option<&ConfigMap>, obj: &ConfigMap, change| {
+            seen.push((obj.name_any(), before.is_some(), change));
+        };
+        for event in [
+            Event::Init,
+            Event::InitApply(cm("kept", "1")),
+            Event::InitApply(cm("gone", "2")),
+            Event::InitDone,
+            Event::Apply(cm("kept", "3")),
+            // The watch broke; "gone" was deleted meanwhile.
+            Event::Init,
+            Event::InitApply(cm("kept", "4")),
+            Event::InitDone,
+        ] {
+            feed.absorb(event, &mut unlisted, &mut notify);
+        }
+        assert_eq!(
+            seen,
+            [
+                ("kept".to_owned(), false, Change::Applied),
+                ("gone".to_owned(), false, Change::Applied),
+                ("kept".to_owned(), true, Change::Applied),
+                ("kept".to_owned(), true, Change::Applied),
+                ("gone".to_owned(), true, Change::Deleted),
+            ]
+        );
+        assert!(cache.get("n", "gone").is_none());
+        assert_eq!(
+            cache.get("n", "kept").and_then(|c| c.resource_version()),
+            Some("4".to_owned())
+        );
     }
 }

@@ -43,13 +43,24 @@ pub trait Grouped:
     /// Whether `self` differs from `before` (both as cached) in anything a reconcile
     /// reads, or only in the resourceVersion every write moves.
     fn differs_from(&self, before: &Self) -> bool {
-        let unversioned = |obj: &Self| {
-            let mut obj = obj.clone();
-            obj.meta_mut().resource_version = None;
-            obj
-        };
-        unversioned(self) != unversioned(before)
+        differs_beyond(before, self, |_| {})
     }
+}
+
+/// Whether `now` differs from `before` in more than the resourceVersion (which every write
+/// moves) and what `ignore` clears.
+pub fn differs_beyond<K: Resource + Clone + PartialEq>(
+    before: &K,
+    now: &K,
+    ignore: impl Fn(&mut K),
+) -> bool {
+    let relevant = |obj: &K| {
+        let mut obj = obj.clone();
+        obj.meta_mut().resource_version = None;
+        ignore(&mut obj);
+        obj
+    };
+    relevant(before) != relevant(now)
 }
 
 /// Set on a cached ConfigMap in place of its data (never written to the API server): a
@@ -329,6 +340,9 @@ pub enum Change {
 pub struct Feed<K: Grouped> {
     cache: Cache<K>,
     writer: Writer<K>,
+    /// During a (re)list: what the cache held that the list has not shown yet. Whatever is
+    /// left at its end was deleted while the watch was down, which no Delete event says.
+    unlisted: Option<HashSet<ObjectRef<K>>>,
 }
 
 impl<K: Grouped> Debug for Feed<K> {
@@ -347,6 +361,7 @@ where
         Self {
             cache: Cache::new(&writer),
             writer,
+            unlisted: None,
         }
     }
 
@@ -368,22 +383,19 @@ where
             .default_backoff()
             .modify(|obj: &mut K| obj.trim());
         let mut events = std::pin::pin!(events);
-        let mut unlisted = None;
         while let Some(event) = events.next().await {
             match event {
-                Ok(event) => self.absorb(event, &mut unlisted, &mut notify),
+                Ok(event) => self.absorb(event, &mut notify),
                 Err(e) => tracing::warn!(%kind, error = %e, "watch failed; retrying"),
             }
         }
     }
 
-    /// Takes one watch event into the cache and tells `notify`. `unlisted` is, during a
-    /// (re)list, what the cache held that the list has not shown yet: whatever is left at
-    /// its end was deleted while the watch was down, which no Delete event will say.
-    pub fn absorb(
+    /// Takes one watch event into the cache and tells `notify`, with what the cache held
+    /// before; a relist's end tells of what vanished meanwhile as deleted.
+    fn absorb(
         &mut self,
         event: watcher::Event<K>,
-        unlisted: &mut Option<HashSet<ObjectRef<K>>>,
         notify: &mut impl FnMut(Option<&K>, &K, Change),
     ) {
         let cache = &self.cache;
@@ -398,7 +410,7 @@ where
         let mut vanished = Vec::new();
         match &event {
             watcher::Event::Init => {
-                *unlisted = Some(
+                self.unlisted = Some(
                     cache
                         .store
                         .state()
@@ -408,12 +420,13 @@ where
                 );
             }
             watcher::Event::InitApply(obj) => {
-                if let Some(unlisted) = unlisted {
+                if let Some(unlisted) = &mut self.unlisted {
                     unlisted.remove(&ObjectRef::from_obj(obj));
                 }
             }
             watcher::Event::InitDone => {
-                vanished = unlisted
+                vanished = self
+                    .unlisted
                     .take()
                     .into_iter()
                     .flatten()
@@ -529,7 +542,6 @@ mod tests {
     fn a_relist_tells_of_what_was_deleted_while_the_watch_was_down() {
         let mut feed = Feed::<ConfigMap>::new();
         let cache = feed.cache();
-        let mut unlisted = None;
         let mut seen = Vec::new();
         let mut notify = |before: Option<&ConfigMap>, obj: &ConfigMap, change| {
             seen.push((obj.name_any(), before.is_some(), change));
@@ -545,7 +557,7 @@ mod tests {
             Event::InitApply(cm("kept", "4")),
             Event::InitDone,
         ] {
-            feed.absorb(event, &mut unlisted, &mut notify);
+            feed.absorb(event, &mut notify);
         }
         assert_eq!(
             seen,

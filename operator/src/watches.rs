@@ -24,7 +24,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 
-use crate::cache::{Caches, Change, Feed, Grouped, served_routes};
+use crate::cache::{Caches, Change, Feed, Grouped, differs_beyond, served_routes};
 use crate::controller::{Context, Error, error_policy, reconcile_policy, reconcile_pool};
 use crate::events::Publisher;
 use crate::metrics::Metrics;
@@ -342,9 +342,7 @@ fn pool_calls_for_reconcile(
     pool: &ProviderPool,
     change: Change,
 ) -> bool {
-    let others = |p: &ProviderPool| {
-        let mut p = p.clone();
-        p.metadata.resource_version = None;
+    let operators_status = |p: &mut ProviderPool| {
         if let Some(s) = &mut p.status {
             s.observed_generation = None;
             s.conditions.clear();
@@ -356,9 +354,8 @@ fn pool_calls_for_reconcile(
                 r.config_revision = None;
             }
         }
-        p
     };
-    change == Change::Applied && before.is_none_or(|b| others(b) != others(pool))
+    change == Change::Applied && before.is_none_or(|b| differs_beyond(b, pool, operators_status))
 }
 
 /// Whether a policy's change calls for its reconcile: its status is the operator's alone,
@@ -368,13 +365,8 @@ fn policy_calls_for_reconcile(
     policy: &RoutingPolicy,
     change: Change,
 ) -> bool {
-    let unwritten = |p: &RoutingPolicy| {
-        let mut p = p.clone();
-        p.metadata.resource_version = None;
-        p.status = None;
-        p
-    };
-    change == Change::Applied && before.is_none_or(|b| unwritten(b) != unwritten(policy))
+    change == Change::Applied
+        && before.is_none_or(|b| differs_beyond(b, policy, |p| p.status = None))
 }
 
 /// Whether `obj` is new, gone, or has a spec it did not have in `before`.
@@ -430,8 +422,10 @@ impl Drop for Task {
 
 #[cfg(test)]
 mod tests {
-    use super::{Change, child_matters, pool_calls_for_reconcile, spec_changed};
-    use crds::ProviderPool;
+    use super::{
+        Change, child_matters, policy_calls_for_reconcile, pool_calls_for_reconcile, spec_changed,
+    };
+    use crds::{ProviderPool, RoutingPolicy};
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::ObjectMeta;
     use serde_json::json;
@@ -529,6 +523,33 @@ mod tests {
         assert!(
             !pool_calls_for_reconcile(Some(&seen), &seen, Change::Deleted),
             "a deleted pool has nothing left to reconcile"
+        );
+    }
+
+    #[test]
+    fn a_policys_status_write_wakes_nothing_but_an_edit_does() {
+        let policy = |rv: &str, accepted: &str, label: &str| -> RoutingPolicy {
+            serde_json::from_value(json!({
+                "apiVersion": "switchyard.dev/v1alpha1", "kind": "RoutingPolicy",
+                "metadata": {"name": "chat", "namespace": "n", "uid": "u", "generation": 1,
+                             "resourceVersion": rv, "labels": {"team": label}},
+                "spec": {"poolRef": {"name": "chat"}, "routes": [{"model": "m", "targets": [{"provider": "a"}]}]},
+                "status": {"conditions": [{"type": "Accepted", "status": accepted, "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+            }))
+            .expect("policy")
+        };
+        let seen = policy("1", "False", "a");
+        assert!(
+            policy_calls_for_reconcile(None, &seen, Change::Applied),
+            "first sight"
+        );
+        assert!(
+            !policy_calls_for_reconcile(Some(&seen), &policy("2", "True", "a"), Change::Applied),
+            "the operator's own status write"
+        );
+        assert!(
+            policy_calls_for_reconcile(Some(&seen), &policy("3", "False", "b"), Change::Applied),
+            "a metadata edit"
         );
     }
 }

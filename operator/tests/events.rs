@@ -14,10 +14,7 @@ use switchyard_operator::events::{Publisher, REMEMBERED};
 
 /// Answers every request with its own body (as the API server echoes a created object),
 /// recording "METHOD path" and the body.
-async fn serve(
-    mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>,
-    log: Arc<Mutex<Vec<(String, Value)>>>,
-) {
+async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>, log: Log) {
     while let Some((req, send)) = handle.next_request().await {
         let line = format!("{} {}", req.method(), req.uri().path());
         let bytes = req
@@ -42,6 +39,21 @@ async fn serve(
                 .expect("response"),
         );
     }
+}
+
+type Log = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// A publisher whose requests the mocked API server records.
+fn publisher() -> (Publisher, Log, tokio::task::JoinHandle<()>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let log = Log::default();
+    let server = tokio::spawn(serve(handle, log.clone()));
+    let client = Client::new(service, "team");
+    (
+        Publisher::new(client, "switchyard-operator", "op-0"),
+        log,
+        server,
+    )
 }
 
 fn pool(uid: &str) -> ObjectReference {
@@ -69,11 +81,7 @@ fn ready(note: &str) -> Event {
 
 #[tokio::test]
 async fn a_repeat_counts_on_the_first_event_and_anything_else_is_new() {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "team");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let server = tokio::spawn(serve(handle, log.clone()));
-    let events = Publisher::new(client, "switchyard-operator", "op-0");
+    let (events, log, server) = publisher();
 
     let mut moved = pool("u-1");
     events
@@ -128,11 +136,7 @@ async fn a_repeat_counts_on_the_first_event_and_anything_else_is_new() {
 
 #[tokio::test]
 async fn what_is_remembered_for_series_is_bounded() {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "team");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let server = tokio::spawn(serve(handle, log.clone()));
-    let events = Publisher::new(client, "switchyard-operator", "op-0");
+    let (events, log, server) = publisher();
     for i in 0..REMEMBERED + 10 {
         events
             .publish(&ready("Ready=True"), &pool(&format!("u-{i}")))

@@ -868,23 +868,7 @@ async fn main() -> anyhow::Result<()> {
         let mut section = String::new();
         recovery::benchmarks(&bin, &dir, &mut section).await?;
         let _ = std::fs::remove_dir_all(&dir);
-        let old = std::fs::read_to_string(&out_path).context("reading the old report")?;
-        let (start, end) = match old.find(recovery::HEADING) {
-            Some(start) => {
-                let next = old[start + 1..]
-                    .find("\n## ")
-                    .map_or(old.len(), |i| start + i + 2);
-                (start, next)
-            }
-            None => {
-                let at = old.find(OPERATOR_HEADING).unwrap_or(old.len());
-                (at, at)
-            }
-        };
-        std::fs::write(
-            &out_path,
-            format!("{}{section}{}", &old[..start], &old[end..]),
-        )?;
+        splice_section(&out_path, recovery::HEADING, &section)?;
         println!("{section}");
         println!(
             "wrote the time-to-recover section of {}",
